@@ -1,0 +1,112 @@
+"""Two fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
+
+1. ``megatron.bridge.peft.lora_layers`` runs ``import transformer_engine.pytorch as te`` unconditionally, so without
+   Transformer Engine every ``megatron.bridge`` import fails. A ``sys.meta_path`` finder hands an inert stub to that
+   one module-level import only. The stub is dropped from ``sys.modules`` at the next unrelated import, so
+   megatron-core's own ``try: import transformer_engine`` probes keep seeing ``ImportError`` (``HAVE_TE=False``).
+   Nothing is installed globally and, when TE is really importable, nothing is stubbed at all.
+2. ``megatron.core.datasets.utils.compile_helpers`` runs ``make`` in the installed package, but the wheel ships the
+   prebuilt ``helpers_cpp`` extension and no Makefile, so Bridge's initialisation exits. It is replaced with an
+   import of the prebuilt module.
+
+:func:`apply` is idempotent and is called by every CLI and by :mod:`evo2_recipe.compat.cpu`.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+_TE_NAMES = ("transformer_engine", "transformer_engine.pytorch")
+# Modules whose module-level TE import must not break the package import.
+_GUARDED_IMPORTERS = ("megatron.bridge.peft.lora_layers", "megatron.bridge.peft.lora")
+_APPLIED = False
+
+
+class _InertMeta(type):
+    """Classes whose unknown attributes are further inert classes (``te.ops.Sequential`` in annotations)."""
+
+    def __getattr__(cls, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = _InertMeta(name, (), {"__module__": cls.__module__})
+        setattr(cls, name, value)
+        return value
+
+
+class _InertModule(types.ModuleType):
+    """Module whose every attribute is a fresh inert class (so ``isinstance`` checks against it are False)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = _InertMeta(name, (), {"__module__": self.__name__})
+        setattr(self, name, value)
+        return value
+
+
+class _StubLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        module = _InertModule(spec.name)
+        module.__path__ = []  # a package, so "transformer_engine.pytorch" resolves under it
+        module._evo2_te_stub = True
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+class _TEImportGuard(importlib.abc.MetaPathFinder):
+    """Gives the TE stub only to imports executed at module level of a guarded Megatron-Bridge module."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _TE_NAMES:
+            _drop_te_stub()
+            return None
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") in _GUARDED_IMPORTERS:
+                return importlib.machinery.ModuleSpec(fullname, _StubLoader(), is_package=True)
+            frame = frame.f_back
+        return None
+
+
+def _drop_te_stub() -> None:
+    for name in _TE_NAMES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "_evo2_te_stub", False):
+            del sys.modules[name]
+
+
+def transformer_engine_available() -> bool:
+    """True when the real Transformer Engine PyTorch extension imports."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a half-installed TE raises RuntimeError, not ImportError
+        return False
+    finally:
+        _drop_te_stub()
+    return True
+
+
+def _compile_helpers_prebuilt() -> None:
+    """Stand-in for megatron's ``compile_helpers``: the pip wheel ships the extension prebuilt."""
+    importlib.import_module("megatron.core.datasets.helpers_cpp")
+
+
+def apply() -> None:
+    """Install both fixes (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    if importlib.util.find_spec("transformer_engine") is None:
+        sys.meta_path.insert(0, _TEImportGuard())
+    import megatron.core.datasets.utils as dataset_utils
+
+    dataset_utils.compile_helpers = _compile_helpers_prebuilt
+    if "megatron.bridge.training.initialize" in sys.modules:  # bound by name at its import
+        sys.modules["megatron.bridge.training.initialize"].compile_helpers = _compile_helpers_prebuilt
+    _APPLIED = True
