@@ -127,8 +127,9 @@ def _patch_torch_cuda() -> None:
     cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
     cuda.random.get_rng_state = cuda.get_rng_state
     cuda.random.set_rng_state = cuda.set_rng_state
-    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
     cuda.synchronize = lambda *a, **k: None
     cuda.Stream = _DummyStream
     cuda.Event = _DummyEvent

@@ -1,0 +1,58 @@
+"""Run a function on N local ranks (gloo, spawned processes) and collect what each returns.
+
+Used by the multi-process CPU tests (TP/CP/PP equivalence) and handy for small local experiments. Each rank enables
+CPU mode when asked, initialises ``torch.distributed`` and saves its return value with ``torch.save``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, cpu: bool, args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if cpu:
+        from evo2_recipe.compat import cpu as cpu_mode
+
+        cpu_mode.enable()
+    dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, cpu: bool = True) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return their results in rank order.
+
+    ``fn`` must be importable by name (defined at module level). A failure on any rank raises here.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _rank_entry, args=(fn, world_size, free_port(), out_dir, cpu, args),
+            nprocs=world_size, start_method="spawn", join=True,
+        )
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -1,0 +1,23 @@
+"""Test setup: CPU mode for megatron (no GPU in CI) unless CUDA is present; GPU tests skip without CUDA."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+if not torch.cuda.is_available():
+    from evo2_recipe.compat import cpu
+
+    cpu.enable()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
