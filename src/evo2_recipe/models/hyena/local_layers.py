@@ -1,0 +1,114 @@
+"""Pure-PyTorch layers for the local (no Transformer Engine) spec, with TE's parameter names.
+
+* :class:`RMSNorm` - ``x / sqrt(mean(x^2) + eps) * w`` (TE's formula), works with sequence parallelism.
+* :class:`RMSNormColumnParallelLinear` - RMSNorm fused in front of a megatron ``ColumnParallelLinear``; its norm weight
+  is called ``layer_norm_weight`` exactly like ``TELayerNormColumnParallelLinear``, so checkpoints move between the TE
+  and local specs, and the Hyena pre-mixer norm exists in both (the reference's local spec drops it).
+* :class:`SDPAttention` - core attention through ``F.scaled_dot_product_attention`` (flash/cuDNN kernels on GPU; the
+  megatron local ``DotProductAttention`` materialises the full score matrix and refuses context parallelism). With CP
+  it all-gathers K/V over the CP group and masks by global zigzag positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from torch import nn
+
+from evo2_recipe.models.hyena import context_parallel as cp_comm
+
+
+def _mark_sequence_parallel(param: nn.Parameter, config) -> None:
+    # Under SP each TP rank sees a different slice of tokens, so the norm-weight grads are partial sums that
+    # megatron's finalize_model_grads all-reduces over TP for params tagged like this.
+    setattr(param, "sequence_parallel", bool(config.sequence_parallel))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=config.params_dtype))
+        _mark_sequence_parallel(self.weight, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.to(self.weight.dtype), (x.shape[-1],), self.weight, self.eps)
+
+
+def build_rmsnorm(config, hidden_size: int, eps: float = 1e-6) -> RMSNorm:
+    """Spec-compatible factory (megatron calls norms as ``norm(config=, hidden_size=, eps=)``)."""
+    return RMSNorm(config, hidden_size, eps)
+
+
+class RMSNormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """``ColumnParallelLinear(rmsnorm(x))`` with the norm weight named ``layer_norm_weight``."""
+
+    def __init__(self, input_size, output_size, *, config, init_method, gather_output=False, bias=False,
+                 skip_bias_add=True, is_expert=False, tp_comm_buffer_name=None, **kwargs):
+        kwargs.pop("skip_weight_param_allocation", None)
+        super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias,
+                         gather_output=gather_output, skip_bias_add=skip_bias_add, is_expert=is_expert,
+                         tp_comm_buffer_name=tp_comm_buffer_name, **kwargs)
+        self.eps = config.layernorm_epsilon
+        self.layer_norm_weight = nn.Parameter(torch.ones(input_size, device=self.weight.device,
+                                                         dtype=config.params_dtype))
+        _mark_sequence_parallel(self.layer_norm_weight, config)
+
+    def forward(self, x: torch.Tensor, weight=None, runtime_gather_output=None):
+        x = F.rms_norm(x.to(self.layer_norm_weight.dtype), (x.shape[-1],), self.layer_norm_weight, self.eps)
+        return super().forward(x, weight=weight, runtime_gather_output=runtime_gather_output)
+
+
+class SDPAttention(MegatronModule):
+    """Drop-in for megatron's core attention: (Lq, B, heads, d) q/k/v -> (Lq, B, heads*d)."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
+                 attention_dropout: float | None = None, softmax_scale: float | None = None, cp_comm_type=None,
+                 pg_collection=None):
+        super().__init__(config)
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences are not supported by the local attention; use the TE spec")
+        Lq, B, nh, d = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (B, heads, L, d)
+        if k.shape[1] != nh:  # GQA: repeat key/value groups
+            k = k.repeat_interleave(nh // k.shape[1], dim=1)
+            v = v.repeat_interleave(nh // v.shape[1], dim=1)
+        dropout = self.dropout if self.training else 0.0
+        cp = parallel_state.get_context_parallel_world_size()
+        mask_type = attn_mask_type or self.attn_mask_type
+        if cp > 1:
+            out = self._cp_attention(q, k, v, cp, dropout)
+        elif Lq == k.shape[2] and mask_type == AttnMaskType.causal:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.softmax_scale)
+        else:
+            # Decode with a KV cache: queries are the last Lq positions of the Lk keys.
+            Lk = k.shape[2]
+            qpos = torch.arange(Lk - Lq, Lk, device=q.device)
+            mask = qpos[:, None] >= torch.arange(Lk, device=q.device)[None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(Lq, B, nh * d)
+
+    def _cp_attention(self, q, k, v, cp, dropout):
+        group = parallel_state.get_context_parallel_group()
+        rank = parallel_state.get_context_parallel_rank()
+        L_local = q.shape[2]
+        L = L_local * cp
+        k_all = cp_comm.all_gather_cp(k, group)  # (CP, B, heads, L_local, d)
+        v_all = cp_comm.all_gather_cp(v, group)
+        k_full = torch.cat(list(k_all), dim=2)
+        v_full = torch.cat(list(v_all), dim=2)
+        kpos = torch.cat([cp_comm.zigzag_positions(L, r, cp, q.device) for r in range(cp)])
+        qpos = cp_comm.zigzag_positions(L, rank, cp, q.device)
+        mask = qpos[:, None] >= kpos[None, :]
+        return F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask, dropout_p=dropout,
+                                              scale=self.softmax_scale)

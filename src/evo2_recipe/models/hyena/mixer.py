@@ -1,0 +1,263 @@
+"""Hyena mixer (spec section 2.2): ``dense(x1 * (h * (x2 v) + D x2 v))`` with x1, x2, v from a 3H projection.
+
+Per tensor-parallel rank (``Hp = H/TP`` channels, ``Gp = G/TP`` filter groups):
+
+    features = dense_projection(x)                      # RMSNorm + column-parallel H -> 3H   (L, B, 3Hp)
+    features = proj_conv(features)                      # depthwise causal conv, 3 taps      (B, 3Hp, L)
+    x1, x2, v = features[:, 0::3], [:, 1::3], [:, 2::3] # channel-interleaved triplets       (B, Hp, L) each
+    z = operator(x1, x2, v)                             # hcs / hcm / hcl below              (B, Hp, L)
+    y, bias = dense(z)                                  # row-parallel H -> H                (L, B, H)
+
+Operators (``u = x2 * v``):
+    hcs: z = x1 * (conv7(u) [+ b * u for NV])        short explicit filter, grouped, direct conv
+    hcm: z = x1 * (conv(h * decay, u) + D * u)       128-tap explicit filter with fixed decay, FFT conv
+    hcl: z = x1 * (conv(h_modal, u) + D * u)         implicit modal filter, h[t] = sum_o R exp(glogp t), FFT conv
+
+Every Hyena parameter is sharded along dim 0 over TP (rows = channels or filter groups). Context parallelism and the
+recurrent decode state are handled by :mod:`.context_parallel` and :mod:`.inference_state`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from torch import nn
+
+from evo2_recipe.models.hyena import context_parallel as cp_comm
+from evo2_recipe.models.hyena import operators as ops
+from evo2_recipe.models.hyena.config import HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
+from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update
+
+
+def _tp_rank_world() -> tuple[int, int]:
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _cp_group():
+    if parallel_state.get_context_parallel_world_size() > 1:
+        return parallel_state.get_context_parallel_group()
+    return None
+
+
+def _sharded_param(full: torch.Tensor, config, *, fp32: bool = False) -> nn.Parameter:
+    """This TP rank's dim-0 slice of a full, rank-independently initialised tensor, as a TP-sharded parameter."""
+    rank, world = _tp_rank_world()
+    if full.shape[0] % world:
+        raise ValueError(f"{full.shape[0]} rows cannot be split over tensor parallel size {world}")
+    rows = full.shape[0] // world
+    dtype = torch.float32 if fp32 else config.params_dtype
+    device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+    param = nn.Parameter(full[rank * rows:(rank + 1) * rows].clone().to(device=device, dtype=dtype))
+    tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+    return param
+
+
+def _uniform(shape, bound: float) -> torch.Tensor:
+    return torch.empty(shape).uniform_(-bound, bound)
+
+
+class _ShardedDim0(MegatronModule):
+    """Base for Hyena modules whose every parameter and buffer is TP-sharded along dim 0."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {k: 0 for k in state}, sharded_offsets)
+
+
+class ShortConv(_ShardedDim0):
+    """Depthwise causal conv on the 3H projection; weight ``short_conv_weight`` (3Hp, K), last tap = current token."""
+
+    def __init__(self, config, channels: int, kernel_size: int):
+        super().__init__(config)
+        self.kernel_size = kernel_size
+        self.short_conv_weight = _sharded_param(_uniform((channels, kernel_size), math.sqrt(1 / kernel_size)), config)
+
+    def forward(self, x_BCL: torch.Tensor, left_context: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.causal_depthwise_conv(x_BCL, self.short_conv_weight, left_context)
+
+
+class GroupedShortConv(_ShardedDim0):
+    """hcs inner conv: grouped weight ``short_conv_weight`` (Gp, 1, 7) expanded to the rank's channels."""
+
+    def __init__(self, config, num_groups: int, kernel_size: int, init_bound: float):
+        super().__init__(config)
+        self.kernel_size = kernel_size
+        self.short_conv_weight = _sharded_param(_uniform((num_groups, 1, kernel_size), init_bound), config)
+
+    def weight_CK(self, channels: int) -> torch.Tensor:
+        return ops.expand_groups(self.short_conv_weight[:, 0], channels)
+
+
+class ExplicitDecayFilter(_ShardedDim0):
+    """hcm filter: ``h`` (Gp, 128) times the fixed persistent buffer ``decay`` (Gp, 128), both fp32."""
+
+    def __init__(self, config, num_groups: int, length: int, preset: str):
+        super().__init__(config)
+        self.h = _sharded_param(torch.randn(num_groups, length) / math.sqrt(length) * 1e-5, config, fp32=True)
+        rank, world = _tp_rank_world()
+        rows = num_groups // world
+        decay = ops.decay_rates(num_groups, length, preset)[rank * rows:(rank + 1) * rows]
+        self.register_buffer("decay", decay.to(self.h.device), persistent=True)
+
+    def forward(self) -> torch.Tensor:
+        return ops.decay_filter(self.h, self.decay)
+
+
+class ImplicitModalFilter(_ShardedDim0):
+    """hcl filter: ``gamma``, ``R``, ``p`` (Gp, 16) fp32; ``h[g, t] = sum_o R exp(-exp(p) exp(gamma) t)``."""
+
+    def __init__(self, config, num_groups: int, order: int, gamma_min: float, gamma_max: float):
+        super().__init__(config)
+        self.gamma = _sharded_param(torch.empty(num_groups, order).uniform_(gamma_min, gamma_max).log(), config,
+                                    fp32=True)
+        self.R = _sharded_param(0.1 * torch.randn(num_groups, order) / math.sqrt(order), config, fp32=True)
+        self.p = _sharded_param(torch.full((num_groups, order), -1.0), config, fp32=True)
+
+    def forward(self, L: int) -> torch.Tensor:
+        return ops.modal_filter(self.p, self.gamma, self.R, L)
+
+    def log_poles(self) -> torch.Tensor:
+        return ops.modal_log_poles(self.p, self.gamma)
+
+
+class HyenaOperator(_ShardedDim0):
+    """One of hcs / hcm / hcl acting on de-interleaved ``x1, x2, v`` (B, Hp, L)."""
+
+    def __init__(self, config, operator_type: str, hyena: HyenaConfig, use_short_conv_bias: bool):
+        super().__init__(config)
+        _, tp = _tp_rank_world()
+        H = config.hidden_size
+        self.operator_type = operator_type
+        self.channels = H // tp
+        if operator_type == HYENA_SHORT:
+            G = config.num_groups_hyena_short
+            self.short_conv = GroupedShortConv(config, G, hyena.hyena_short_conv_len,
+                                               init_bound=math.sqrt(1 / hyena.short_conv_L))
+            self.conv_bias = (_sharded_param(_uniform((G,), math.sqrt(1 / hyena.hyena_short_conv_len)), config)
+                              if use_short_conv_bias else None)
+        elif operator_type == HYENA_MEDIUM:
+            K = hyena.hyena_medium_conv_len
+            self.filter = ExplicitDecayFilter(config, config.num_groups_hyena_medium, K,
+                                              hyena.explicit_filter_decay_preset)
+            self.conv_bias = _sharded_param(_uniform((H,), math.sqrt(1 / K)), config)
+        elif operator_type == HYENA_LONG:
+            self.filter = ImplicitModalFilter(config, config.num_groups_hyena, hyena.hyena_filter_order,
+                                              hyena.modal_gamma_min, hyena.modal_gamma_max)
+            self.conv_bias = _sharded_param(_uniform((H,), math.sqrt(1 / config.seq_length)), config)
+        else:
+            raise ValueError(f"unknown Hyena operator type {operator_type!r}")
+
+    def forward(self, x1, x2, v, state: HyenaLayerState | None = None) -> torch.Tensor:
+        u = x2 * v
+        if self.operator_type == HYENA_SHORT:
+            y = self._short(u, state)
+        else:
+            y = self._long(u, state)
+        return x1 * y.to(v.dtype)
+
+    def _short(self, u, state):
+        w = self.short_conv.weight_CK(self.channels)
+        halo = w.shape[-1] - 1
+        group = _cp_group()
+        if state is not None:
+            y = ops.causal_depthwise_conv(u, w, state.take_window("short", u, halo))
+        elif group is not None:
+            left_a, left_b = cp_comm.halo_left_context(u, halo, group)
+            u_a, u_b = u.chunk(2, dim=-1)
+            y = torch.cat([ops.causal_depthwise_conv(u_a, w, left_a), ops.causal_depthwise_conv(u_b, w, left_b)], -1)
+        else:
+            y = ops.causal_depthwise_conv(u, w)
+        if self.conv_bias is not None:  # NV models: learnable per-group skip term
+            y = y + u * ops.expand_groups(self.conv_bias, self.channels).to(u.dtype)[:, None]
+        return y
+
+    def _filter_CK(self, L: int) -> torch.Tensor:
+        h = self.filter() if self.operator_type == HYENA_MEDIUM else self.filter(L)
+        return ops.expand_groups(h, self.channels)
+
+    def _long(self, u, state):
+        group = _cp_group()
+        D = self.conv_bias
+        if state is not None:
+            if group is not None:
+                raise NotImplementedError("cached decoding with context parallelism is not supported; use CP=1")
+            return self._long_with_state(u, state)
+        if group is None:
+            h = self._filter_CK(u.shape[-1])
+            return ops.fft_causal_conv(u, h) + u.float() * D.float()[:, None]
+        cp_rank, cp = parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_world_size()
+        u_full = cp_comm.seq_to_channel_split(u, group)  # (B, Hp/CP, L)
+        c = u_full.shape[1]
+        h = self._filter_CK(u_full.shape[-1])[cp_rank * c:(cp_rank + 1) * c]
+        y = ops.fft_causal_conv(u_full, h) + u_full.float() * D[cp_rank * c:(cp_rank + 1) * c].float()[:, None]
+        return cp_comm.channel_to_seq_split(y, group)
+
+    def _long_with_state(self, u, state: HyenaLayerState):
+        D = self.conv_bias.float()[:, None]
+        if self.operator_type == HYENA_MEDIUM:
+            h = self._filter_CK(u.shape[-1])
+            ctx = state.take_window("medium", u, h.shape[-1] - 1)
+            u_ext = torch.cat([ctx.to(u.dtype), u], dim=-1)
+            return ops.fft_causal_conv(u_ext, h)[..., ctx.shape[-1]:] + u.float() * D
+        log_poles = ops.expand_groups(self.filter.log_poles(), self.channels)  # (Hp, O)
+        residues = ops.expand_groups(self.filter.R.float(), self.channels)
+        y = ops.fft_causal_conv(u, self._filter_CK(u.shape[-1])) + u.float() * D
+        return y + modal_chunk_update(state, u, log_poles, residues)
+
+
+@dataclass
+class HyenaMixerSubmodules:
+    dense_projection: ModuleSpec | type
+    dense: ModuleSpec | type
+
+
+class HyenaMixer(MegatronModule):
+    """Projection + short conv + Hyena operator + output projection (one per Hyena layer)."""
+
+    def __init__(self, config, submodules: HyenaMixerSubmodules, operator_type: str, layer_number: int,
+                 hyena: HyenaConfig | None = None):
+        super().__init__(config)
+        hyena = hyena or HyenaConfig()
+        _, tp = _tp_rank_world()
+        H = config.hidden_size
+        for name in ("num_groups_hyena", "num_groups_hyena_medium", "num_groups_hyena_short"):
+            if getattr(config, name) % tp:
+                raise ValueError(f"{name}={getattr(config, name)} is not divisible by tensor parallel size {tp}")
+            if H % getattr(config, name):
+                raise ValueError(f"hidden_size {H} is not divisible by {name}={getattr(config, name)}")
+        if H % tp:
+            raise ValueError(f"hidden_size {H} is not divisible by tensor parallel size {tp}")
+        self.layer_number = layer_number
+        self.dense_projection = build_module(
+            submodules.dense_projection, H, 3 * H, config=config, init_method=config.init_method,
+            gather_output=False, bias=False, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc1",
+        )
+        self.hyena_proj_conv = ShortConv(config, 3 * H, hyena.short_conv_L)
+        self.mixer = HyenaOperator(config, operator_type, hyena, config.use_short_conv_bias)
+        self.dense = build_module(
+            submodules.dense, H, H, config=config, init_method=config.output_layer_init_method, bias=True,
+            input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2",
+        )
+
+    def forward(self, x_LBH: torch.Tensor, state: HyenaLayerState | None = None):
+        features, _ = self.dense_projection(x_LBH)  # (L, B, 3Hp)
+        features = features.permute(1, 2, 0)  # (B, 3Hp, L)
+        halo = self.hyena_proj_conv.kernel_size - 1
+        group = _cp_group()
+        if state is not None:
+            features = self.hyena_proj_conv(features, state.take_window("proj", features, halo))
+        elif group is not None:
+            left_a, left_b = cp_comm.halo_left_context(features, halo, group)
+            f_a, f_b = features.chunk(2, dim=-1)
+            features = torch.cat([self.hyena_proj_conv(f_a, left_a), self.hyena_proj_conv(f_b, left_b)], dim=-1)
+        else:
+            features = self.hyena_proj_conv(features)
+        x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]  # channel-interleaved (spec 2.3)
+        z = self.mixer(x1, x2, v, state)  # (B, Hp, L)
+        return self.dense(z.permute(2, 0, 1).contiguous())  # (y, bias), (L, B, H)

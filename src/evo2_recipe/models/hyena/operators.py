@@ -1,0 +1,89 @@
+"""Hyena math as plain functions: causal convolutions and the two long-filter parameterisations.
+
+Shape legend: B batch, C channels (per rank), G filter groups, K taps, L sequence length, O modes (16).
+Conventions (spec section 2.7):
+* FFT filters ``h`` (hcm, hcl) put the current token at ``h[..., 0]``: ``y[t] = sum_k h[k] u[t-k]``.
+* direct depthwise convs (projection conv K=3, hcs K=7) put it at the *last* tap: ``y[t] = sum_k w[k] u[t-K+1+k]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def expand_groups(w: torch.Tensor, channels: int) -> torch.Tensor:
+    """Repeat per-group rows to per-channel rows: channel ``c`` uses group ``c // (channels // G)``."""
+    groups = w.shape[0]
+    if channels % groups:
+        raise ValueError(f"{channels} channels are not divisible into {groups} filter groups")
+    return w.repeat_interleave(channels // groups, dim=0)
+
+
+def causal_depthwise_conv(u_BCL: torch.Tensor, w_CK: torch.Tensor, left_context: torch.Tensor | None = None):
+    """Depthwise causal conv with the last tap on the current token (fp32 accumulate, output in u's dtype).
+
+    ``left_context`` (B, C, K-1) replaces the zero left padding (context-parallel halo or decode state).
+    """
+    K = w_CK.shape[-1]
+    if left_context is None:
+        u_pad = F.pad(u_BCL, (K - 1, 0))
+    else:
+        u_pad = torch.cat([left_context.to(u_BCL.dtype), u_BCL], dim=-1)
+    y = F.conv1d(u_pad.float(), w_CK.float().unsqueeze(1), groups=w_CK.shape[0])
+    return y.to(u_BCL.dtype)
+
+
+def fft_causal_conv(u_BCL: torch.Tensor, h_CK: torch.Tensor) -> torch.Tensor:
+    """Causal linear convolution ``y[t] = sum_{k<=t} h[k] u[t-k]`` via FFT of size 2L, in fp32.
+
+    The filter is truncated to ``min(K, L)`` taps first, so a 128-tap filter on a short sequence never wraps around
+    (the reference's training path leaks future tokens for L < 64).
+    """
+    L = u_BCL.shape[-1]
+    h = h_CK[..., :L].float()
+    n = 2 * L
+    y = torch.fft.irfft(torch.fft.rfft(u_BCL.float(), n=n) * torch.fft.rfft(h, n=n), n=n)[..., :L]
+    return y
+
+
+def direct_causal_conv(u_BCL: torch.Tensor, h_CK: torch.Tensor) -> torch.Tensor:
+    """Reference O(L*K) implementation of :func:`fft_causal_conv` (used by tests and short filters)."""
+    L = u_BCL.shape[-1]
+    h = h_CK[..., :L].float()
+    return causal_depthwise_conv(u_BCL.float(), h.flip(-1))
+
+
+def modal_log_poles(p_GO: torch.Tensor, gamma_GO: torch.Tensor) -> torch.Tensor:
+    """``glogp = -exp(p) * exp(gamma)`` (always negative, so every pole ``exp(glogp)`` lies in (0, 1))."""
+    return -torch.exp(p_GO.float()) * torch.exp(gamma_GO.float())
+
+
+def modal_filter(p_GO: torch.Tensor, gamma_GO: torch.Tensor, R_GO: torch.Tensor, L: int) -> torch.Tensor:
+    """Implicit modal filter ``h[g, t] = sum_o R[g, o] * exp(glogp[g, o] * t)`` for ``t < L``; fp32 (G, L)."""
+    t = torch.arange(L, device=p_GO.device, dtype=torch.float32)
+    log_poles = modal_log_poles(p_GO, gamma_GO)  # (G, O)
+    return torch.einsum("go,got->gt", R_GO.float(), torch.exp(log_poles.unsqueeze(-1) * t))
+
+
+def decay_filter(h_GK: torch.Tensor, decay_GK: torch.Tensor) -> torch.Tensor:
+    """Explicit medium filter with its fixed exponential decay: ``h * decay`` in fp32 (G, K)."""
+    return h_GK.float() * decay_GK.float()
+
+
+def decay_rates(num_groups: int, length: int, preset: str = "weak") -> torch.Tensor:
+    """``decay[g, k] = exp(-r_g * k / (length-1))`` with ``r = logspace(lo, hi, G)`` ('weak' = 10^-2 .. 10^2)."""
+    lo, hi = {"weak": (-2.0, 2.0), "normal": (-1.0, 2.0), "strong": (0.0, 2.0)}[preset]
+    r = torch.logspace(lo, hi, num_groups)
+    s = torch.linspace(0.0, 1.0, length)
+    return torch.exp(-r[:, None] * s[None, :])
+
+
+def gated_hyena(x1: torch.Tensor, x2: torch.Tensor, v: torch.Tensor, h_CK: torch.Tensor | None,
+                D_C: torch.Tensor | None) -> torch.Tensor:
+    """``x1 * (h * (x2 v) + D (x2 v))`` with the long/medium conv done by FFT in fp32; output in v's dtype."""
+    u = x2 * v
+    y = fft_causal_conv(u, h_CK)
+    if D_C is not None:
+        y = y + u.float() * D_C.float()[:, None]
+    return x1 * y.to(v.dtype)
