@@ -19,6 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
 from evo2_recipe.models.hyena import context_parallel as cp_comm
+from evo2_recipe.models.hyena.mixer import _param_device
 
 
 def _mark_sequence_parallel(param: nn.Parameter, config) -> None:
@@ -31,17 +32,11 @@ class RMSNorm(nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=config.params_dtype))
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=_param_device(config), dtype=config.params_dtype))
         _mark_sequence_parallel(self.weight, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.to(self.weight.dtype), (x.shape[-1],), self.weight, self.eps)
-
-
-def build_rmsnorm(config, hidden_size: int, eps: float = 1e-6) -> RMSNorm:
-    """Spec-compatible factory (megatron calls norms as ``norm(config=, hidden_size=, eps=)``)."""
-    return RMSNorm(config, hidden_size, eps)
 
 
 class RMSNormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):

@@ -52,10 +52,16 @@ def _sharded_param(full: torch.Tensor, config, *, fp32: bool = False) -> nn.Para
         raise ValueError(f"{full.shape[0]} rows cannot be split over tensor parallel size {world}")
     rows = full.shape[0] // world
     dtype = torch.float32 if fp32 else config.params_dtype
-    device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
-    param = nn.Parameter(full[rank * rows:(rank + 1) * rows].clone().to(device=device, dtype=dtype))
+    param = nn.Parameter(full[rank * rows:(rank + 1) * rows].clone().to(device=_param_device(config), dtype=dtype))
     tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
     return param
+
+
+def _param_device(config):
+    """Where parameters live at construction: the default device for CPU init (so meta-device builds work)."""
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.get_default_device()
+    return torch.cuda.current_device()
 
 
 def _uniform(shape, bound: float) -> torch.Tensor:

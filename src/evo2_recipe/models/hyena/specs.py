@@ -1,0 +1,79 @@
+"""Module specs: Transformer Engine layers when TE imports, pure-PyTorch local layers otherwise.
+
+Parameter names are identical in both (``layer_norm_weight`` fused norms, ``linear_qkv``/``linear_proj``,
+``linear_fc1``/``linear_fc2``, ``dense_projection``/``dense``), so checkpoints move between them. This is the only
+module that names Transformer Engine classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from megatron.core.tensor_parallel import RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from evo2_recipe.compat.megatron_fixes import transformer_engine_available
+from evo2_recipe.models.hyena.layer import HyenaLayer, HyenaLayerSubmodules
+from evo2_recipe.models.hyena.local_layers import RMSNorm, RMSNormColumnParallelLinear, SDPAttention
+from evo2_recipe.models.hyena.mixer import HyenaMixer, HyenaMixerSubmodules
+
+
+@dataclass
+class HyenaStackSpec:
+    hyena_layer: ModuleSpec
+    attention_layer: ModuleSpec
+    final_norm: ModuleSpec | type | object
+
+
+def _layers(norm_linear, row_linear, core_attention) -> tuple[ModuleSpec, ModuleSpec]:
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+    mlp_submodules = MLPSubmodules(linear_fc1=norm_linear, linear_fc2=row_linear)
+    mlp = ModuleSpec(module=MLP, submodules=mlp_submodules)
+    hyena = ModuleSpec(module=HyenaLayer, submodules=HyenaLayerSubmodules(
+        norm=IdentityOp,
+        mixer=ModuleSpec(module=HyenaMixer, submodules=HyenaMixerSubmodules(dense_projection=norm_linear,
+                                                                            dense=row_linear)),
+        pre_mlp_layernorm=IdentityOp, mlp=mlp))
+    attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=IdentityOp,
+        self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                                  submodules=SelfAttentionSubmodules(linear_qkv=norm_linear,
+                                                                     core_attention=core_attention,
+                                                                     linear_proj=row_linear,
+                                                                     q_layernorm=IdentityOp, k_layernorm=IdentityOp)),
+        self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=IdentityOp,
+        mlp=partial(MLP.as_mlp_submodule, submodules=mlp_submodules), mlp_bda=get_bias_dropout_add))
+    return hyena, attention
+
+
+def local_stack_spec() -> HyenaStackSpec:
+    hyena, attention = _layers(RMSNormColumnParallelLinear, RowParallelLinear, SDPAttention)
+    return HyenaStackSpec(hyena, attention, RMSNorm)
+
+
+def te_stack_spec() -> HyenaStackSpec:
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TENorm,
+        TERowParallelLinear,
+    )
+
+    hyena, attention = _layers(TELayerNormColumnParallelLinear, TERowParallelLinear, TEDotProductAttention)
+    return HyenaStackSpec(hyena, attention, TENorm)
+
+
+def get_hyena_stack_spec(use_te: bool | None = None) -> HyenaStackSpec:
+    """TE spec when ``use_te`` (default: whenever Transformer Engine imports), local spec otherwise."""
+    if use_te is None:
+        use_te = transformer_engine_available()
+    if use_te and not transformer_engine_available():
+        raise RuntimeError("use_te=True but transformer_engine.pytorch does not import; set use_te=False")
+    return te_stack_spec() if use_te else local_stack_spec()
