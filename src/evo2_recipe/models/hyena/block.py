@@ -131,5 +131,5 @@ class HyenaStack(MegatronModule):
             from megatron.core.transformer.utils import sharded_state_dict_default
 
             sharded.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", sharded_offsets,
-                                                      metadata))
+                                                      metadata, parallel_state.get_tensor_model_parallel_group()))
         return sharded

@@ -1,0 +1,116 @@
+"""Tiny Hyena model on megatron-core: forward/backward, loss weighting, parameter counts of all 12 sizes, FLOPs."""
+
+import math
+
+import pytest
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+from evo2_recipe.utils.spawn import run_on_ranks
+from hyena_helpers import dna_batch, tiny_provider
+
+# Spec section 1.6 (V = 512, decay buffer excluded).
+PARAM_COUNTS = {
+    "evo2_1b_base": 1_108_204_800, "evo2_7b_base": 6_481_649_408, "evo2_7b": 6_582_312_704,
+    "evo2_20b": 19_739_697_664, "evo2_40b_base": 40_332_977_152, "evo2_40b": 41_119_409_152,
+    "striped_hyena_1b_nv": 1_108_198_016, "striped_hyena_7b_nv": 6_582_294_528,
+    "striped_hyena_40b_nv": 41_119_350_784, "striped_hyena_test": 812_001_024,
+    "striped_hyena_test_nv": 811_997_184, "striped_hyena_1b_nv_parallel": 1_209_332_736,
+}
+
+
+def _meta_param_counts(rank, world):
+    from evo2_recipe.models.providers import get_provider
+
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    counts, shapes = {}, {}
+    for name in PARAM_COUNTS:
+        p = get_provider(name, vocab_size=512, use_cpu_initialization=True, perform_initialization=False)
+        p.finalize()
+        with torch.device("meta"):
+            model = p.provide()
+        counts[name] = sum(x.numel() for x in model.parameters())
+        shapes[name] = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    return counts, shapes
+
+
+def test_parameter_counts_and_shapes_of_all_sizes():
+    ((counts, shapes),) = run_on_ranks(_meta_param_counts, 1)
+    assert counts == PARAM_COUNTS
+    s = shapes["evo2_1b_base"]  # spot-check spec table 5.3 for 1b: S=0, D=1, H=2, *=3
+    assert s["embedding.word_embeddings.weight"] == (512, 1920)
+    assert s["decoder.layers.0.mixer.mixer.short_conv.short_conv_weight"] == (128, 1, 7)
+    assert s["decoder.layers.1.mixer.mixer.filter.h"] == s["decoder.layers.1.mixer.mixer.filter.decay"] == (128, 128)
+    assert s["decoder.layers.2.mixer.mixer.filter.gamma"] == (1920, 16)
+    assert s["decoder.layers.2.mixer.hyena_proj_conv.short_conv_weight"] == (5760, 3)
+    assert s["decoder.layers.3.self_attention.linear_qkv.weight"] == (5760, 1920)
+    assert s["decoder.layers.3.self_attention.linear_proj.bias"] == (1920,)
+    assert s["decoder.layers.24.mlp.linear_fc1.weight"] == (10240, 1920)
+    assert "output_layer.weight" not in s and "output_layer.weight" in shapes["striped_hyena_1b_nv_parallel"]
+    nv = shapes["striped_hyena_1b_nv"]
+    assert nv["decoder.layers.0.mixer.mixer.conv_bias"] == (128,)
+    assert "decoder.layers.3.self_attention.linear_proj.bias" not in nv
+    assert "decoder.layers.0.mixer.mixer.conv_bias" not in s
+
+
+def _tiny_forward_backward(rank, world, name):
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(3)
+    torch.manual_seed(3)
+    model = tiny_provider(name).provide()
+    tokens, labels = dna_batch()
+    logits = model(tokens)
+    loss = model(tokens, labels=labels)
+    loss.sum().backward()
+    grads = {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters()}
+    # Causality: changing the last half of the input must not change the first half's logits.
+    t2 = tokens.clone()
+    t2[:, 32:] = 65
+    with torch.no_grad():
+        logits2 = model(t2)
+    # Loss weighting by hand: upper-case labels, 0.1 weight on lowercase, renormalised to the token count.
+    lower = labels >= 97
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), torch.where(lower, labels - 32, labels).reshape(-1),
+                                           reduction="none").reshape(labels.shape)
+    w = torch.where(lower, 0.1, 1.0)
+    expected = ce * w * (w.numel() / w.sum())
+    return {"logits": logits.detach(), "logits2": logits2, "loss": loss.detach(), "expected": expected.detach(),
+            "grads": grads}
+
+
+@pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
+def test_tiny_forward_backward(name):
+    ((r,),) = [run_on_ranks(_tiny_forward_backward, 1, name)]
+    assert r["logits"].shape == (2, 64, 512) and torch.isfinite(r["logits"]).all()
+    assert all(r["grads"].values()), [n for n, ok in r["grads"].items() if not ok]
+    torch.testing.assert_close(r["logits2"][:, :32], r["logits"][:, :32], rtol=1e-5, atol=1e-5)
+    assert (r["logits2"][:, 32:] - r["logits"][:, 32:]).abs().max() > 1e-3
+    torch.testing.assert_close(r["loss"], r["expected"], rtol=1e-5, atol=1e-6)
+    assert abs(r["loss"].mean().item() - math.log(512)) < 0.5  # random init: near-uniform predictions
+
+
+def test_flops_formula():
+    from evo2_recipe.models.providers import get_provider, num_floating_point_operations
+
+    p = get_provider("evo2_1b_base", vocab_size=512)
+    B, L, H, F, V = 1, 8192, 1920, 5120, 512
+    by_hand = 3 * (2 * B * L * H * V + 25 * (8 * B * L * H * H + 6 * B * L * F * H) + 4 * 4 * B * H * L * L
+                   + 21 * 6 * B * L * 3 * H + 7 * 2 * B * L * 7 * H + 7 * 2 * B * L * 128 * H
+                   + 7 * 10 * B * L * 13 * H)
+    assert num_floating_point_operations(p, B, L) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_bad_configurations():
+    from evo2_recipe.models.providers import get_provider
+
+    with pytest.raises(ValueError, match="unknown model size"):
+        get_provider("evo2_2b")
+    with pytest.raises(ValueError, match="unknown HyenaModelProvider field"):
+        get_provider("striped_hyena_tiny", num_layer=3)
+    from evo2_recipe.models.hyena.config import parse_pattern
+
+    with pytest.raises(ValueError, match="unknown layer letters"):
+        parse_pattern("SDX*", 4)
+    with pytest.raises(ValueError, match="num_layers is 5"):
+        parse_pattern("SDH*", 5)
