@@ -81,7 +81,7 @@ def _tiny_forward_backward(rank, world, name):
 
 @pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
 def test_tiny_forward_backward(name):
-    ((r,),) = [run_on_ranks(_tiny_forward_backward, 1, name)]
+    (r,) = run_on_ranks(_tiny_forward_backward, 1, name)
     assert r["logits"].shape == (2, 64, 512) and torch.isfinite(r["logits"]).all()
     assert all(r["grads"].values()), [n for n, ok in r["grads"].items() if not ok]
     torch.testing.assert_close(r["logits2"][:, :32], r["logits"][:, :32], rtol=1e-5, atol=1e-5)

@@ -55,3 +55,35 @@ def modal_chunk_update(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_CO
         s_new = s_new + torch.einsum("bck,cok->bco", u[..., start:start + k.numel()], powers)
     state.modal = s_new
     return y_carry
+
+
+def _static_context_base():
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    return StaticInferenceContext
+
+
+class HyenaInferenceContext(_static_context_base()):
+    """Megatron's static-batch inference context (KV cache for attention layers) plus per-layer Hyena state.
+
+    Usage: ``logits = model(tokens, inference_context=ctx)``, then ``ctx.advance(tokens.shape[1])`` before the next
+    chunk. Any chunk length works, so prefill and token-by-token decode share one code path.
+    """
+
+    def __init__(self, max_batch_size: int, max_sequence_length: int):
+        super().__init__(max_batch_size, max_sequence_length)
+        self.hyena_states: dict[int, HyenaLayerState] = {}
+
+    def hyena_state(self, layer_number: int) -> HyenaLayerState:
+        return self.hyena_states.setdefault(layer_number, HyenaLayerState())
+
+    def advance(self, num_tokens: int) -> None:
+        self.sequence_len_offset += num_tokens
+        if self.sequence_len_offset > self.max_sequence_length:
+            raise ValueError(f"sequence length {self.sequence_len_offset} exceeds the inference context's "
+                             f"max_sequence_length {self.max_sequence_length}")
+
+    def reset(self) -> None:
+        super().reset()
+        self.hyena_states.clear()
+        self.key_value_memory_dict.clear()
