@@ -114,3 +114,38 @@ def test_bad_configurations():
         parse_pattern("SDX*", 4)
     with pytest.raises(ValueError, match="num_layers is 5"):
         parse_pattern("SDH*", 5)
+
+
+def _grads_with_recompute(rank, world, granularity):
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(4)
+    torch.manual_seed(4)
+    extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2) \
+        if granularity == "full" else {}
+    model = tiny_provider(**extra).provide()
+    tokens, labels = dna_batch()
+    model(tokens, labels=labels).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_full_activation_recompute_gives_identical_gradients():
+    (plain,) = run_on_ranks(_grads_with_recompute, 1, None)
+    (recomputed,) = run_on_ranks(_grads_with_recompute, 1, "full")
+    assert plain.keys() == recomputed.keys()
+    for k in plain:
+        torch.testing.assert_close(recomputed[k], plain[k], rtol=1e-6, atol=1e-7)
+
+
+def _build_bad(rank, world, overrides):
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    try:
+        tiny_provider(**overrides).provide()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_impossible_group_configuration_is_rejected():
+    (msg,) = run_on_ranks(_build_bad, 1, {"num_groups_hyena_short": 3})
+    assert msg.startswith("hidden_size 64 is not divisible by num_groups_hyena_short=3")
