@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import warnings
 
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("megatron.bridge.models", "megatron.core.models.mimo", "torch.distributed"):
+    for noisy in ("megatron.bridge.models", "megatron.bridge.utils.import_utils", "megatron.core.models.mimo",
+                  "megatron.core.msc_utils", "megatron.core.distributed.fsdp", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Import-time notices about optional accelerators (TE, Apex) that are expected without them.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit.*")
 
 
 def add_cpu_flag(parser: argparse.ArgumentParser) -> None:

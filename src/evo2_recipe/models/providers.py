@@ -142,6 +142,10 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
                           share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
                           to_upper=self.to_upper)
 
+    def _get_num_floating_point_operations(self, batch_size: int) -> float:
+        """Hook read by Megatron-Bridge's throughput logging (TFLOP/s/GPU)."""
+        return num_floating_point_operations(self, batch_size)
+
     def layer_counts(self) -> dict[str, int]:
         p = self.hybrid_override_pattern
         return {k: p.count(k) for k in (HYENA_SHORT, HYENA_MEDIUM, HYENA_LONG, ATTENTION)}
