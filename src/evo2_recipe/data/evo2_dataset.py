@@ -132,6 +132,7 @@ class Evo2DatasetProvider(DatasetProvider):
     path_to_cache: str | None = None
     dataloader_type: str | None = "single"
     skip_getting_attention_mask_from_dataset: bool = True
+    tokenizer: object = None  # set by Megatron-Bridge setup; also used to save tokenizer/ into checkpoints
 
     def build_datasets(self, context: DatasetBuildContext):
         sizes = [context.train_samples, context.valid_samples, context.test_samples]

@@ -64,8 +64,17 @@ def _param_device(config):
     return torch.cuda.current_device()
 
 
-def _uniform(shape, bound: float) -> torch.Tensor:
-    return torch.empty(shape).uniform_(-bound, bound)
+def _uniform(shape, bound: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+
+def init_generator(layer_number: int) -> torch.Generator:
+    """CPU generator for Hyena parameter init, seeded from the run seed and the layer only.
+
+    Independent of the global RNG *state*, so the full (unsharded) filters are identical for every TP/CP layout
+    and every amount of randomness consumed before the model is built; each rank then keeps its TP slice.
+    """
+    return torch.Generator().manual_seed((torch.initial_seed() + 7919 * layer_number) % (2**63))
 
 
 class _ShardedDim0(MegatronModule):
@@ -79,10 +88,11 @@ class _ShardedDim0(MegatronModule):
 class ShortConv(_ShardedDim0):
     """Depthwise causal conv on the 3H projection; weight ``short_conv_weight`` (3Hp, K), last tap = current token."""
 
-    def __init__(self, config, channels: int, kernel_size: int):
+    def __init__(self, config, channels: int, kernel_size: int, gen: torch.Generator):
         super().__init__(config)
         self.kernel_size = kernel_size
-        self.short_conv_weight = _sharded_param(_uniform((channels, kernel_size), math.sqrt(1 / kernel_size)), config)
+        self.short_conv_weight = _sharded_param(_uniform((channels, kernel_size), math.sqrt(1 / kernel_size), gen),
+                                                config)
 
     def forward(self, x_BCL: torch.Tensor, left_context: torch.Tensor | None = None) -> torch.Tensor:
         return ops.causal_depthwise_conv(x_BCL, self.short_conv_weight, left_context)
@@ -91,10 +101,10 @@ class ShortConv(_ShardedDim0):
 class GroupedShortConv(_ShardedDim0):
     """hcs inner conv: grouped weight ``short_conv_weight`` (Gp, 1, 7) expanded to the rank's channels."""
 
-    def __init__(self, config, num_groups: int, kernel_size: int, init_bound: float):
+    def __init__(self, config, num_groups: int, kernel_size: int, init_bound: float, gen: torch.Generator):
         super().__init__(config)
         self.kernel_size = kernel_size
-        self.short_conv_weight = _sharded_param(_uniform((num_groups, 1, kernel_size), init_bound), config)
+        self.short_conv_weight = _sharded_param(_uniform((num_groups, 1, kernel_size), init_bound, gen), config)
 
     def weight_CK(self, channels: int) -> torch.Tensor:
         return ops.expand_groups(self.short_conv_weight[:, 0], channels)
@@ -103,9 +113,10 @@ class GroupedShortConv(_ShardedDim0):
 class ExplicitDecayFilter(_ShardedDim0):
     """hcm filter: ``h`` (Gp, 128) times the fixed persistent buffer ``decay`` (Gp, 128), both fp32."""
 
-    def __init__(self, config, num_groups: int, length: int, preset: str):
+    def __init__(self, config, num_groups: int, length: int, preset: str, gen: torch.Generator):
         super().__init__(config)
-        self.h = _sharded_param(torch.randn(num_groups, length) / math.sqrt(length) * 1e-5, config, fp32=True)
+        self.h = _sharded_param(torch.randn(num_groups, length, generator=gen) / math.sqrt(length) * 1e-5, config,
+                                fp32=True)
         rank, world = _tp_rank_world()
         rows = num_groups // world
         decay = ops.decay_rates(num_groups, length, preset)[rank * rows:(rank + 1) * rows]
@@ -118,11 +129,13 @@ class ExplicitDecayFilter(_ShardedDim0):
 class ImplicitModalFilter(_ShardedDim0):
     """hcl filter: ``gamma``, ``R``, ``p`` (Gp, 16) fp32; ``h[g, t] = sum_o R exp(-exp(p) exp(gamma) t)``."""
 
-    def __init__(self, config, num_groups: int, order: int, gamma_min: float, gamma_max: float):
+    def __init__(self, config, num_groups: int, order: int, gamma_min: float, gamma_max: float,
+                 gen: torch.Generator):
         super().__init__(config)
-        self.gamma = _sharded_param(torch.empty(num_groups, order).uniform_(gamma_min, gamma_max).log(), config,
-                                    fp32=True)
-        self.R = _sharded_param(0.1 * torch.randn(num_groups, order) / math.sqrt(order), config, fp32=True)
+        self.gamma = _sharded_param(torch.empty(num_groups, order).uniform_(gamma_min, gamma_max, generator=gen).log(),
+                                    config, fp32=True)
+        self.R = _sharded_param(0.1 * torch.randn(num_groups, order, generator=gen) / math.sqrt(order), config,
+                                fp32=True)
         self.p = _sharded_param(torch.full((num_groups, order), -1.0), config, fp32=True)
 
     def forward(self, L: int) -> torch.Tensor:
@@ -135,7 +148,8 @@ class ImplicitModalFilter(_ShardedDim0):
 class HyenaOperator(_ShardedDim0):
     """One of hcs / hcm / hcl acting on de-interleaved ``x1, x2, v`` (B, Hp, L)."""
 
-    def __init__(self, config, operator_type: str, hyena: HyenaConfig, use_short_conv_bias: bool):
+    def __init__(self, config, operator_type: str, hyena: HyenaConfig, use_short_conv_bias: bool,
+                 gen: torch.Generator):
         super().__init__(config)
         _, tp = _tp_rank_world()
         H = config.hidden_size
@@ -144,18 +158,18 @@ class HyenaOperator(_ShardedDim0):
         if operator_type == HYENA_SHORT:
             G = config.num_groups_hyena_short
             self.short_conv = GroupedShortConv(config, G, hyena.hyena_short_conv_len,
-                                               init_bound=math.sqrt(1 / hyena.short_conv_L))
-            self.conv_bias = (_sharded_param(_uniform((G,), math.sqrt(1 / hyena.hyena_short_conv_len)), config)
+                                               init_bound=math.sqrt(1 / hyena.short_conv_L), gen=gen)
+            self.conv_bias = (_sharded_param(_uniform((G,), math.sqrt(1 / hyena.hyena_short_conv_len), gen), config)
                               if use_short_conv_bias else None)
         elif operator_type == HYENA_MEDIUM:
             K = hyena.hyena_medium_conv_len
             self.filter = ExplicitDecayFilter(config, config.num_groups_hyena_medium, K,
-                                              hyena.explicit_filter_decay_preset)
-            self.conv_bias = _sharded_param(_uniform((H,), math.sqrt(1 / K)), config)
+                                              hyena.explicit_filter_decay_preset, gen)
+            self.conv_bias = _sharded_param(_uniform((H,), math.sqrt(1 / K), gen), config)
         elif operator_type == HYENA_LONG:
             self.filter = ImplicitModalFilter(config, config.num_groups_hyena, hyena.hyena_filter_order,
-                                              hyena.modal_gamma_min, hyena.modal_gamma_max)
-            self.conv_bias = _sharded_param(_uniform((H,), math.sqrt(1 / config.seq_length)), config)
+                                              hyena.modal_gamma_min, hyena.modal_gamma_max, gen)
+            self.conv_bias = _sharded_param(_uniform((H,), math.sqrt(1 / config.seq_length), gen), config)
         else:
             raise ValueError(f"unknown Hyena operator type {operator_type!r}")
 
@@ -244,8 +258,9 @@ class HyenaMixer(MegatronModule):
             submodules.dense_projection, H, 3 * H, config=config, init_method=config.init_method,
             gather_output=False, bias=False, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc1",
         )
-        self.hyena_proj_conv = ShortConv(config, 3 * H, hyena.short_conv_L)
-        self.mixer = HyenaOperator(config, operator_type, hyena, config.use_short_conv_bias)
+        gen = init_generator(layer_number)
+        self.hyena_proj_conv = ShortConv(config, 3 * H, hyena.short_conv_L, gen)
+        self.mixer = HyenaOperator(config, operator_type, hyena, config.use_short_conv_bias, gen)
         self.dense = build_module(
             submodules.dense, H, H, config=config, init_method=config.output_layer_init_method, bias=True,
             input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2",
