@@ -69,7 +69,7 @@ def test_finetune_from_stripped_checkpoint_at_other_tp(tmp_path):
     # loaded at TP=1 from a TP=2 run: starts near where the base run ended, far below its start
     assert ft_losses[1] < base_losses[1] - 0.5
     assert abs(ft_losses[1] - base_losses[6]) < abs(ft_losses[1] - base_losses[1])
-    bad = run_train([*TINY, "--max-steps", "1", "--result-dir", str(tmp_path / "x"), "--finetune-ckpt-dir",
+    bad = run_train([*TINY, "--max-steps", "3", "--result-dir", str(tmp_path / "x"), "--finetune-ckpt-dir",
                      str(tmp_path)], check=False)
     assert bad.returncode != 0 and "holds no Megatron-Bridge checkpoint" in bad.stderr
 
@@ -85,7 +85,7 @@ def test_wandb_offline_and_tensorboard(tmp_path):
 def test_bad_flags_are_rejected(tmp_path):
     r = run_train(["--fasta-data", "--result-dir", str(tmp_path), "--cpu"], check=False)
     assert r.returncode != 0 and "preprocess_evo2" in r.stderr
-    r = run_train([*TINY, "--max-steps", "1", "--result-dir", str(tmp_path), "model.num_layerz=3"], check=False)
+    r = run_train([*TINY, "--max-steps", "3", "--result-dir", str(tmp_path), "model.num_layerz=3"], check=False)
     assert r.returncode != 0 and "num_layerz" in (r.stderr + r.stdout)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -49,9 +51,24 @@ def load_tensors(iter_dir: Path, keep=lambda key: True) -> dict[str, torch.Tenso
     return state
 
 
+def load_entries(iter_dir: Path, keep=lambda key: True) -> dict:
+    """Like :func:`load_tensors` but also keeps non-tensor (bytes) entries, as the Python objects they hold."""
+    md = dcp.FileSystemReader(str(iter_dir)).read_metadata()
+    state = {}
+    for k, m in md.state_dict_metadata.items():
+        if not keep(k):
+            continue
+        state[k] = torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) \
+            else io.BytesIO()
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(iter_dir)), no_dist=True)
+    return state
+
+
 def save_tensors(state: dict[str, torch.Tensor], iter_dir: Path) -> None:
     iter_dir.mkdir(parents=True, exist_ok=True)
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(iter_dir), single_file_per_rank=True), no_dist=True)
+    # flatten_state_dict=False: container values (megatron's ShardedObject payloads) stay single bytes entries.
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(iter_dir), single_file_per_rank=True), no_dist=True,
+             planner=DefaultSavePlanner(flatten_state_dict=False))
 
 
 @contextlib.contextmanager

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 
-from evo2_recipe.checkpoint.dcp_utils import TRACKER, atomic_output_dir, load_tensors, resolve_iteration_dir, save_tensors
+from evo2_recipe.checkpoint.dcp_utils import (
+    TRACKER,
+    atomic_output_dir,
+    load_entries,
+    resolve_iteration_dir,
+    save_tensors,
+)
 
 logger = logging.getLogger(__name__)
 DROP_PREFIXES = ("optimizer.", "opt_param_scheduler", "rng_state")
@@ -24,8 +30,9 @@ def remove_optimizer(src: str | Path, dst: str | Path) -> Path:
     """Write ``dst`` (must not exist) holding only the model tensors of checkpoint ``src``. Returns ``dst``."""
     iter_dir = resolve_iteration_dir(src)
     root = iter_dir.parent
-    state = load_tensors(iter_dir, keep=lambda k: not k.startswith(DROP_PREFIXES))
-    if not state:
+    # Model tensors plus non-optimizer bytes entries (e.g. the common state Megatron-Bridge reads back on load).
+    state = load_entries(iter_dir, keep=lambda k: not k.startswith(DROP_PREFIXES))
+    if not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{iter_dir} holds no model tensors")
     with atomic_output_dir(dst) as tmp:
         out_iter = tmp / iter_dir.name
@@ -44,5 +51,5 @@ def remove_optimizer(src: str | Path, dst: str | Path) -> Path:
         (tmp / TRACKER).write_text(str(int(iter_dir.name.split("_")[1])) + "\n")
         if (root / "latest_train_state.pt").exists():
             shutil.copy2(root / "latest_train_state.pt", tmp / "latest_train_state.pt")
-    logger.info("wrote %d model tensors of %s to %s", len(state), iter_dir, dst)
+    logger.info("wrote %d entries of %s to %s", len(state), iter_dir, dst)
     return Path(dst)

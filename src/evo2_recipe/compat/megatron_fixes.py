@@ -1,4 +1,4 @@
-"""Two fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
+"""Three fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
 
 1. ``megatron.bridge.peft.lora_layers`` runs ``import transformer_engine.pytorch as te`` unconditionally, so without
    Transformer Engine every ``megatron.bridge`` import fails. A ``sys.meta_path`` finder hands an inert stub to that
@@ -8,6 +8,11 @@
 2. ``megatron.core.datasets.utils.compile_helpers`` runs ``make`` in the installed package, but the wheel ships the
    prebuilt ``helpers_cpp`` extension and no Makefile, so Bridge's initialisation exits. It is replaced with an
    import of the prebuilt module.
+
+3. Without Apex or Transformer Engine, megatron's ``DistributedOptimizer.state_dict`` asserts that every Adam
+   parameter state holds one common ``step``; when a checkpoint is *loaded* into a fresh optimizer the state is
+   still empty, so resuming fails (``assert len(steps) == 1``). The fresh state is filled with zeros first (what
+   TE/Apex's ``init_state_fn`` does); the checkpoint's values then overwrite it.
 
 :func:`apply` is idempotent and is called by every CLI and by :mod:`evo2_recipe.compat.cpu`.
 """
@@ -97,6 +102,27 @@ def _compile_helpers_prebuilt() -> None:
     importlib.import_module("megatron.core.datasets.helpers_cpp")
 
 
+def _patch_distributed_optimizer_state() -> None:
+    import torch
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if getattr(dopt, "HAVE_APEX_OR_TE", True) or getattr(dopt.DistributedOptimizer.state_dict, "_evo2", False):
+        return
+    original = dopt.DistributedOptimizer.state_dict
+
+    def state_dict(self):
+        inner = self.optimizer
+        if isinstance(inner, torch.optim.Optimizer) and len(inner.state) == 0:
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        return original(self)
+
+    state_dict._evo2 = True
+    dopt.DistributedOptimizer.state_dict = state_dict
+
+
 def apply() -> None:
     """Install both fixes (idempotent)."""
     global _APPLIED
@@ -107,6 +133,7 @@ def apply() -> None:
     import megatron.core.datasets.utils as dataset_utils
 
     dataset_utils.compile_helpers = _compile_helpers_prebuilt
+    _patch_distributed_optimizer_state()
     if "megatron.bridge.training.initialize" in sys.modules:  # bound by name at its import
         sys.modules["megatron.bridge.training.initialize"].compile_helpers = _compile_helpers_prebuilt
     _APPLIED = True

@@ -25,12 +25,16 @@ megatron_fixes.apply()  # Megatron-Bridge imports need the TE import guard when 
 
 from megatron.bridge.models.model_provider import ModelProviderMixin  # noqa: E402
 from megatron.bridge.models.transformer_config import TransformerConfig  # noqa: E402
+from megatron.bridge.utils.instantiate_utils import register_allowed_target_prefix  # noqa: E402
 from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size  # noqa: E402
 
 from evo2_recipe.compat.megatron_fixes import transformer_engine_available  # noqa: E402
 from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT  # noqa: E402
 from evo2_recipe.models.hyena.model import HyenaModel  # noqa: E402
 from evo2_recipe.models.hyena.specs import get_hyena_stack_spec  # noqa: E402
+
+# run_config.yaml names our classes in `_target_`; Bridge only instantiates allow-listed prefixes.
+register_allowed_target_prefix("evo2_recipe.")
 
 PATTERN_1B = "SDH*SDHSDH*SDHSDH*SDHSDH*"
 PATTERN_7B = "SDH*SDHSDH*SDHSDH*SDHSDH*SDHSDH*"

@@ -1,0 +1,118 @@
+"""Python API: load a checkpoint once, then score, embed and generate.
+
+    from evo2_recipe.inference.api import Evo2
+    evo = Evo2.from_checkpoint("results/evo2/checkpoints")          # single process; torchrun for TP/CP
+    evo.score(["ACGT..."], reduce="mean", average_reverse_complement=True)
+    evo.embed(["ACGT..."], layer=-2)
+    evo.generate(["ATGGTT"], n_tokens=100, temperature=1.0, top_k=4)
+
+Sequences are upper-cased before tokenization (the training data are upper-case inputs). With ``prepend_bos`` the
+EOD id (0, the document separator the model was trained with) is put in front of every sequence so the first base is
+scored too; the reference's ``--prepend-bos`` does the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evo2_recipe.data.fasta import IUPAC_ALPHABET, check_alphabet
+from evo2_recipe.data.preprocess import reverse_complement
+from evo2_recipe.inference import scoring
+from evo2_recipe.inference.generation import SamplingParams, generate
+from evo2_recipe.inference.loading import LoadedModel, load_for_inference
+
+
+class Evo2:
+    def __init__(self, loaded: LoadedModel, ckpt_dir: str, parallel: dict):
+        self._loaded = loaded
+        self.ckpt_dir = ckpt_dir
+        self._parallel = parallel
+        self._embed_models: dict[int, LoadedModel] = {}
+        self.tokenizer = loaded.tokenizer
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: str, *, tp: int = 1, cp: int = 1, sequence_parallel=None, bf16=None,
+                        seed: int = 1234, tokenizer_path: str | None = None) -> Evo2:
+        """Initialise (or reuse) the process group and load ``ckpt_dir``. CPU mode is used when no GPU is present."""
+        from evo2_recipe.compat import cpu as cpu_mode
+        from evo2_recipe.utils.distributed import init_distributed
+
+        cpu = cpu_mode.maybe_enable(None)
+        init_distributed(tp=tp, cp=cp, seed=seed, cpu=cpu)
+        parallel = dict(tp=tp, cp=cp, sequence_parallel=sequence_parallel, bf16=bf16, tokenizer_path=tokenizer_path)
+        return cls(load_for_inference(ckpt_dir, **parallel), ckpt_dir, parallel)
+
+    @property
+    def model(self):
+        return self._loaded.model
+
+    def tokenize(self, seqs: list[str], *, prepend_bos: bool = False) -> list[torch.Tensor]:
+        out = []
+        for i, s in enumerate(seqs):
+            if not s:
+                raise ValueError(f"sequence #{i} is empty")
+            s = s.upper()
+            check_alphabet(f"#{i}", s, IUPAC_ALPHABET)
+            ids = torch.from_numpy(self.tokenizer.tokenize_array(s))
+            out.append(torch.cat([torch.tensor([self.tokenizer.eod]), ids]) if prepend_bos else ids)
+        return out
+
+    def _multiple(self) -> int:
+        from megatron.core import parallel_state
+
+        cp = parallel_state.get_context_parallel_world_size()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        sp = getattr(self._loaded.provider, "sequence_parallel", False)
+        return (2 * cp if cp > 1 else 1) * (tp if sp else 1)
+
+    def logits(self, seqs: list[str], *, prepend_bos: bool = False, min_length: int | None = None):
+        """``(logits (B, L, V), tokens (B, L), mask (B, L))`` for a batch of sequences."""
+        ids = self.tokenize(seqs, prepend_bos=prepend_bos)
+        tokens, mask = scoring.pad_batch(ids, self.tokenizer.eod, min_length,
+                                         self._multiple())
+        if prepend_bos:
+            mask[:, 0] = 0
+        return scoring.forward_full(self.model, tokens), tokens, mask
+
+    def score(self, seqs: list[str], *, reduce: str = "mean", average_reverse_complement: bool = False,
+              prepend_bos: bool = False, batch_size: int = 8) -> list:
+        """Log-likelihood of each sequence: a float (``sum``/``mean``) or a per-position tensor (``per_token``)."""
+        results = []
+        for i in range(0, len(seqs), batch_size):
+            results += self._score_batch(seqs[i:i + batch_size], reduce, prepend_bos)
+        if average_reverse_complement:
+            if reduce == "per_token":
+                raise ValueError("average_reverse_complement needs reduce='sum' or 'mean'")
+            rc = self.score([reverse_complement(s.upper()) for s in seqs], reduce=reduce, prepend_bos=prepend_bos,
+                            batch_size=batch_size)
+            results = [(a + b) / 2 for a, b in zip(results, rc)]
+        return results
+
+    def _score_batch(self, seqs, reduce, prepend_bos):
+        logits, tokens, mask = self.logits(seqs, prepend_bos=prepend_bos)
+        per_token, scored = scoring.token_log_probs(logits, tokens, mask)
+        red = scoring.reduce_log_probs(per_token, scored, reduce)
+        if reduce == "per_token":
+            return [red[b, :int(scored[b].sum())].cpu() for b in range(len(seqs))]
+        return red.cpu().tolist()
+
+    def embed(self, seqs: list[str], *, layer: int = -1, prepend_bos: bool = False) -> list[torch.Tensor]:
+        """Output of layer ``layer`` (negative counts from the end; before the final norm): ``(L_i, H)`` each."""
+        if layer not in self._embed_models:
+            self._embed_models[layer] = load_for_inference(self.ckpt_dir, embedding_layer=layer, **self._parallel)
+        model = self._embed_models[layer].model
+        ids = self.tokenize(seqs, prepend_bos=prepend_bos)
+        tokens, mask = scoring.pad_batch(ids, self.tokenizer.eod, None, self._multiple())
+        hidden = scoring.forward_full(model, tokens, hidden=True)
+        return [hidden[b, :int(mask[b].sum())].cpu() for b in range(len(seqs))]
+
+    def generate(self, prompts: list[str], n_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 0.0, seed: int | None = None, max_seq_length: int | None = None) -> list[dict]:
+        """Sample continuations; each result has ``text``, ``tokens``, ``log_probs`` and ``finish_reason``."""
+        ids = [t.tolist() for t in self.tokenize(prompts)]
+        params = SamplingParams(max_new_tokens=n_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        out = generate(self.model, ids, params, eod_id=self.tokenizer.eod, vocab_size=self.tokenizer.vocab_size,
+                       max_seq_length=max_seq_length)
+        for r in out:
+            r["text"] = self.tokenizer.detokenize(r["tokens"])
+        return out

@@ -1,0 +1,158 @@
+"""Load a trained Megatron-Bridge checkpoint for inference: provider from ``run_config.yaml``, strict weight loading.
+
+Unlike the reference (``dist_ckpt_strictness="ignore_all"``), every model tensor must be present in the checkpoint
+and every checkpoint tensor must be a model, optimizer or RNG entry; anything else is reported by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from evo2_recipe.checkpoint.dcp_utils import resolve_iteration_dir
+from evo2_recipe.data.tokenizer import NucleotideTokenizer, default_tokenizer_path
+
+logger = logging.getLogger(__name__)
+_NON_MODEL_PREFIXES = ("optimizer.", "opt_param_scheduler", "rng_state")
+_RUNTIME_MODEL_FIELDS = ("timers", "init_method", "output_layer_init_method", "embedding_init_method",
+                         "finalize_model_grads_func", "grad_scale_func", "no_sync_func", "grad_sync_func",
+                         "param_sync_func")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    provider: object
+    tokenizer: NucleotideTokenizer
+    iter_dir: Path
+    num_layers: int  # layers actually built (fewer when extracting embeddings)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The ``iter_*`` folder to read (a folder with run_config.yaml, a training root, or a checkpoints folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"--ckpt-dir must be a directory, got the file {path}")
+    if (path / "checkpoints").is_dir() and not any(path.glob("iter_*")):
+        path = path / "checkpoints"
+    iter_dir = resolve_iteration_dir(path)
+    if not (iter_dir / "run_config.yaml").is_file():
+        raise CheckpointError(f"{iter_dir} has no run_config.yaml; is it a Megatron-Bridge training checkpoint?")
+    return iter_dir
+
+
+def _provider_from_run_config(iter_dir: Path):
+    import evo2_recipe.models.providers  # noqa: F401  (registers the evo2_recipe. target prefix)
+    from megatron.bridge.utils.instantiate_utils import instantiate
+
+    run_config = yaml.safe_load((iter_dir / "run_config.yaml").read_text())
+    model_cfg = run_config.get("model")
+    if not model_cfg or "_target_" not in model_cfg:
+        raise CheckpointError(f"{iter_dir}/run_config.yaml has no model section with a _target_")
+    # Runtime objects saved with the config (timers) and callables that finalize() rebuilds are not re-created.
+    for key in _RUNTIME_MODEL_FIELDS:
+        model_cfg.pop(key, None)
+    return instantiate(model_cfg), run_config
+
+
+def _checkpoint_tokenizer(iter_dir: Path, vocab_rows: int | None) -> NucleotideTokenizer:
+    tok_dir = iter_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        tok = NucleotideTokenizer(tok_dir)
+    else:
+        tok = NucleotideTokenizer(default_tokenizer_path(512 if vocab_rows == 512 else 256))
+    return tok
+
+
+def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: int = 1, sequence_parallel=None,
+                       bf16: bool | None = None, embedding_layer: int | None = None,
+                       tokenizer_path: str | Path | None = None) -> LoadedModel:
+    """Build the model of ``ckpt_dir`` for the current parallel layout and load its weights strictly.
+
+    Call after :func:`evo2_recipe.utils.distributed.init_distributed`. ``embedding_layer`` (negative allowed) builds
+    only the first layers and no head, so the model returns that layer's output (before the final norm).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from evo2_recipe.checkpoint.dcp_utils import tensor_keys
+
+    iter_dir = find_checkpoint(ckpt_dir)
+    provider, _ = _provider_from_run_config(iter_dir)
+    ckpt_keys = tensor_keys(iter_dir)
+    emb = ckpt_keys.get("embedding.word_embeddings.weight")
+    vocab_rows = emb.size[0] if emb is not None else None
+    tokenizer = NucleotideTokenizer(tokenizer_path) if tokenizer_path else _checkpoint_tokenizer(iter_dir, vocab_rows)
+    if vocab_rows is not None and vocab_rows < tokenizer.vocab_size:
+        raise CheckpointError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the checkpoint's "
+                              f"embedding has {vocab_rows} rows; use the matching tokenizer "
+                              f"(nucleotide_fast_tokenizer_{vocab_rows})")
+    provider.vocab_size = vocab_rows or tokenizer.vocab_size
+    provider.should_pad_vocab = False
+    n = provider.num_layers
+    post_process = True
+    if embedding_layer is not None:
+        target = n + embedding_layer + 1 if embedding_layer < 0 else embedding_layer + 1
+        if not 1 <= target <= n:
+            raise ValueError(f"Invalid embedding_layer={embedding_layer} for model with {n} layers. "
+                             f"Valid range: -{n} to {n - 1}.")
+        provider.num_layers = target
+        provider.hybrid_override_pattern = provider.hybrid_override_pattern[:target]
+        post_process = False
+        logger.info("Embedding extraction mode: extracting from layer %d (using %d of %d layers, post_process=False)",
+                    embedding_layer, target, n)
+    provider.tensor_model_parallel_size, provider.context_parallel_size = tp, cp
+    provider.pipeline_model_parallel_size = pp
+    provider.sequence_parallel = (tp > 1) if sequence_parallel is None else sequence_parallel
+    provider.recompute_granularity = provider.recompute_method = provider.recompute_num_layers = None
+    if bf16 is not None:
+        provider.bf16 = bf16
+        provider.params_dtype = torch.bfloat16 if bf16 else torch.float32
+    if not torch.cuda.is_available():
+        provider.params_dtype, provider.bf16 = torch.float32, False
+    provider.finalize()
+    from megatron.core import parallel_state
+
+    model = provider.provide(post_process=post_process and parallel_state.is_pipeline_last_stage())
+    if torch.cuda.is_available():
+        model = model.cuda()
+    sharded = model.sharded_state_dict()
+    model_keys = {t.key for t in nested_values(sharded) if isinstance(t, (ShardedTensor, ShardedTensorFactory))}
+    missing = sorted(model_keys - set(ckpt_keys))
+    if missing:
+        raise CheckpointError(f"{iter_dir} lacks {len(missing)} model tensor(s) for this model: {missing[:10]}")
+    stray = sorted(k for k in set(ckpt_keys) - model_keys if not k.startswith(_NON_MODEL_PREFIXES)
+                   and not (embedding_layer is not None and _is_dropped_layer_key(k, provider.num_layers)))
+    if stray:
+        raise CheckpointError(f"{iter_dir} has {len(stray)} tensor(s) this model does not use: {stray[:10]}")
+    state = dist_checkpointing.load(sharded, str(iter_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    own = model.state_dict().keys()  # drop the checkpoint's common (non-model) entries merged in by load()
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    if provider.bf16 and torch.cuda.is_available():
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(provider, model)  # bf16 weights, fp32 outputs
+    model.eval()
+    logger.info("Model initialized with %d layers", provider.num_layers)
+    return LoadedModel(model, provider, tokenizer, iter_dir, provider.num_layers)
+
+
+def _is_dropped_layer_key(key: str, kept_layers: int) -> bool:
+    if key.startswith(("decoder.final_norm", "output_layer")):
+        return True
+    if key.startswith("decoder.layers."):
+        return int(key.split(".")[2]) >= kept_layers
+    return False

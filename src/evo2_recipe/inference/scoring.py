@@ -1,0 +1,94 @@
+"""Batched scoring under TP/CP: logits, log-probabilities and layer embeddings for token sequences.
+
+Batches are right-padded to a common length; with context parallelism the length is also padded up to a multiple of
+``2*CP`` (the reference errors instead), split zigzag across CP ranks, and gathered back in natural order. The model
+is causal, so right padding never changes the values at real positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+
+from evo2_recipe.models.hyena.context_parallel import zigzag_split
+
+
+def pad_batch(seqs: list[torch.Tensor], pad_id: int, min_length: int | None = None, multiple: int = 1):
+    """Right-pad 1-D token tensors into ``(B, L)`` tokens and a 0/1 mask of real positions."""
+    L = max(max(len(s) for s in seqs), min_length or 0)
+    L = -(-L // multiple) * multiple
+    tokens = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return tokens, mask
+
+
+def _unzigzag(local: torch.Tensor, dim: int, full_len: int) -> torch.Tensor:
+    """All-gather zigzag shards along ``dim`` over CP and restore natural order."""
+    cp = parallel_state.get_context_parallel_world_size()
+    group = parallel_state.get_context_parallel_group()
+    pieces = [torch.empty_like(local) for _ in range(cp)]
+    torch.distributed.all_gather(pieces, local.contiguous(), group=group)
+    shape = list(local.shape)
+    shape[dim] = full_len
+    out = local.new_empty(shape)
+    for r, piece in enumerate(pieces):
+        idx = zigzag_split(torch.arange(full_len, device=local.device), 0, r, cp)
+        out.index_copy_(dim, idx, piece)
+    return out
+
+
+@torch.no_grad()
+def forward_full(model, tokens: torch.Tensor, *, hidden: bool = False) -> torch.Tensor:
+    """Run ``model`` on ``(B, L)`` tokens under the current TP/CP layout; return full-sequence outputs on every rank.
+
+    Logits come back ``(B, L, V)`` (gathered over the TP vocabulary shards); with ``hidden=True`` (a model built
+    without a head) the layer output comes back ``(B, L, H)``, gathered over sequence-parallel and CP shards.
+    """
+    cp = parallel_state.get_context_parallel_world_size()
+    B, L = tokens.shape
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    positions = torch.arange(L, device=device).expand(B, -1)
+    if cp > 1:
+        rank = parallel_state.get_context_parallel_rank()
+        tokens, positions = zigzag_split(tokens, 1, rank, cp), zigzag_split(positions, 1, rank, cp)
+    out = model(tokens, positions).float()
+    if hidden:  # (L_local[/TP under SP], B, H)
+        if getattr(_config(model), "sequence_parallel", False):
+            out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+        out = out.transpose(0, 1)  # (B, L_local, H)
+    else:
+        out = tensor_parallel.gather_from_tensor_model_parallel_region(out)  # (B, L_local, V)
+    if cp > 1:
+        out = _unzigzag(out, 1, L)
+    return out
+
+
+def _config(model):
+    from megatron.core.utils import get_model_config
+
+    return get_model_config(model)
+
+
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Log-probability of each next token ``(B, L-1)`` and the mask of scored positions ``(B, L-1)``."""
+    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = tokens[:, 1:].to(lp.device)
+    per_token = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    scored = mask[:, 1:].to(lp.device).bool()
+    return per_token * scored, scored
+
+
+def reduce_log_probs(per_token: torch.Tensor, scored: torch.Tensor, reduce: str):
+    if reduce == "per_token":
+        return per_token
+    total = per_token.sum(-1)
+    if reduce == "sum":
+        return total
+    if reduce == "mean":
+        return total / scored.sum(-1).clamp(min=1)
+    raise ValueError(f"reduce must be 'sum', 'mean' or 'per_token', got {reduce!r}")
