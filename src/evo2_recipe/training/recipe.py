@@ -122,7 +122,9 @@ class TrainSettings:
     overlap_grad_reduce: bool = False
     align_param_gather: bool = False
     check_for_nan_in_grad: bool = True
-    use_distributed_optimizer: bool = True
+    # None: on when Transformer Engine or Apex is installed. Without them megatron-core 0.19's distributed optimizer
+    # (torch Adam path) does not restore Adam moments on resume, so the plain optimizer is used (same math at DP=1).
+    use_distributed_optimizer: bool | None = None
     eod_pad_in_loss_mask: bool = False
     renormalize_loss: bool = True
     cross_entropy_loss_fusion: bool = False
@@ -216,10 +218,15 @@ def build_config(s: TrainSettings) -> ConfigContainer:
     if s.finetune_ckpt_dir:
         checkpoint.finetune = True
         checkpoint.pretrained_checkpoint = validate_finetune_dir(s.finetune_ckpt_dir)
+    use_dist_opt = s.use_distributed_optimizer
+    if use_dist_opt is None:
+        from megatron.core.optimizer import distrib_optimizer
+
+        use_dist_opt = bool(getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False))
     optimizer = OptimizerConfig(
         optimizer="adam", lr=s.lr, min_lr=s.min_lr, weight_decay=s.wd, adam_beta1=s.adam_beta1,
         adam_beta2=s.adam_beta2, adam_eps=s.adam_eps, clip_grad=s.clip_grad,
-        use_distributed_optimizer=s.use_distributed_optimizer,
+        use_distributed_optimizer=use_dist_opt,
         use_precision_aware_optimizer=s.use_precision_aware_optimizer,
         main_grads_dtype=torch.bfloat16 if s.bf16_main_grads else torch.float32,
         log_num_zeros_in_grad=s.log_num_zeros_in_grad,
@@ -239,7 +246,7 @@ def build_config(s: TrainSettings) -> ConfigContainer:
     ddp = DistributedDataParallelConfig(
         check_for_nan_in_grad=s.check_for_nan_in_grad, grad_reduce_in_fp32=s.grad_reduce_in_fp32,
         overlap_grad_reduce=s.overlap_grad_reduce or bool(overlap), overlap_param_gather=bool(overlap),
-        align_param_gather=s.align_param_gather, use_distributed_optimizer=s.use_distributed_optimizer,
+        align_param_gather=s.align_param_gather, use_distributed_optimizer=use_dist_opt,
         average_in_collective=s.average_in_collective,
     )
     tokenizer_path = s.hf_tokenizer_model_path or str(default_tokenizer_path(256))
