@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.overrides:
         cfg = process_config_with_overrides(cfg, cli_overrides=args.overrides)
     logger.info("model size %s, run directory %s", settings.model_size, settings.run_dir)
-    pretrain(cfg, hyena_forward_step)
+    from evo2_recipe.training.metrics import ThroughputCallback
+
+    pretrain(cfg, hyena_forward_step, callbacks=[ThroughputCallback()])
     if not settings.ckpt_async_save:
         import torch.distributed as dist
 

@@ -1,0 +1,60 @@
+"""Scoring and decoding throughput of a trained checkpoint (random-init training checkpoints are fine).
+
+    python benchmarks/bench_inference.py --ckpt-dir results/evo2/checkpoints --seq-length 8192 --score-batch 4 \\
+        --decode-batches 1 32 --decode-tokens 128
+
+Scoring: forward passes over random DNA of ``--seq-length`` (log-probs computed), tokens/s. Decoding: greedy cached
+generation from a 512-base prompt, generated tokens/s (all sequences of the batch counted).
+"""
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt-dir", required=True)
+    ap.add_argument("--seq-length", type=int, default=8192)
+    ap.add_argument("--score-batch", type=int, default=4)
+    ap.add_argument("--score-iters", type=int, default=5)
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--prompt-length", type=int, default=512)
+    args = ap.parse_args()
+
+    from evo2_recipe.inference.api import Evo2
+
+    evo = Evo2.from_checkpoint(args.ckpt_dir)
+    g = torch.Generator().manual_seed(0)
+
+    def dna(n, length):
+        return ["".join("ACGT"[i] for i in torch.randint(0, 4, (length,), generator=g).tolist()) for _ in range(n)]
+
+    seqs = dna(args.score_batch, args.seq_length)
+    evo.score(seqs, reduce="sum", batch_size=args.score_batch)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.score_iters):
+        evo.score(seqs, reduce="sum", batch_size=args.score_batch)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.score_iters
+    print(f"device={torch.cuda.get_device_name()} scoring seq={args.seq_length} batch={args.score_batch}: "
+          f"{args.score_batch * args.seq_length / dt:.0f} tokens/s ({dt:.3f} s/batch) "
+          f"peak_mem_gib={torch.cuda.max_memory_allocated() / 2**30:.2f}")
+    for b in args.decode_batches:
+        prompts = dna(b, args.prompt_length)
+        evo.generate(prompts, 4, top_k=1)  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = evo.generate(prompts, args.decode_tokens, top_k=1)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        n = sum(len(r["tokens"]) for r in out)
+        print(f"decode batch={b} prompt={args.prompt_length} new={args.decode_tokens}: {n / dt:.1f} generated "
+              f"tokens/s total, {n / dt / b:.1f} per sequence ({dt:.2f} s incl. prefill)")
+
+
+if __name__ == "__main__":
+    main()
