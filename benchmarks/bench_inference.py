@@ -48,7 +48,7 @@ def main() -> None:
         evo.generate(prompts, 4, top_k=1)  # warm-up
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = evo.generate(prompts, args.decode_tokens, top_k=1)
+        out = evo.generate(prompts, args.decode_tokens, top_k=1, stop_at_eod=False)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         n = sum(len(r["tokens"]) for r in out)

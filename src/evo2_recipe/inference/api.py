@@ -107,10 +107,12 @@ class Evo2:
         return [hidden[b, :int(mask[b].sum())].cpu() for b in range(len(seqs))]
 
     def generate(self, prompts: list[str], n_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 0.0, seed: int | None = None, max_seq_length: int | None = None) -> list[dict]:
+                 top_p: float = 0.0, seed: int | None = None, max_seq_length: int | None = None,
+                 stop_at_eod: bool = True) -> list[dict]:
         """Sample continuations; each result has ``text``, ``tokens``, ``log_probs`` and ``finish_reason``."""
         ids = [t.tolist() for t in self.tokenize(prompts)]
-        params = SamplingParams(max_new_tokens=n_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        params = SamplingParams(max_new_tokens=n_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                stop_at_eod=stop_at_eod)
         out = generate(self.model, ids, params, eod_id=self.tokenizer.eod, vocab_size=self.tokenizer.vocab_size,
                        max_seq_length=max_seq_length)
         for r in out:
