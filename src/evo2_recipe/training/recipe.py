@@ -235,9 +235,10 @@ def build_config(s: TrainSettings) -> ConfigContainer:
     mixed_precision = None
     if s.mixed_precision_recipe is not None:
         mixed_precision = get_mixed_precision_config(s.mixed_precision_recipe)
-        mixed_precision.fp8_wgrad = s.fp8_wgrad
-        mixed_precision.fp8_param_gather = s.fp8_param_gather
-        mixed_precision.fp8_param = s.fp8_param_gather
+        if mixed_precision.fp8:  # FP8 knobs only mean something in an FP8 recipe
+            mixed_precision.fp8_wgrad = s.fp8_wgrad
+            mixed_precision.fp8_param_gather = s.fp8_param_gather
+            mixed_precision.fp8_param = s.fp8_param_gather
         mixed_precision.grad_reduce_in_fp32 = s.grad_reduce_in_fp32
         if mixed_precision.fp8 and not model.use_te and model.use_te is not None:
             raise ValueError(f"--mixed-precision-recipe {s.mixed_precision_recipe} needs Transformer Engine")

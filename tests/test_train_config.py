@@ -1,0 +1,46 @@
+"""ConfigContainer construction for GPU-style settings (built and finalized on CPU, no training)."""
+
+import pytest
+import torch
+
+from evo2_recipe.training.recipe import TrainSettings, build_config
+
+
+def test_bf16_recipe_config_validates():
+    cfg = build_config(TrainSettings(model_size="evo2_1b_base", mock_data=True, mixed_precision_recipe="bf16_mixed",
+                                     max_steps=20, warmup_steps=2, constant_steps=0))
+    cfg.mixed_precision.finalize()
+    assert cfg.mixed_precision.bf16 and not cfg.mixed_precision.fp8 and not cfg.mixed_precision.fp8_param
+    assert cfg.model.seq_length == 8192 and cfg.scheduler.lr_decay_iters == 18
+    assert cfg.model.recompute_granularity == "full" and cfg.model.recompute_num_layers == 5
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="exactly one data source"):
+        build_config(TrainSettings(mock_data=False))
+    with pytest.raises(ValueError, match="divisible by 2\\*context-parallel-size"):
+        build_config(TrainSettings(mock_data=True, seq_length=100, context_parallel_size=4))
+    cfg = build_config(TrainSettings(mock_data=True, mixed_precision_recipe=None, spike_no_more_embedding_init=True,
+                                     activation_checkpointing="selective"))
+    assert cfg.model.params_dtype == torch.float32 and not cfg.model.share_embeddings_and_output_weights
+    assert cfg.model.recompute_granularity == "selective"
+
+
+def test_weight_decay_groups():
+    """Biases, modal-filter params, hcs filters and every 1-D parameter get no weight decay (spec 2.6)."""
+    from megatron.core.optimizer.optimizer_config import ParamKey
+
+    from evo2_recipe.training.recipe import HyenaOptimizerConfigOverrideProvider
+
+    class Ctx:
+        optimizer_config = type("O", (), {"decoupled_lr": None})()
+
+    (key,) = HyenaOptimizerConfigOverrideProvider().build_config_overrides(Ctx()).keys()
+    p2 = torch.nn.Parameter(torch.zeros(4, 3))
+    p1 = torch.nn.Parameter(torch.zeros(4))
+    assert key.matches(p2, "decoder.layers.2.mixer.mixer.filter.R")
+    assert key.matches(p2, "decoder.layers.0.mixer.mixer.short_conv.short_conv_weight")
+    assert key.matches(p1, "decoder.final_norm.weight")
+    assert not key.matches(p2, "decoder.layers.1.mixer.mixer.filter.h")  # medium filter is decayed (reference)
+    assert not key.matches(p2, "decoder.layers.0.mixer.dense_projection.weight")
+    assert isinstance(key, ParamKey)
