@@ -1,0 +1,18 @@
+"""evo2_fasta_to_jsonl writes exactly the prompt-file format infer_evo2 reads."""
+
+import json
+
+from evo2_recipe.cli.fasta_to_jsonl import main
+
+
+def test_fasta_to_jsonl(tmp_path, capsys):
+    fa = tmp_path / "x.fa"
+    fa.write_text(">r1 some description\nacgt\nAC\n>r2\nGGTT\n")
+    out = tmp_path / "sub" / "x.jsonl"
+    assert main([str(fa), str(out), "--upper"]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"id": "r1", "prompt": "ACGTAC"}, {"id": "r2", "prompt": "GGTT"}]
+    assert "Wrote 2 record(s)" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing.fa"), str(tmp_path / "y.jsonl")]) == 1
+    assert "FASTA file not found" in capsys.readouterr().err
+    assert not (tmp_path / "y.jsonl").exists() and not (tmp_path / "y.jsonl.tmp").exists()
