@@ -1,0 +1,151 @@
+"""Megatron-Bridge <-> Vortex (Arc's inference format, a flat ``torch.save`` dict) - spec section 5.6.
+
+Key map (``i`` = layer, pattern letter S/D/H/*):
+
+    embedding.word_embeddings.weight              -> embedding_layer.weight (+ copy as unembed.weight)
+    decoder.final_norm.weight                     -> norm.scale
+    ...mlp.linear_fc1.layer_norm_weight           -> blocks.i.post_norm.scale
+    ...mlp.linear_fc1.weight [2F,H]               -> blocks.i.mlp.l1.weight [:F], blocks.i.mlp.l2.weight [F:]
+    ...mlp.linear_fc2.weight                      -> blocks.i.mlp.l3.weight
+    S/D/H ...mixer.dense_projection.layer_norm_weight -> blocks.i.pre_norm.scale
+    S/D/H ...mixer.dense_projection.weight        -> blocks.i.projections.weight      (same interleaved layout)
+    S/D/H ...mixer.hyena_proj_conv.short_conv_weight [3H,3] -> blocks.i.filter.short_filter_weight [3H,1,3]
+    S/D/H ...mixer.dense.weight / .bias           -> blocks.i.out_filter_dense.weight / .bias
+    S ...mixer.mixer.short_conv.short_conv_weight -> blocks.i.filter.h                  (NV conv_bias is dropped)
+    D ...mixer.mixer.filter.h * filter.decay      -> blocks.i.filter.h [G,1,128] fp32
+    D/H ...mixer.mixer.conv_bias                  -> blocks.i.filter.D
+    H -exp(filter.p)*exp(filter.gamma)            -> blocks.i.filter.log_poles [G,16,1] fp32
+    H ...mixer.mixer.filter.R                     -> blocks.i.filter.residues fp32
+    * ...self_attention.linear_qkv.layer_norm_weight -> blocks.i.pre_norm.scale
+    * ...self_attention.linear_qkv.weight         -> blocks.i.inner_mha_cls.Wqkv.weight  (per-head layout kept)
+    * ...self_attention.linear_proj.weight / .bias -> blocks.i.inner_mha_cls.out_proj.weight / .bias
+    * (computed)                                  -> blocks.i.inner_mha_cls.rotary_emb.inv_freq
+
+The import direction (users ask for it; the reference has none) recovers what Vortex keeps: ``p`` and ``gamma`` are
+not separable, so ``p = log(-log_poles)`` with a tiny ``gamma`` chosen so that re-exporting gives bit-identical
+``log_poles``; the
+medium filter comes back as ``h = h*decay`` with ``decay = 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT
+
+L = "decoder.layers"
+
+
+def export_to_vortex(t: dict[str, torch.Tensor], pattern: str, *, rotary_base: float, num_heads: int,
+                     ffn_hidden_size: int) -> dict[str, torch.Tensor]:
+    out = {"embedding_layer.weight": t["embedding.word_embeddings.weight"],
+           "unembed.weight": t.get("output_layer.weight", t["embedding.word_embeddings.weight"]).clone(),
+           "norm.scale": t["decoder.final_norm.weight"]}
+    H = t["embedding.word_embeddings.weight"].shape[1]
+    F = ffn_hidden_size
+    for i, kind in enumerate(pattern):
+        m, b = f"{L}.{i}.", f"blocks.{i}."
+        fc1 = t[m + "mlp.linear_fc1.weight"]
+        out[b + "post_norm.scale"] = t[m + "mlp.linear_fc1.layer_norm_weight"]
+        out[b + "mlp.l1.weight"], out[b + "mlp.l2.weight"] = fc1[:F].clone(), fc1[F:].clone()
+        out[b + "mlp.l3.weight"] = t[m + "mlp.linear_fc2.weight"]
+        if kind == ATTENTION:
+            a = m + "self_attention."
+            out[b + "pre_norm.scale"] = t[a + "linear_qkv.layer_norm_weight"]
+            out[b + "inner_mha_cls.Wqkv.weight"] = t[a + "linear_qkv.weight"]
+            out[b + "inner_mha_cls.out_proj.weight"] = t[a + "linear_proj.weight"]
+            if a + "linear_proj.bias" in t:
+                out[b + "inner_mha_cls.out_proj.bias"] = t[a + "linear_proj.bias"]
+            hd = H // num_heads
+            out[b + "inner_mha_cls.rotary_emb.inv_freq"] = 1.0 / (
+                rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            continue
+        x = m + "mixer."
+        out[b + "pre_norm.scale"] = t[x + "dense_projection.layer_norm_weight"]
+        out[b + "projections.weight"] = t[x + "dense_projection.weight"]
+        conv = t[x + "hyena_proj_conv.short_conv_weight"]
+        out[b + "filter.short_filter_weight"] = conv[:, None] if conv.dim() == 2 else conv
+        out[b + "out_filter_dense.weight"] = t[x + "dense.weight"]
+        out[b + "out_filter_dense.bias"] = t[x + "dense.bias"]
+        if kind == HYENA_SHORT:
+            out[b + "filter.h"] = t[x + "mixer.short_conv.short_conv_weight"]
+        elif kind == HYENA_MEDIUM:
+            h, decay = t[x + "mixer.filter.h"].float(), t[x + "mixer.filter.decay"].float()
+            k = min(128, h.shape[1])
+            out[b + "filter.h"] = (h[:, :k] * decay[:, :k]).unsqueeze(1)
+            out[b + "filter.D"] = t[x + "mixer.conv_bias"]
+        elif kind == HYENA_LONG:
+            p, gamma = t[x + "mixer.filter.p"].float(), t[x + "mixer.filter.gamma"].float()
+            out[b + "filter.log_poles"] = (-torch.exp(p) * torch.exp(gamma))[..., None]
+            out[b + "filter.residues"] = t[x + "mixer.filter.R"].float()
+            out[b + "filter.D"] = t[x + "mixer.conv_bias"]
+    return out
+
+
+def _p_gamma_for_log_poles(log_poles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, gamma)`` with ``-exp(p) * exp(gamma) == log_poles`` bit-exactly in fp32 where possible.
+
+    ``p = log(-log_poles)``; ``gamma`` is a tiny correction (``exp(gamma)`` one of the floats next to 1) that absorbs
+    the rounding of ``exp(p)``, so re-exporting reproduces the Vortex tensor exactly.
+    """
+    target = log_poles.float()
+    if target.is_meta:  # shape-only use (key/shape checks)
+        return torch.empty_like(target), torch.empty_like(target)
+    if (target >= 0).any():
+        raise ValueError("Vortex log_poles must be negative")
+    p0 = torch.log(-target)
+    p, gamma = p0.clone(), torch.zeros_like(p0)
+    found = -torch.exp(p0) == target
+    ks = [0] + [k for j in range(1, 9) for k in (j, -j)]
+    gammas = [torch.log(torch.tensor(1.0 + k * (2.0**-23 if k > 0 else 2.0**-24), dtype=torch.float32)) for k in ks]
+    up, down = torch.full_like(p0, float("inf")), torch.full_like(p0, -float("inf"))
+    candidates_p = [p0, torch.nextafter(p0, up), torch.nextafter(p0, down)]
+    for pc in candidates_p:
+        e = torch.exp(pc)
+        for g in gammas:
+            hit = (~found) & (-e * torch.exp(g) == target)
+            p, gamma = torch.where(hit, pc, p), torch.where(hit, g, gamma)
+            found |= hit
+        if found.all():
+            break
+    return p, gamma
+
+
+def import_from_vortex(v: dict[str, torch.Tensor], pattern: str, *, ffn_hidden_size: int,
+                       tied: bool = True) -> dict[str, torch.Tensor]:
+    out = {"embedding.word_embeddings.weight": v["embedding_layer.weight"],
+           "decoder.final_norm.weight": v["norm.scale"]}
+    if not tied:
+        out["output_layer.weight"] = v["unembed.weight"]
+    for i, kind in enumerate(pattern):
+        m, b = f"{L}.{i}.", f"blocks.{i}."
+        out[m + "mlp.linear_fc1.layer_norm_weight"] = v[b + "post_norm.scale"]
+        out[m + "mlp.linear_fc1.weight"] = torch.cat([v[b + "mlp.l1.weight"], v[b + "mlp.l2.weight"]], dim=0)
+        out[m + "mlp.linear_fc2.weight"] = v[b + "mlp.l3.weight"]
+        if kind == ATTENTION:
+            a = m + "self_attention."
+            out[a + "linear_qkv.layer_norm_weight"] = v[b + "pre_norm.scale"]
+            out[a + "linear_qkv.weight"] = v[b + "inner_mha_cls.Wqkv.weight"]
+            out[a + "linear_proj.weight"] = v[b + "inner_mha_cls.out_proj.weight"]
+            if b + "inner_mha_cls.out_proj.bias" in v:
+                out[a + "linear_proj.bias"] = v[b + "inner_mha_cls.out_proj.bias"]
+            continue
+        x = m + "mixer."
+        out[x + "dense_projection.layer_norm_weight"] = v[b + "pre_norm.scale"]
+        out[x + "dense_projection.weight"] = v[b + "projections.weight"]
+        out[x + "hyena_proj_conv.short_conv_weight"] = v[b + "filter.short_filter_weight"][:, 0]
+        out[x + "dense.weight"] = v[b + "out_filter_dense.weight"]
+        out[x + "dense.bias"] = v[b + "out_filter_dense.bias"]
+        if kind == HYENA_SHORT:
+            out[x + "mixer.short_conv.short_conv_weight"] = v[b + "filter.h"]
+        elif kind == HYENA_MEDIUM:
+            h = v[b + "filter.h"][:, 0].float()
+            out[x + "mixer.filter.h"] = h
+            out[x + "mixer.filter.decay"] = torch.ones_like(h)
+            out[x + "mixer.conv_bias"] = v[b + "filter.D"]
+        elif kind == HYENA_LONG:
+            lp = v[b + "filter.log_poles"][..., 0]
+            out[x + "mixer.filter.p"], out[x + "mixer.filter.gamma"] = _p_gamma_for_log_poles(lp)
+            out[x + "mixer.filter.R"] = v[b + "filter.residues"].float()
+            out[x + "mixer.conv_bias"] = v[b + "filter.D"]
+    return out

@@ -1,0 +1,129 @@
+"""Checkpoint converters (thin wrappers): Savanna/NeMo2/Vortex -> Megatron-Bridge and Megatron-Bridge -> Vortex.
+
+    evo2_convert_savanna_to_mbridge --savanna-ckpt-path savanna_evo2_1b_base.pt --model-size evo2_1b_base --output-dir mb
+    evo2_convert_nemo2_to_mbridge --nemo2-ckpt-dir nemo2_1b --model-size evo2_1b_base --output-dir mb
+    evo2_export_mbridge_to_vortex --mbridge-ckpt-dir mb --model-size evo2_1b_base --output-path evo2_1b.pt
+    evo2_convert_vortex_to_mbridge --vortex-ckpt-path evo2_1b.pt --model-size evo2_1b_base --output-dir mb2
+
+Every converter checks that the result covers the model exactly (names and shapes) and writes to a temporary path
+that is renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from evo2_recipe.cli.common import setup_logging
+
+
+def _parser(prog: str, src_flag: str, src_help: str, out_flag: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument(src_flag, required=True, help=src_help)
+    p.add_argument("--model-size", required=True)
+    p.add_argument(out_flag, required=True)
+    p.add_argument("--params-dtype", choices=["bf16", "fp32"], default="bf16")
+    return p
+
+
+def _run(p, fn) -> int:
+    setup_logging()
+    try:
+        fn()
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    return 0
+
+
+def _provider(model_size: str):
+    from evo2_recipe.models.providers import get_provider
+
+    return get_provider(model_size)
+
+
+def savanna_main(argv=None) -> int:
+    p = _parser("evo2_convert_savanna_to_mbridge", "--savanna-ckpt-path", "local .pt (or .pt.partN shards)",
+                "--output-dir")
+    a = p.parse_args(argv)
+
+    def go():
+        from evo2_recipe.checkpoint.mbridge import write_model_checkpoint
+        from evo2_recipe.checkpoint.savanna import load_savanna_state, savanna_to_mbridge
+
+        prov = _provider(a.model_size)
+        tensors = savanna_to_mbridge(load_savanna_state(a.savanna_ckpt_path), prov.hybrid_override_pattern)
+        write_model_checkpoint(tensors, a.output_dir, model_size=a.model_size,
+                               params_dtype=torch.bfloat16 if a.params_dtype == "bf16" else torch.float32)
+    return _run(p, go)
+
+
+def nemo2_main(argv=None) -> int:
+    p = _parser("evo2_convert_nemo2_to_mbridge", "--nemo2-ckpt-dir", "NeMo2 checkpoint (context/, weights/)",
+                "--output-dir")
+    a = p.parse_args(argv)
+
+    def go():
+        from evo2_recipe.checkpoint.mbridge import write_model_checkpoint
+        from evo2_recipe.checkpoint.nemo2 import read_nemo2_model_tensors
+
+        write_model_checkpoint(read_nemo2_model_tensors(a.nemo2_ckpt_dir), a.output_dir, model_size=a.model_size,
+                               params_dtype=torch.bfloat16 if a.params_dtype == "bf16" else torch.float32)
+    return _run(p, go)
+
+
+def export_vortex_main(argv=None) -> int:
+    p = _parser("evo2_export_mbridge_to_vortex", "--mbridge-ckpt-dir", "Megatron-Bridge checkpoint",
+                "--output-path")
+    a = p.parse_args(argv)
+
+    def go():
+        from evo2_recipe.checkpoint.mbridge import check_coverage, expected_shapes, read_model_tensors
+        from evo2_recipe.checkpoint.vortex import export_to_vortex
+
+        prov = _provider(a.model_size)
+        tensors, _ = read_model_tensors(a.mbridge_ckpt_dir)
+        vocab = tensors["embedding.word_embeddings.weight"].shape[0]
+        check_coverage(tensors, expected_shapes(a.model_size, vocab), f"{a.mbridge_ckpt_dir} as {a.model_size}")
+        vortex = export_to_vortex(tensors, prov.hybrid_override_pattern, rotary_base=prov.rotary_base,
+                                  num_heads=prov.num_attention_heads, ffn_hidden_size=prov.ffn_hidden_size)
+        out = Path(a.output_path)
+        if out.exists():
+            raise FileExistsError(f"{out} already exists")
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        torch.save(vortex, tmp)
+        meta = {k: getattr(prov, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                                              "seq_length", "hybrid_override_pattern", "num_groups_hyena")}
+        out.with_suffix(".json").write_text(json.dumps({**meta, "vocab_size": vocab}, indent=2))
+        tmp.replace(out)
+    return _run(p, go)
+
+
+def import_vortex_main(argv=None) -> int:
+    p = _parser("evo2_convert_vortex_to_mbridge", "--vortex-ckpt-path", "Vortex .pt", "--output-dir")
+    a = p.parse_args(argv)
+
+    def go():
+        from evo2_recipe.checkpoint.mbridge import write_model_checkpoint
+        from evo2_recipe.checkpoint.vortex import import_from_vortex
+
+        prov = _provider(a.model_size)
+        path = Path(a.vortex_ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Vortex checkpoint not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {path}: {e}") from e
+        tensors = import_from_vortex(state, prov.hybrid_override_pattern, ffn_hidden_size=prov.ffn_hidden_size,
+                                     tied=prov.share_embeddings_and_output_weights)
+        write_model_checkpoint(tensors, a.output_dir, model_size=a.model_size,
+                               params_dtype=torch.bfloat16 if a.params_dtype == "bf16" else torch.float32)
+    return _run(p, go)
+
+
+if __name__ == "__main__":
+    sys.exit(savanna_main())

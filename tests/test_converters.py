@@ -1,0 +1,119 @@
+"""Checkpoint converters: Savanna -> MBridge -> Vortex -> MBridge round trips, strictness, all 12 sizes' key sets."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evo2_recipe.checkpoint.mbridge import expected_shapes_many, read_model_tensors
+from evo2_recipe.checkpoint.savanna import mbridge_to_savanna, savanna_to_mbridge
+from evo2_recipe.checkpoint.vortex import export_to_vortex, import_from_vortex
+from evo2_recipe.models.providers import REFERENCE_SIZES, get_provider
+from evo2_recipe.utils.spawn import run_on_ranks
+from hyena_helpers import tiny_provider
+
+BIN = Path(sys.executable).parent
+
+
+def _tiny_weights(rank, world, name):
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(21)
+    model = tiny_provider(name).provide()
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def _cli(tool, *args):
+    return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
+def test_savanna_mbridge_vortex_mbridge_round_trip(tmp_path, name):
+    (orig,) = run_on_ranks(_tiny_weights, 1, name)
+    p = get_provider(name)
+    sav = mbridge_to_savanna(orig, p.hybrid_override_pattern, p.ffn_hidden_size)
+    for k in [k for k in sav if k.endswith(("filter.h", "filter.decay"))]:  # Savanna keeps seq_length taps
+        sav[k] = torch.cat([sav[k], torch.zeros(sav[k].shape[0], 64)], dim=1)
+    sav["sequential.4.mixer.mixer.filter.t"] = torch.arange(8.0)[None, None]  # ignored buffers
+    sav["sequential.5.mixer.rotary_emb.inv_freq"] = torch.ones(8)
+    torch.save({"module": sav, "dp_world_size": 1}, tmp_path / "sav.pt")
+    common = ["--model-size", name, "--params-dtype", "fp32"]
+    r = _cli("evo2_convert_savanna_to_mbridge", "--savanna-ckpt-path", str(tmp_path / "sav.pt"),
+             "--output-dir", str(tmp_path / "mb1"), *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mb1, _ = read_model_tensors(tmp_path / "mb1")
+    assert mb1.keys() == orig.keys()
+    for k in orig:
+        assert torch.equal(mb1[k], orig[k].float()), k  # bit-identical (fp32)
+    for src, out in (("mb1", "v1.pt"), ("mb2", "v2.pt")):
+        if src == "mb2":
+            r = _cli("evo2_convert_vortex_to_mbridge", "--vortex-ckpt-path", str(tmp_path / "v1.pt"),
+                     "--output-dir", str(tmp_path / "mb2"), *common)
+            if name.endswith("_nv"):  # Vortex has no hcs bias: an NV model cannot come back, and we say so
+                assert r.returncode == 2 and "mixer.mixer.conv_bias" in r.stderr
+                assert not (tmp_path / "mb2").exists()
+                return
+            assert r.returncode == 0, r.stderr[-2000:]
+        r = _cli("evo2_export_mbridge_to_vortex", "--mbridge-ckpt-dir", str(tmp_path / src),
+                 "--output-path", str(tmp_path / out), "--model-size", name)
+        assert r.returncode == 0, r.stderr[-2000:]
+    v1, v2 = (torch.load(tmp_path / f, weights_only=True) for f in ("v1.pt", "v2.pt"))
+    assert v1.keys() == v2.keys()
+    for k in v1:
+        assert torch.equal(v1[k], v2[k]), k  # MBridge -> Vortex -> MBridge -> Vortex is bit-identical
+    mb2, _ = read_model_tensors(tmp_path / "mb2")
+    for k in mb1:  # everything Vortex keeps comes back exactly
+        if not k.endswith(("filter.p", "filter.gamma", "filter.h", "filter.decay")):
+            assert torch.equal(mb2[k], mb1[k]), k
+
+
+def test_corrupt_and_mismatched_inputs_leave_nothing(tmp_path):
+    (orig,) = run_on_ranks(_tiny_weights, 1, "striped_hyena_tiny")
+    p = get_provider("striped_hyena_tiny")
+    sav = mbridge_to_savanna(orig, p.hybrid_override_pattern, p.ffn_hidden_size)
+    torch.save(sav, tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    r = _cli("evo2_convert_savanna_to_mbridge", "--savanna-ckpt-path", str(tmp_path / "trunc.pt"),
+             "--model-size", "striped_hyena_tiny", "--output-dir", str(tmp_path / "o1"))
+    assert r.returncode == 2 and "cannot read Savanna checkpoint" in r.stderr and not (tmp_path / "o1").exists()
+    del sav["sequential.3.mixer.mixer.filter.h"]
+    sav["sequential.9.unknown.weight"] = torch.zeros(2)
+    torch.save(sav, tmp_path / "bad.pt")
+    r = _cli("evo2_convert_savanna_to_mbridge", "--savanna-ckpt-path", str(tmp_path / "bad.pt"),
+             "--model-size", "striped_hyena_tiny", "--output-dir", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "sequential.3.mixer.mixer.filter.h" in r.stderr and not (tmp_path / "o2").exists()
+    r = _cli("evo2_convert_savanna_to_mbridge", "--savanna-ckpt-path", str(tmp_path / "ok.pt"),
+             "--model-size", "striped_hyena_tiny_nv", "--output-dir", str(tmp_path / "o3"))
+    assert r.returncode == 2 and "missing" in r.stderr and not (tmp_path / "o3").exists()  # NV needs hcs bias
+    r = _cli("evo2_convert_savanna_to_mbridge", "--savanna-ckpt-path", "arcinstitute/savanna_evo2_1b_base",
+             "--model-size", "evo2_1b_base", "--output-dir", str(tmp_path / "o4"))
+    assert r.returncode == 2 and "Hugging Face repo id" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "ok.pt", "trunc.pt"]
+
+
+def test_key_sets_of_all_sizes_in_every_format():
+    all_shapes = expected_shapes_many(REFERENCE_SIZES, 512)
+    for name in REFERENCE_SIZES:
+        p = get_provider(name)
+        shapes = all_shapes[name]
+        meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+        sav = mbridge_to_savanna(meta, p.hybrid_override_pattern, p.ffn_hidden_size)
+        back = savanna_to_mbridge(sav, p.hybrid_override_pattern)
+        assert back.keys() == meta.keys(), name
+        vx = export_to_vortex(meta, p.hybrid_override_pattern, rotary_base=p.rotary_base,
+                              num_heads=p.num_attention_heads, ffn_hidden_size=p.ffn_hidden_size)
+        assert import_from_vortex(vx, p.hybrid_override_pattern, ffn_hidden_size=p.ffn_hidden_size,
+                                  tied=p.share_embeddings_and_output_weights).keys() == meta.keys(), name
+        if name == "evo2_1b_base":  # spec table 5.6
+            assert tuple(vx["embedding_layer.weight"].shape) == (512, 1920)
+            assert tuple(vx["blocks.0.filter.h"].shape) == (128, 1, 7)
+            assert tuple(vx["blocks.1.filter.h"].shape) == (128, 1, 128)
+            assert tuple(vx["blocks.2.filter.log_poles"].shape) == (1920, 16, 1)
+            assert tuple(vx["blocks.3.inner_mha_cls.Wqkv.weight"].shape) == (5760, 1920)
+            assert tuple(vx["blocks.3.inner_mha_cls.rotary_emb.inv_freq"].shape) == (64,)
+            assert tuple(sav["sequential.2.mixer.hyena_proj_conv.short_conv_weight"].shape) == (5760, 3)
+            assert len(vx) == 3 + 25 * 5 + 21 * 4 + 7 * 1 + 7 * 2 + 7 * 3 + 4 * 4  # global, block, hyena, S, D, H, *
