@@ -106,8 +106,11 @@ def test_key_sets_of_all_sizes_in_every_format():
         assert back.keys() == meta.keys(), name
         vx = export_to_vortex(meta, p.hybrid_override_pattern, rotary_base=p.rotary_base,
                               num_heads=p.num_attention_heads, ffn_hidden_size=p.ffn_hidden_size)
-        assert import_from_vortex(vx, p.hybrid_override_pattern, ffn_hidden_size=p.ffn_hidden_size,
-                                  tied=p.share_embeddings_and_output_weights).keys() == meta.keys(), name
+        back = import_from_vortex(vx, p.hybrid_override_pattern, ffn_hidden_size=p.ffn_hidden_size,
+                                  tied=p.share_embeddings_and_output_weights)
+        hcs_bias = {f"decoder.layers.{i}.mixer.mixer.conv_bias" for i, c in enumerate(p.hybrid_override_pattern)
+                    if c == "S" and p.use_short_conv_bias}
+        assert set(meta) - set(back) == hcs_bias and set(back) <= set(meta), name  # Vortex drops NV hcs bias
         if name == "evo2_1b_base":  # spec table 5.6
             assert tuple(vx["embedding_layer.weight"].shape) == (512, 1920)
             assert tuple(vx["blocks.0.filter.h"].shape) == (128, 1, 7)
