@@ -103,7 +103,8 @@ def test_key_sets_of_all_sizes_in_every_format():
         meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
         sav = mbridge_to_savanna(meta, p.hybrid_override_pattern, p.ffn_hidden_size)
         back = savanna_to_mbridge(sav, p.hybrid_override_pattern)
-        assert back.keys() == meta.keys(), name
+        untied = set() if p.share_embeddings_and_output_weights else {"output_layer.weight"}  # no Savanna model
+        assert set(back) == set(meta) - untied, name
         vx = export_to_vortex(meta, p.hybrid_override_pattern, rotary_base=p.rotary_base,
                               num_heads=p.num_attention_heads, ffn_hidden_size=p.ffn_hidden_size)
         back = import_from_vortex(vx, p.hybrid_override_pattern, ffn_hidden_size=p.ffn_hidden_size,
