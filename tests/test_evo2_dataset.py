@@ -109,3 +109,24 @@ def test_fasta_bad_inputs(tmp_path):
         list(iter_fasta(tmp_path / "z.fa.gz"))
     with pytest.raises(FileNotFoundError, match="FASTA file not found"):
         list(iter_fasta(tmp_path / "missing.fa"))
+
+
+def test_reference_getitem_case():
+    """The reference's dataset test: labels ``a@t|d__t<EOD>#at`` with EOD/PAD masking on."""
+    from evo2_recipe.data.evo2_dataset import evo2_loss_mask
+
+    labels = torch.tensor([0 if c == "0" else ord(c) for c in "a@t|d__t0#at"])
+    base = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.float32)
+    mask = evo2_loss_mask(labels, base, eod_pad_in_loss_mask=True)
+    assert mask.tolist() == [1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1]
+    # without the flag the EOD label is predicted (the reference masks it either way)
+    assert evo2_loss_mask(labels, torch.ones(12), eod_pad_in_loss_mask=False)[8] == 1
+
+
+def test_preprocess_workers_give_identical_bytes(tmp_path):
+    kw = dict(datapaths=[PHAGE], output_prefix="w", embed_reverse_complement=True, seed=1)
+    one = preprocess(PreprocessConfig(output_dir=tmp_path / "a", workers=1, **kw), show_progress=False)
+    two = preprocess(PreprocessConfig(output_dir=tmp_path / "b", workers=2, chunksize=4, **kw), show_progress=False)
+    for split in one:
+        for ext in ("bin", "idx"):
+            assert Path(f"{one[split]}.{ext}").read_bytes() == Path(f"{two[split]}.{ext}").read_bytes()
