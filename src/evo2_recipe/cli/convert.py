@@ -39,6 +39,13 @@ def _run(p, fn) -> int:
     return 0
 
 
+def _write(tensors, a) -> None:
+    from evo2_recipe.checkpoint.mbridge import write_model_checkpoint
+
+    write_model_checkpoint(tensors, a.output_dir, model_size=a.model_size,
+                           params_dtype=torch.bfloat16 if a.params_dtype == "bf16" else torch.float32)
+
+
 def _provider(model_size: str):
     from evo2_recipe.models.providers import get_provider
 
@@ -51,13 +58,10 @@ def savanna_main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def go():
-        from evo2_recipe.checkpoint.mbridge import write_model_checkpoint
         from evo2_recipe.checkpoint.savanna import load_savanna_state, savanna_to_mbridge
 
         prov = _provider(a.model_size)
-        tensors = savanna_to_mbridge(load_savanna_state(a.savanna_ckpt_path), prov.hybrid_override_pattern)
-        write_model_checkpoint(tensors, a.output_dir, model_size=a.model_size,
-                               params_dtype=torch.bfloat16 if a.params_dtype == "bf16" else torch.float32)
+        _write(savanna_to_mbridge(load_savanna_state(a.savanna_ckpt_path), prov.hybrid_override_pattern), a)
     return _run(p, go)
 
 
@@ -67,11 +71,9 @@ def nemo2_main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def go():
-        from evo2_recipe.checkpoint.mbridge import write_model_checkpoint
         from evo2_recipe.checkpoint.nemo2 import read_nemo2_model_tensors
 
-        write_model_checkpoint(read_nemo2_model_tensors(a.nemo2_ckpt_dir), a.output_dir, model_size=a.model_size,
-                               params_dtype=torch.bfloat16 if a.params_dtype == "bf16" else torch.float32)
+        _write(read_nemo2_model_tensors(a.nemo2_ckpt_dir), a)
     return _run(p, go)
 
 
@@ -107,7 +109,6 @@ def import_vortex_main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def go():
-        from evo2_recipe.checkpoint.mbridge import write_model_checkpoint
         from evo2_recipe.checkpoint.vortex import import_from_vortex
 
         prov = _provider(a.model_size)
@@ -118,10 +119,8 @@ def import_vortex_main(argv=None) -> int:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"cannot read {path}: {e}") from e
-        tensors = import_from_vortex(state, prov.hybrid_override_pattern, ffn_hidden_size=prov.ffn_hidden_size,
-                                     tied=prov.share_embeddings_and_output_weights)
-        write_model_checkpoint(tensors, a.output_dir, model_size=a.model_size,
-                               params_dtype=torch.bfloat16 if a.params_dtype == "bf16" else torch.float32)
+        _write(import_from_vortex(state, prov.hybrid_override_pattern, ffn_hidden_size=prov.ffn_hidden_size,
+                                  tied=prov.share_embeddings_and_output_weights), a)
     return _run(p, go)
 
 

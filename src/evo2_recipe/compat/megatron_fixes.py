@@ -31,26 +31,26 @@ _GUARDED_IMPORTERS = ("megatron.bridge.peft.lora_layers", "megatron.bridge.peft.
 _APPLIED = False
 
 
+def _inert_attribute(owner, name: str, module_name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    value = _InertMeta(name, (), {"__module__": module_name})
+    setattr(owner, name, value)
+    return value
+
+
 class _InertMeta(type):
     """Classes whose unknown attributes are further inert classes (``te.ops.Sequential`` in annotations)."""
 
     def __getattr__(cls, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        value = _InertMeta(name, (), {"__module__": cls.__module__})
-        setattr(cls, name, value)
-        return value
+        return _inert_attribute(cls, name, cls.__module__)
 
 
 class _InertModule(types.ModuleType):
     """Module whose every attribute is a fresh inert class (so ``isinstance`` checks against it are False)."""
 
     def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        value = _InertMeta(name, (), {"__module__": self.__name__})
-        setattr(self, name, value)
-        return value
+        return _inert_attribute(self, name, self.__name__)
 
 
 class _StubLoader(importlib.abc.Loader):
