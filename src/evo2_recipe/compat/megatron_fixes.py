@@ -11,8 +11,9 @@
 
 3. Without Apex or Transformer Engine, megatron's ``DistributedOptimizer.state_dict`` asserts that every Adam
    parameter state holds one common ``step``; when a checkpoint is *loaded* into a fresh optimizer the state is
-   still empty, so resuming fails (``assert len(steps) == 1``). The fresh state is filled with zeros first (what
-   TE/Apex's ``init_state_fn`` does); the checkpoint's values then overwrite it.
+   still empty, so resuming crashes (``assert len(steps) == 1``). The fresh state is filled with zeros first (what
+   TE/Apex's ``init_state_fn`` does). Even so, that code path does not restore the Adam moments exactly, which is
+   why ``train_evo2`` defaults to the plain optimizer when neither TE nor Apex is installed.
 
 :func:`apply` is idempotent and is called by every CLI and by :mod:`evo2_recipe.compat.cpu`.
 """
