@@ -11,7 +11,7 @@ Key map (``i`` = layer, pattern letter S/D/H/*):
     S/D/H ...mixer.dense_projection.weight        -> blocks.i.projections.weight      (same interleaved layout)
     S/D/H ...mixer.hyena_proj_conv.short_conv_weight [3H,3] -> blocks.i.filter.short_filter_weight [3H,1,3]
     S/D/H ...mixer.dense.weight / .bias           -> blocks.i.out_filter_dense.weight / .bias
-    S ...mixer.mixer.short_conv.short_conv_weight -> blocks.i.filter.h                  (NV conv_bias is dropped)
+    S ...mixer.mixer.short_conv.short_conv_weight -> blocks.i.filter.h   (NV conv_bias folded into the last tap)
     D ...mixer.mixer.filter.h * filter.decay      -> blocks.i.filter.h [G,1,128] fp32
     D/H ...mixer.mixer.conv_bias                  -> blocks.i.filter.D
     H -exp(filter.p)*exp(filter.gamma)            -> blocks.i.filter.log_poles [G,16,1] fp32
@@ -24,16 +24,69 @@ Key map (``i`` = layer, pattern letter S/D/H/*):
 The import direction (users ask for it; the reference has none) recovers what Vortex keeps: ``p`` and ``gamma`` are
 not separable, so ``p = log(-log_poles)`` with a tiny ``gamma`` chosen so that re-exporting gives bit-identical
 ``log_poles``; the
-medium filter comes back as ``h = h*decay`` with ``decay = 1``.
+medium filter comes back as ``h = h*decay`` with ``decay = 1``; an NV hcs bias comes back as 0 (it is folded into
+the filter, which computes the same function).
+
+Unlike the reference, NV models export faithfully except for the MLP GELU (tanh approximation here, exact in Vortex):
+the hcs bias ``b`` is a per-group skip term ``y = h * u + b u``, and the filter is per group too, so ``h[..., -1] + b``
+is the same filter. ``vortex_config`` writes the Vortex YAML that runs the export (activations, biases, tying).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT
+from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
 
 L = "decoder.layers"
+log = logging.getLogger(__name__)
+
+
+def vortex_config(provider, vocab_size: int, *, model_name: str = "evo2") -> dict:
+    """The Vortex YAML (``StripedHyena`` config) that runs an exported checkpoint; fields as in Arc's evo2 YAMLs.
+
+    ARC models use Evo 2 style activations (GELU in layer 0 only) and an attention output bias; NV models use GELU
+    everywhere and no bias. Flash attention is on as in Arc's configs (set ``use_flash_attn: False`` on CPU).
+    """
+    hc, pattern = HyenaConfig(), provider.hybrid_override_pattern
+    idx = {kind: [i for i, k in enumerate(pattern) if k == kind]
+           for kind in (HYENA_SHORT, HYENA_MEDIUM, HYENA_LONG, ATTENTION)}
+    cfg = {
+        "model_name": model_name, "vocab_size": int(vocab_size), "hidden_size": provider.hidden_size,
+        "num_filters": provider.hidden_size, "num_layers": provider.num_layers,
+        "hcs_layer_idxs": idx[HYENA_SHORT], "hcm_layer_idxs": idx[HYENA_MEDIUM],
+        "hcl_layer_idxs": idx[HYENA_LONG], "attn_layer_idxs": idx[ATTENTION],
+        "hcs_filter_length": hc.hyena_short_conv_len, "hcm_filter_length": hc.hyena_medium_conv_len,
+        "hcl_filter_groups": provider.num_groups_hyena, "hcm_filter_groups": provider.num_groups_hyena_medium,
+        "hcs_filter_groups": provider.num_groups_hyena_short, "short_filter_length": hc.short_conv_L,
+        "short_filter_bias": False, "state_size": hc.hyena_filter_order,
+        "num_attention_heads": provider.num_attention_heads, "proj_groups": 1, "hyena_filter_groups": 1,
+        "eps": provider.layernorm_epsilon, "rotary_emb_base": provider.rotary_base,
+        "inner_mlp_size": provider.ffn_hidden_size, "inner_size_multiple_of": 16, "make_vocab_size_divisible_by": 8,
+        "mlp_activation": "gelu", "evo2_style_activations": bool(provider.remove_activation_post_first_layer),
+        "column_split_hyena": False, "column_split": True, "interleave": True, "hyena_flip_x1x2": False,
+        "model_parallel_size": 1, "pipe_parallel_size": 1,
+        "tie_embeddings": bool(provider.share_embeddings_and_output_weights),
+        "mha_out_proj_bias": bool(provider.add_attn_proj_bias), "hyena_out_proj_bias": True, "qkv_proj_bias": False,
+        "use_fp8_input_projections": bool(provider.vortex_style_fp8), "final_norm": True,
+        "max_seqlen": provider.seq_length, "max_batch_size": 1, "use_flash_attn": True, "use_flash_rmsnorm": False,
+        "use_flash_depthwise": False, "use_flashfft": False, "inference_mode": True, "prefill_style": "fft",
+        "tokenizer_type": "CharLevelTokenizer", "print_activations": False,
+    }
+    if provider.seq_len_interpolation_factor:
+        cfg["use_interpolated_rotary_pos_emb"] = True
+        cfg["rotary_emb_scaling_factor"] = provider.seq_len_interpolation_factor
+    return cfg
+
+
+def unfaithful_export_reasons(provider) -> list[str]:
+    """What an export to Vortex cannot carry for this model (empty for ARC-style models)."""
+    if not provider.remove_activation_post_first_layer and provider.bias_activation_fusion:
+        return ["the MLP GELU is the tanh approximation in this model (megatron's fused GEGLU) but the exact erf GELU "
+                "in Vortex; expect small logit differences"]
+    return []
 
 
 def export_to_vortex(t: dict[str, torch.Tensor], pattern: str, *, rotary_base: float, num_heads: int,
@@ -68,7 +121,12 @@ def export_to_vortex(t: dict[str, torch.Tensor], pattern: str, *, rotary_base: f
         out[b + "out_filter_dense.weight"] = t[x + "dense.weight"]
         out[b + "out_filter_dense.bias"] = t[x + "dense.bias"]
         if kind == HYENA_SHORT:
-            out[b + "filter.h"] = t[x + "mixer.short_conv.short_conv_weight"]
+            h = t[x + "mixer.short_conv.short_conv_weight"]
+            if x + "mixer.conv_bias" in t:  # NV: y = h*u + b*u, so b folds exactly into the current-token tap
+                h = h.float().clone()
+                h[:, 0, -1] += t[x + "mixer.conv_bias"].float()
+                h = h.to(t[x + "mixer.short_conv.short_conv_weight"].dtype)
+            out[b + "filter.h"] = h
         elif kind == HYENA_MEDIUM:
             h, decay = t[x + "mixer.filter.h"].float(), t[x + "mixer.filter.decay"].float()
             k = min(128, h.shape[1])
@@ -112,7 +170,7 @@ def _p_gamma_for_log_poles(log_poles: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def import_from_vortex(v: dict[str, torch.Tensor], pattern: str, *, ffn_hidden_size: int,
-                       tied: bool = True) -> dict[str, torch.Tensor]:
+                       tied: bool = True, short_conv_bias: bool = False) -> dict[str, torch.Tensor]:
     out = {"embedding.word_embeddings.weight": v["embedding_layer.weight"],
            "decoder.final_norm.weight": v["norm.scale"]}
     if not tied:
@@ -138,6 +196,8 @@ def import_from_vortex(v: dict[str, torch.Tensor], pattern: str, *, ffn_hidden_s
         out[x + "dense.bias"] = v[b + "out_filter_dense.bias"]
         if kind == HYENA_SHORT:
             out[x + "mixer.short_conv.short_conv_weight"] = v[b + "filter.h"]
+            if short_conv_bias:  # the exporter folded it into the filter's last tap
+                out[x + "mixer.conv_bias"] = torch.zeros_like(v[b + "filter.h"][:, 0, 0])
         elif kind == HYENA_MEDIUM:
             h = v[b + "filter.h"][:, 0].float()
             out[x + "mixer.filter.h"] = h

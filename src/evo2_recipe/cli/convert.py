@@ -3,6 +3,7 @@
     evo2_convert_savanna_to_mbridge --savanna-ckpt-path savanna_evo2_1b_base.pt --model-size evo2_1b_base --output-dir mb
     evo2_convert_nemo2_to_mbridge --nemo2-ckpt-dir nemo2_1b --model-size evo2_1b_base --output-dir mb
     evo2_export_mbridge_to_vortex --mbridge-ckpt-dir mb --model-size evo2_1b_base --output-path evo2_1b.pt
+        (also writes evo2_1b.yml, the Vortex config that runs it, and evo2_1b.json)
     evo2_convert_vortex_to_mbridge --vortex-ckpt-path evo2_1b.pt --model-size evo2_1b_base --output-dir mb2
 
 Every converter checks that the result covers the model exactly (names and shapes) and writes to a temporary path
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 import torch
 
 from evo2_recipe.cli.common import setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def _parser(prog: str, src_flag: str, src_help: str, out_flag: str) -> argparse.ArgumentParser:
@@ -83,24 +87,42 @@ def export_vortex_main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def go():
+        import yaml
+
         from evo2_recipe.checkpoint.mbridge import check_coverage, expected_shapes, read_model_tensors
-        from evo2_recipe.checkpoint.vortex import export_to_vortex
+        from evo2_recipe.checkpoint.vortex import export_to_vortex, unfaithful_export_reasons, vortex_config
 
         prov = _provider(a.model_size)
+        out = Path(a.output_path)
+        sidecars = {out.with_suffix(".json"): None, out.with_suffix(".yml"): None}
+        for path in (out, *sidecars):
+            if path.exists():
+                raise FileExistsError(f"{path} already exists; choose another --output-path or remove it")
         tensors, _ = read_model_tensors(a.mbridge_ckpt_dir)
         vocab = tensors["embedding.word_embeddings.weight"].shape[0]
         check_coverage(tensors, expected_shapes(a.model_size, vocab), f"{a.mbridge_ckpt_dir} as {a.model_size}")
+        for reason in unfaithful_export_reasons(prov):
+            log.warning("Vortex export of %s: %s", a.model_size, reason)
         vortex = export_to_vortex(tensors, prov.hybrid_override_pattern, rotary_base=prov.rotary_base,
                                   num_heads=prov.num_attention_heads, ffn_hidden_size=prov.ffn_hidden_size)
-        out = Path(a.output_path)
-        if out.exists():
-            raise FileExistsError(f"{out} already exists")
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        torch.save(vortex, tmp)
         meta = {k: getattr(prov, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                                               "seq_length", "hybrid_override_pattern", "num_groups_hyena")}
-        out.with_suffix(".json").write_text(json.dumps({**meta, "vocab_size": vocab}, indent=2))
-        tmp.replace(out)
+        sidecars[out.with_suffix(".json")] = json.dumps({**meta, "vocab_size": vocab}, indent=2)
+        sidecars[out.with_suffix(".yml")] = yaml.safe_dump(vortex_config(prov, vocab, model_name=out.stem),
+                                                           sort_keys=False)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        try:  # the .pt is renamed last: if it exists, its config files are complete
+            torch.save(vortex, tmp)
+            for path, text in sidecars.items():
+                path.with_suffix(path.suffix + ".tmp").write_text(text)
+                path.with_suffix(path.suffix + ".tmp").replace(path)
+            tmp.replace(out)
+        except BaseException:
+            for path in (tmp, *sidecars, *(q.with_suffix(q.suffix + ".tmp") for q in sidecars)):
+                path.unlink(missing_ok=True)
+            raise
+        log.info("wrote %s (+ %s: Vortex YAML, %s)", out, out.with_suffix(".yml").name,
+                 out.with_suffix(".json").name)
     return _run(p, go)
 
 
@@ -120,7 +142,8 @@ def import_vortex_main(argv=None) -> int:
         except Exception as e:
             raise ValueError(f"cannot read {path}: {e}") from e
         _write(import_from_vortex(state, prov.hybrid_override_pattern, ffn_hidden_size=prov.ffn_hidden_size,
-                                  tied=prov.share_embeddings_and_output_weights), a)
+                                  tied=prov.share_embeddings_and_output_weights,
+                                  short_conv_bias=prov.use_short_conv_bias), a)
     return _run(p, go)
 
 

@@ -1,0 +1,109 @@
+"""Arc's Vortex (``vtx`` 1.1.0 on PyPI, import name ``vortex``) as an independent reference, runnable on CPU.
+
+Test-only. Vortex targets CUDA; three small shims let its pure-PyTorch paths run on CPU without changing its math:
+
+* ``flash_attn_2_cuda``: ``vortex.ops`` imports this compiled module unconditionally. An empty stub lets the import
+  succeed; the flash paths are never taken because the config sets ``use_flash_attn: False``.
+* rotary: ``vortex.ops.embedding.rotary.apply_rotary`` is a Triton GPU kernel. It is replaced by the same
+  non-interleaved ("rotate half") formula in plain torch, with the same signature and in-place semantics.
+* ``torch.cuda.device(cpu)`` raises on CPU; Vortex wraps its projections in it, so it becomes a no-op there.
+
+Known loading pitfalls handled by :func:`load_vortex_model`: ``custom_load_state_dict`` permutes ``Wqkv`` from the
+per-head file layout to Q/K/V itself, and its ``load_checkpoint`` casts to bf16 - the model is built directly in the
+requested dtype instead (and cast before loading: its projection weights are created in bf16 regardless).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+
+import torch
+
+
+def _apply_rotary(x, cos, sin, seqlen_offsets=0, cu_seqlens=None, max_seqlen=None, interleaved=False,
+                  inplace=False, conjugate=False):
+    """Plain-torch twin of Vortex's Triton ``apply_rotary`` for ``x: (B, L, heads, head_dim)``."""
+    if cu_seqlens is not None or interleaved:
+        raise NotImplementedError("shim covers the non-interleaved, fixed-length case used by Evo 2")
+    L, half = x.shape[1], cos.shape[1]
+    if isinstance(seqlen_offsets, torch.Tensor):  # per-sample offsets: (B,) -> (B, L, 1, half)
+        pos = seqlen_offsets[:, None] + torch.arange(L, device=x.device)
+        c, s = cos[pos][:, :, None], sin[pos][:, :, None]
+    else:
+        c, s = cos[seqlen_offsets:seqlen_offsets + L][None, :, None], sin[seqlen_offsets:seqlen_offsets + L][None, :, None]
+    if conjugate:
+        s = -s
+    x0, x1 = x[..., :half].float(), x[..., half:2 * half].float()
+    rotated = torch.cat([x0 * c.float() - x1 * s.float(), x0 * s.float() + x1 * c.float()], dim=-1).to(x.dtype)
+    out = x if inplace else x.clone()
+    out[..., :2 * half] = rotated
+    return out
+
+
+def _install_shims() -> None:
+    sys.modules.setdefault("flash_attn_2_cuda", types.ModuleType("flash_attn_2_cuda"))
+    rotary = types.ModuleType("vortex.ops.embedding.rotary")
+    rotary.apply_rotary = _apply_rotary
+    sys.modules.setdefault("vortex.ops.embedding.rotary", rotary)
+    if not torch.cuda.is_available() and not getattr(torch.cuda.device, "_vortex_cpu_noop", False):
+        real = torch.cuda.device
+
+        def device(d):
+            dev = torch.device(d) if isinstance(d, str) else d
+            if isinstance(dev, torch.device) and dev.type == "cuda":
+                return real(dev)
+            return contextlib.nullcontext()
+
+        device._vortex_cpu_noop = True
+        torch.cuda.device = device
+
+
+def import_vortex():
+    """``vortex.model.model`` with the CPU shims installed (skips the test if ``vtx`` is not installed)."""
+    import pytest
+
+    pytest.importorskip("yaml")
+    _install_shims()
+    try:
+        import vortex.model.model as vortex_model  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("vortex"):
+            pytest.skip("vtx (Arc's Vortex) is not installed; `pip install --no-deps vtx==1.1.0`")
+        raise
+    return vortex_model
+
+
+def load_vortex_model(config_path, checkpoint_path, dtype=torch.float32, device="cpu"):
+    """Build ``StripedHyena`` from our exported YAML in ``dtype`` and load our exported ``.pt`` strictly."""
+    import yaml
+
+    vortex_model = import_vortex()
+    from vortex.model.utils import dotdict
+
+    cfg = yaml.safe_load(open(config_path))
+    for k in ("params_dtype", "hyena_block_dtype", "attn_block_dtype", "mlp_dtype"):
+        cfg[k] = dtype
+    cfg["use_flash_attn"] = False
+    # Cast before loading: Vortex creates its projection weights in bf16 whatever the config says, and
+    # load_state_dict would round fp32 weights into them.
+    model = vortex_model.StripedHyena(dotdict(cfg)).to(device=device, dtype=dtype)
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    model.custom_load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def vortex_prefill_then_decode(model, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits of a prefill over ``tokens[:, :prompt_len]`` then one token at a time (as ``Generator.generate``)."""
+    params = model.initialize_inference_params(max_seqlen=tokens.shape[1])
+    params["mha"].max_batch_size = tokens.shape[0]
+    logits, params = model(tokens[:, :prompt_len], inference_params_dict=params)
+    out = [logits]
+    for pos in range(prompt_len, tokens.shape[1]):
+        for p in params.values():
+            p.seqlen_offset = pos
+        logits, params = model(tokens[:, pos:pos + 1], inference_params_dict=params)
+        out.append(logits)
+    return torch.cat(out, dim=1)
