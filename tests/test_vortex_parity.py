@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from evo2_recipe.utils.spawn import run_on_ranks
-from hyena_helpers import dna_batch, tiny_provider
+from hyena_helpers import dna_batch, randomise_weights_, tiny_provider
 
 BIN = Path(sys.executable).parent
 ATOL = 1e-4
@@ -28,18 +28,7 @@ def _randomised_model(name, **overrides):
 
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(3)
-    model = tiny_provider(name, **overrides).provide().eval()
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if key.endswith("word_embeddings.weight"):
-                p.copy_(noise)
-            elif p.count_nonzero() == 0:  # zero-initialised biases
-                p.copy_(0.1 * noise)
-            else:
-                p.mul_(1 + 0.2 * noise)
-    return model
+    return randomise_weights_(tiny_provider(name, **overrides).provide().eval())
 
 
 def _our_logits(rank, world, name, ckpt_dir, prompt_len):

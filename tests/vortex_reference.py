@@ -75,22 +75,34 @@ def import_vortex():
     return vortex_model
 
 
-def load_vortex_model(config_path, checkpoint_path, dtype=torch.float32, device="cpu"):
-    """Build ``StripedHyena`` from our exported YAML in ``dtype`` and load our exported ``.pt`` strictly."""
+def load_vortex_model(config_path, checkpoint_path, dtype=torch.float32, device=None):
+    """Build ``StripedHyena`` from our exported YAML and load our exported ``.pt`` strictly.
+
+    fp32: every weight in fp32. bf16: Arc's recipe - load in fp32, then ``to_bfloat16_except_pr_lc`` (poles and
+    residues stay fp32).
+    """
     import yaml
 
     vortex_model = import_vortex()
     from vortex.model.utils import dotdict
 
+    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     cfg = yaml.safe_load(open(config_path))
     for k in ("params_dtype", "hyena_block_dtype", "attn_block_dtype", "mlp_dtype"):
-        cfg[k] = dtype
-    cfg["use_flash_attn"] = False
+        cfg[k] = torch.float32
+    cfg["use_flash_attn"] = False  # no flash-attn here; Vortex's torch attention path
     # Cast before loading: Vortex creates its projection weights in bf16 whatever the config says, and
     # load_state_dict would round fp32 weights into them.
-    model = vortex_model.StripedHyena(dotdict(cfg)).to(device=device, dtype=dtype)
+    model = vortex_model.StripedHyena(dotdict(cfg)).to(device=device, dtype=torch.float32)
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     model.custom_load_state_dict(state, strict=True)
+    if dtype == torch.bfloat16:
+        model.to_bfloat16_except_pr_lc()
+        for block in model.blocks:  # skipped by to_bfloat16_except_pr_lc; Arc's TE projections are bf16 too
+            if hasattr(block, "projections"):
+                block.projections.to(torch.bfloat16)
+    elif dtype != torch.float32:
+        raise ValueError(f"unsupported dtype {dtype}")
     return model.eval()
 
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-from evo2_recipe.checkpoint.dcp_utils import TRACKER, atomic_output_dir, load_tensors, resolve_iteration_dir, save_tensors
+from evo2_recipe.checkpoint.dcp_utils import TRACKER, atomic_output_dir, load_tensors, resolve_iteration_dir
 from evo2_recipe.data.tokenizer import default_tokenizer_path
 
 logger = logging.getLogger(__name__)
 _NON_MODEL = ("optimizer.", "opt_param_scheduler", "rng_state")
-FP32_SUFFIXES = ("filter.h", "filter.decay", "filter.gamma", "filter.R", "filter.p")
 
 
 class KeyCoverageError(ValueError):
@@ -72,25 +71,84 @@ def read_model_tensors(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], Path]
 
 
 def write_model_checkpoint(tensors: dict[str, torch.Tensor], out_dir: str | Path, *, model_size: str,
-                           params_dtype: torch.dtype = torch.bfloat16, check: bool = True) -> Path:
-    """Write a weights-only Megatron-Bridge checkpoint at ``out_dir`` (must not exist)."""
+                           params_dtype: torch.dtype = torch.bfloat16, seq_length: int | None = None,
+                           mixed_precision_recipe: str | None = "bf16_mixed", vortex_style_fp8: bool = False,
+                           tokenizer_path: str | Path | None = None) -> Path:
+    """Write a weights-only Megatron-Bridge checkpoint at ``out_dir`` (must not exist) from full TP=1 tensors.
+
+    megatron's ``dist_checkpointing.save`` writes the tensors from the sharded state dict of a meta-device model of
+    ``model_size`` (so names, shapes, dtypes and sharding metadata are exactly what training writes and loading
+    expects; coverage is checked first). ``run_config.yaml`` carries the provider (``seq_length``, precision recipe,
+    ``vortex_style_fp8``) that later runs inherit.
+    """
+    from evo2_recipe.data.tokenizer import NucleotideTokenizer
     from evo2_recipe.training.recipe import TrainSettings, build_config
 
     vocab = tensors["embedding.word_embeddings.weight"].shape[0]
     if vocab not in (256, 512):
         raise ValueError(f"embedding has {vocab} rows; Evo 2 tokenizers have 256 or 512")
-    if check:
-        check_coverage(tensors, expected_shapes(model_size, vocab), f"{model_size} checkpoint")
-    state = {k: v.to(torch.float32 if k.endswith(FP32_SUFFIXES) else params_dtype).contiguous()
-             for k, v in tensors.items()}
-    cfg = build_config(TrainSettings(model_size=model_size, mock_data=True, max_steps=10, warmup_steps=1,
-                                     constant_steps=0, hf_tokenizer_model_path=str(default_tokenizer_path(vocab))))
+    tokenizer_dir = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path(vocab)
+    tok_vocab = NucleotideTokenizer(tokenizer_dir).vocab_size
+    if tok_vocab != vocab:
+        raise ValueError(f"tokenizer {tokenizer_dir} has {tok_vocab} tokens but the embedding has {vocab} rows; use "
+                         f"the matching tokenizer (nucleotide_fast_tokenizer_{vocab})")
+    settings = TrainSettings(model_size=model_size, mock_data=True, max_steps=10, warmup_steps=1, constant_steps=0,
+                             mixed_precision_recipe=mixed_precision_recipe, vortex_style_fp8=vortex_style_fp8,
+                             hf_tokenizer_model_path=str(tokenizer_dir))
+    if seq_length:
+        settings.seq_length = seq_length
+    cfg = build_config(settings)
     cfg.model.vocab_size = vocab
     with atomic_output_dir(out_dir) as tmp:
         iter_dir = tmp / "iter_0000001"
-        save_tensors(state, iter_dir)
+        _save_with_megatron(tensors, iter_dir, model_size, vocab, params_dtype)
         cfg.to_yaml(str(iter_dir / "run_config.yaml"))
-        shutil.copytree(default_tokenizer_path(vocab), iter_dir / "tokenizer")
+        shutil.copytree(tokenizer_dir, iter_dir / "tokenizer")
+        from megatron.bridge.training.state import TrainState
+
+        train_state = TrainState()
+        train_state.step = 1
+        torch.save(train_state.state_dict(), iter_dir / "train_state.pt")
+        shutil.copy2(iter_dir / "train_state.pt", tmp / "latest_train_state.pt")
         (tmp / TRACKER).write_text("1\n")
-    logger.info("wrote %d tensors (%s) to %s", len(state), model_size, out_dir)
+    logger.info("wrote %d tensors (%s) to %s", len(tensors), model_size, out_dir)
     return Path(out_dir)
+
+
+def _save_with_megatron(tensors, iter_dir: Path, model_size: str, vocab: int, params_dtype: torch.dtype) -> None:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    from evo2_recipe.compat import cpu as cpu_mode
+    from evo2_recipe.models.providers import get_provider
+    from evo2_recipe.utils.distributed import init_distributed, teardown
+
+    own_group = not dist.is_initialized()
+    if own_group:  # converters run as plain processes: a 1-process gloo group for megatron's saver
+        cpu_mode.maybe_enable(None)
+        init_distributed(cpu=True)
+    try:
+        if parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() \
+                * parallel_state.get_context_parallel_world_size() != 1:
+            raise RuntimeError("write_model_checkpoint needs a TP=PP=CP=1 layout (it writes full tensors)")
+        p = get_provider(model_size, vocab_size=vocab, use_cpu_initialization=True, perform_initialization=False,
+                         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16)
+        p.finalize()
+        with torch.device("meta"):
+            model = p.provide()
+        sharded = model.sharded_state_dict()
+        slots = [t for t in nested_values(sharded) if isinstance(t, (ShardedTensor, ShardedTensorFactory))]
+        shapes = {t.key: tuple(t.data.shape) for t in slots}
+        check_coverage(tensors, shapes, f"{model_size} checkpoint")
+        for t in slots:
+            t.data = tensors[t.key].to(t.data.dtype).contiguous()
+        iter_dir.mkdir(parents=True)
+        dist_checkpointing.save({"model": sharded, "checkpoint_version": 3.0, "iteration": 1,
+                                 "content_metadata": {"singleton_local_shards": False,
+                                                      "chained_optim_avoid_prefix": True}}, str(iter_dir))
+    finally:
+        if own_group:
+            teardown()

@@ -38,12 +38,36 @@ IGNORED = re.compile(r"(_extra_state$|\.filter\.t$|rotary_emb\.inv_freq$|post_at
 MEDIUM_TAPS = 128
 
 
-def load_savanna_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a Savanna ``.pt`` (or ``.pt.part0, .part1, ...`` shards joined byte-wise) with ``weights_only=True``."""
+def _cached_repo_file(repo_id: str, revision: str | None) -> Path | None:
+    """``<name>.pt`` of a Hugging Face repo id from the local caches (the reference's join cache, then the hub's)."""
+    name = repo_id.rsplit("/", 1)[-1] + ".pt"
+    joined = Path.home() / ".cache" / "savanna_checkpoints" / repo_id / name
+    if joined.is_file():
+        return joined
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        return None
+    try:
+        return Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=True))
+    except Exception:  # not cached (or sharded as .partN): the caller reports it
+        return None
+
+
+def load_savanna_state(path: str | Path, revision: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a Savanna ``.pt`` (or ``.pt.part0, .part1, ...`` shards joined byte-wise) with ``weights_only=True``.
+
+    A Hugging Face repo id (``org/name``) is resolved from the local caches only: downloads are left to the user.
+    """
     path = Path(path)
-    if str(path).count("/") == 1 and not path.exists() and not path.with_suffix(".pt").exists():
-        raise FileNotFoundError(f"{path} looks like a Hugging Face repo id; this machine cannot download it. "
-                                f"Download the .pt file(s) and pass the local path")
+    if str(path).count("/") == 1 and not path.exists() and not list(path.parent.glob(path.name + ".part*")):
+        cached = _cached_repo_file(str(path), revision)
+        if cached is None:
+            raise FileNotFoundError(
+                f"{path} looks like a Hugging Face repo id and is not in the local cache; this tool does not "
+                f"download. Fetch it first (e.g. `huggingface-cli download {path} --revision <commit>`; join "
+                f".pt.partN shards with `cat`) and pass the local .pt path")
+        path = cached
     parts = sorted(path.parent.glob(path.name + ".part*"), key=lambda p: int(p.suffix[5:] or 0)) \
         if not path.exists() else []
     if not path.exists() and not parts:

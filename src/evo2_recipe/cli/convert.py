@@ -1,10 +1,16 @@
 """Checkpoint converters (thin wrappers): Savanna/NeMo2/Vortex -> Megatron-Bridge and Megatron-Bridge -> Vortex.
 
-    evo2_convert_savanna_to_mbridge --savanna-ckpt-path savanna_evo2_1b_base.pt --model-size evo2_1b_base --output-dir mb
-    evo2_convert_nemo2_to_mbridge --nemo2-ckpt-dir nemo2_1b --model-size evo2_1b_base --output-dir mb
+    evo2_convert_savanna_to_mbridge --savanna-ckpt-path savanna_evo2_1b_base.pt --model-size evo2_1b_base \
+        --mbridge-ckpt-dir mb [--tokenizer-path T] [--seq-length 8192] [--mixed-precision-recipe bf16_mixed]
+    evo2_convert_nemo2_to_mbridge --nemo2-ckpt-dir nemo2_1b --model-size evo2_1b_base --mbridge-ckpt-dir mb \
+        [--vortex-style-fp8]
     evo2_export_mbridge_to_vortex --mbridge-ckpt-dir mb --model-size evo2_1b_base --output-path evo2_1b.pt
         (also writes evo2_1b.yml, the Vortex config that runs it, and evo2_1b.json)
-    evo2_convert_vortex_to_mbridge --vortex-ckpt-path evo2_1b.pt --model-size evo2_1b_base --output-dir mb2
+    evo2_convert_vortex_to_mbridge --vortex-ckpt-path evo2_1b.pt --model-size evo2_1b_base --mbridge-ckpt-dir mb2
+
+The flags are the reference's (``--output-dir`` is an alias of ``--mbridge-ckpt-dir``). The written checkpoints are
+what ``train_evo2`` writes (megatron dist-checkpoint, ``run_config.yaml``, tokenizer), so ``predict_evo2``,
+``infer_evo2`` and ``train_evo2 --finetune-ckpt-dir`` load them.
 
 Every converter checks that the result covers the model exactly (names and shapes) and writes to a temporary path
 that is renamed only when complete.
@@ -25,17 +31,29 @@ from evo2_recipe.cli.common import setup_logging
 log = logging.getLogger(__name__)
 
 
-def _parser(prog: str, src_flag: str, src_help: str, out_flag: str) -> argparse.ArgumentParser:
+def _parser(prog: str, src_flag: str, src_help: str, *, writes_mbridge: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument(src_flag, required=True, help=src_help)
-    p.add_argument("--model-size", required=True)
-    p.add_argument(out_flag, required=True)
-    p.add_argument("--params-dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--model-size", required=True, help="provider key, e.g. evo2_1b_base")
+    p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging")
+    if writes_mbridge:
+        p.add_argument("--mbridge-ckpt-dir", "--output-dir", dest="output_dir", required=True,
+                       help="output checkpoint root (must not exist)")
+        p.add_argument("--tokenizer-path", help="HF tokenizer directory (default: the bundled nucleotide tokenizer "
+                                                "whose vocabulary matches the embedding rows)")
+        p.add_argument("--seq-length", type=int, help="sequence length stored in run_config.yaml (default: the "
+                                                      "provider's)")
+        p.add_argument("--mixed-precision-recipe", default="bf16_mixed",
+                       help="Megatron-Bridge precision recipe stored for later runs (default bf16_mixed)")
+        p.add_argument("--params-dtype", choices=["bf16", "fp32"], default="bf16",
+                       help="dtype of the written weights (filters stay fp32 as in training)")
+    p.add_argument("--no-te", action="store_true",
+                   help="accepted for compatibility: this recipe uses the same parameter names with and without "
+                        "Transformer Engine, so nothing changes")
     return p
 
 
 def _run(p, fn) -> int:
-    setup_logging()
     try:
         fn()
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
@@ -43,11 +61,13 @@ def _run(p, fn) -> int:
     return 0
 
 
-def _write(tensors, a) -> None:
+def _write(tensors, a, *, vortex_style_fp8: bool = False) -> None:
     from evo2_recipe.checkpoint.mbridge import write_model_checkpoint
 
     write_model_checkpoint(tensors, a.output_dir, model_size=a.model_size,
-                           params_dtype=torch.bfloat16 if a.params_dtype == "bf16" else torch.float32)
+                           params_dtype=torch.bfloat16 if a.params_dtype == "bf16" else torch.float32,
+                           seq_length=a.seq_length, mixed_precision_recipe=a.mixed_precision_recipe,
+                           vortex_style_fp8=vortex_style_fp8, tokenizer_path=a.tokenizer_path)
 
 
 def _provider(model_size: str):
@@ -56,35 +76,45 @@ def _provider(model_size: str):
     return get_provider(model_size)
 
 
-def savanna_main(argv=None) -> int:
-    p = _parser("evo2_convert_savanna_to_mbridge", "--savanna-ckpt-path", "local .pt (or .pt.partN shards)",
-                "--output-dir")
+def _parse(p, argv):
     a = p.parse_args(argv)
+    setup_logging(a.verbose)
+    return a
+
+
+def savanna_main(argv=None) -> int:
+    p = _parser("evo2_convert_savanna_to_mbridge", "--savanna-ckpt-path",
+                "local .pt (or .pt.partN shards), or a Hugging Face repo id already in the local cache")
+    p.add_argument("--revision", help="Hugging Face commit of a repo id (looked up in the local cache)")
+    a = _parse(p, argv)
 
     def go():
         from evo2_recipe.checkpoint.savanna import load_savanna_state, savanna_to_mbridge
 
         prov = _provider(a.model_size)
-        _write(savanna_to_mbridge(load_savanna_state(a.savanna_ckpt_path), prov.hybrid_override_pattern), a)
+        state = load_savanna_state(a.savanna_ckpt_path, revision=a.revision)
+        _write(savanna_to_mbridge(state, prov.hybrid_override_pattern), a)
     return _run(p, go)
 
 
 def nemo2_main(argv=None) -> int:
-    p = _parser("evo2_convert_nemo2_to_mbridge", "--nemo2-ckpt-dir", "NeMo2 checkpoint (context/, weights/)",
-                "--output-dir")
-    a = p.parse_args(argv)
+    p = _parser("evo2_convert_nemo2_to_mbridge", "--nemo2-ckpt-dir", "NeMo2 checkpoint (context/, weights/)")
+    p.add_argument("--vortex-style-fp8", action="store_true",
+                   help="store vortex_style_fp8 in the provider (FP8-sensitive original 1b/40b checkpoints)")
+    a = _parse(p, argv)
 
     def go():
         from evo2_recipe.checkpoint.nemo2 import read_nemo2_model_tensors
 
-        _write(read_nemo2_model_tensors(a.nemo2_ckpt_dir), a)
+        _write(read_nemo2_model_tensors(a.nemo2_ckpt_dir), a, vortex_style_fp8=a.vortex_style_fp8)
     return _run(p, go)
 
 
 def export_vortex_main(argv=None) -> int:
-    p = _parser("evo2_export_mbridge_to_vortex", "--mbridge-ckpt-dir", "Megatron-Bridge checkpoint",
-                "--output-path")
-    a = p.parse_args(argv)
+    p = _parser("evo2_export_mbridge_to_vortex", "--mbridge-ckpt-dir",
+                "Megatron-Bridge checkpoint root or iter_NNNNNNN folder", writes_mbridge=False)
+    p.add_argument("--output-path", required=True, help="output .pt (a .yml Vortex config and .json go beside it)")
+    a = _parse(p, argv)
 
     def go():
         import yaml
@@ -127,8 +157,8 @@ def export_vortex_main(argv=None) -> int:
 
 
 def import_vortex_main(argv=None) -> int:
-    p = _parser("evo2_convert_vortex_to_mbridge", "--vortex-ckpt-path", "Vortex .pt", "--output-dir")
-    a = p.parse_args(argv)
+    p = _parser("evo2_convert_vortex_to_mbridge", "--vortex-ckpt-path", "Vortex .pt")
+    a = _parse(p, argv)
 
     def go():
         from evo2_recipe.checkpoint.vortex import import_from_vortex
