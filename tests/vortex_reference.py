@@ -96,6 +96,7 @@ def load_vortex_model(config_path, checkpoint_path, dtype=torch.float32, device=
     model = vortex_model.StripedHyena(dotdict(cfg)).to(device=device, dtype=torch.float32)
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     model.custom_load_state_dict(state, strict=True)
+    model.float()  # its Wqkv permutation assigns the file's tensor (dtype included) to .data
     if dtype == torch.bfloat16:
         model.to_bfloat16_except_pr_lc()
         for block in model.blocks:  # skipped by to_bfloat16_except_pr_lc; Arc's TE projections are bf16 too
