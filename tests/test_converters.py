@@ -56,6 +56,14 @@ def test_savanna_mbridge_vortex_mbridge_round_trip(tmp_path, name):
         r = _cli("evo2_export_mbridge_to_vortex", "--mbridge-ckpt-dir", str(tmp_path / src),
                  "--output-path", str(tmp_path / out), "--model-size", name)
         assert r.returncode == 0, r.stderr[-2000:]
+        assert {f"{out[:-3]}.{ext}" for ext in ("pt", "yml", "json")} <= {f.name for f in tmp_path.iterdir()}
+    other = "striped_hyena_tiny" if name.endswith("_nv") else "striped_hyena_tiny_nv"
+    before = sorted(f.name for f in tmp_path.iterdir())
+    for size, dst in ((other, "bad.pt"), (name, "v1.pt")):  # wrong model (hcs bias) / existing output
+        r = _cli("evo2_export_mbridge_to_vortex", "--mbridge-ckpt-dir", str(tmp_path / "mb1"),
+                 "--output-path", str(tmp_path / dst), "--model-size", size)
+        assert r.returncode == 2 and ("conv_bias" in r.stderr or "already exists" in r.stderr), r.stderr[-2000:]
+    assert sorted(f.name for f in tmp_path.iterdir()) == before  # nothing written, nothing half-written
     v1, v2 = (torch.load(tmp_path / f, weights_only=True) for f in ("v1.pt", "v2.pt"))
     assert v1.keys() == v2.keys()
     for k in v1:
