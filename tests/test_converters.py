@@ -203,3 +203,35 @@ def test_converted_checkpoint_loads_for_inference_and_finetuning(tmp_path):
     proc = run_train([*TINY, "--max-steps", "2", "--result-dir", str(tmp_path / "ft"), "--experiment-name", "ft",
                       "--finetune-ckpt-dir", str(tmp_path / "mb")])
     assert f"successfully loaded checkpoint from {tmp_path / 'mb'}" in proc.stdout + proc.stderr
+
+
+def _write_nemo2(rank, world, name, ckpt):
+    """A NeMo2 checkpoint as NeMo's MegatronStrategy writes it: megatron dist-checkpoint under ``weights/`` whose
+    model keys carry NeMo's ``module.`` prefix (spec 5.4), plus ``context/``."""
+    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(21)  # the same weights as _tiny_weights
+    model = tiny_provider(name).provide()
+    (ckpt / "weights").mkdir(parents=True)
+    (ckpt / "context").mkdir()
+    (ckpt / "context" / "model.yaml").write_text("_target_: nemo.collections.llm.gpt.model.hyena.HyenaModel\n")
+    dist_checkpointing.save({"state_dict": model.sharded_state_dict(prefix="module.")}, str(ckpt / "weights"))
+
+
+def test_nemo2_to_mbridge(tmp_path):
+    (orig,) = run_on_ranks(_tiny_weights, 1, "striped_hyena_tiny")
+    run_on_ranks(_write_nemo2, 1, "striped_hyena_tiny", tmp_path / "nemo2")
+    r = _cli("evo2_convert_nemo2_to_mbridge", "--nemo2-ckpt-dir", str(tmp_path / "nemo2"), "--model-size",
+             "striped_hyena_tiny", "--mbridge-ckpt-dir", str(tmp_path / "mb"), "--params-dtype", "fp32",
+             "--seq-length", "128", "--vortex-style-fp8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    mb, iter_dir = read_model_tensors(tmp_path / "mb")
+    assert mb.keys() == orig.keys()
+    for k in orig:
+        assert torch.equal(mb[k], orig[k]), k
+    run_config = (iter_dir / "run_config.yaml").read_text()
+    assert "seq_length: 128" in run_config and "vortex_style_fp8: true" in run_config  # inherited by predict/infer
+    r = _cli("evo2_convert_nemo2_to_mbridge", "--nemo2-ckpt-dir", str(tmp_path / "nemo2" / "context"),
+             "--model-size", "striped_hyena_tiny", "--mbridge-ckpt-dir", str(tmp_path / "mb2"))
+    assert r.returncode == 2 and "not a NeMo2 checkpoint" in r.stderr and not (tmp_path / "mb2").exists()
