@@ -181,7 +181,7 @@ def _converted_logits(rank, world, ckpt, tokens):
 
 
 def test_converted_checkpoint_loads_for_inference_and_finetuning(tmp_path):
-    """A Savanna conversion is a real megatron dist-checkpoint: predict-style loading at TP=1 and TP=2 reproduces
+    """A Savanna conversion (from .pt.partN shards) is a real megatron dist-checkpoint: predict-style loading at TP=1 and TP=2 reproduces
     the source model's logits, and train_evo2 --finetune-ckpt-dir starts from it."""
     from hyena_helpers import dna_batch
     from train_helpers import TINY, run_train
@@ -190,6 +190,10 @@ def test_converted_checkpoint_loads_for_inference_and_finetuning(tmp_path):
     p = get_provider("striped_hyena_tiny")
     torch.save({"module": mbridge_to_savanna(orig, p.hybrid_override_pattern, p.ffn_hidden_size)},
                tmp_path / "sav.pt")
+    data = (tmp_path / "sav.pt").read_bytes()  # as published on the Hub: byte-wise .pt.partN shards
+    for i, start in enumerate(range(0, len(data), len(data) // 3 + 1)):
+        (tmp_path / f"sav.pt.part{i}").write_bytes(data[start:start + len(data) // 3 + 1])
+    (tmp_path / "sav.pt").unlink()
     r = _cli("evo2_convert_savanna_to_mbridge", "--savanna-ckpt-path", str(tmp_path / "sav.pt"), "--model-size",
              "striped_hyena_tiny", "--mbridge-ckpt-dir", str(tmp_path / "mb"), "--params-dtype", "fp32",
              "--seq-length", "64", "--no-te")
