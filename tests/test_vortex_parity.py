@@ -74,12 +74,13 @@ def test_vortex_logits_match_ours(tmp_path, name):
     prompt_len = 12  # longer than the 7-tap hcs window; decode crosses the attention KV cache and all filters
     ((tokens, ours_full, ours_cached),) = run_on_ranks(_our_logits, 1, name, tmp_path / "mb", prompt_len)
     r = subprocess.run([str(BIN / "evo2_export_mbridge_to_vortex"), "--mbridge-ckpt-dir", str(tmp_path / "mb"),
-                        "--output-path", str(tmp_path / "tiny.pt"), "--model-size", name],
+                        "--output-path", str(tmp_path / "vortex" / "tiny.pt"), "--model-size", name],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert ("tanh approximation" in r.stderr) == name.endswith("_nv")  # the one thing NV exports cannot carry
-    ((vx_full, vx_cached),) = run_on_ranks(_vortex_logits, 1, tmp_path / "tiny.pt", tmp_path / "tiny.yml", tokens,
-                                           prompt_len, name.endswith("_nv"))
+    out = tmp_path / "vortex"  # created by the exporter
+    ((vx_full, vx_cached),) = run_on_ranks(_vortex_logits, 1, out / "tiny.pt", out / "tiny.yml", tokens, prompt_len,
+                                           name.endswith("_nv"))
     assert ours_full.std() > 0.5  # non-degenerate logits: a wrong tensor mapping would show
     assert (ours_full - vx_full).abs().max() < ATOL
     assert (ours_cached - vx_cached).abs().max() < ATOL

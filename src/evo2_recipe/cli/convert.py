@@ -141,6 +141,7 @@ def export_vortex_main(argv=None) -> int:
         sidecars[out.with_suffix(".yml")] = yaml.safe_dump(vortex_config(prov, vocab, model_name=out.stem),
                                                            sort_keys=False)
         tmp = out.with_suffix(out.suffix + ".tmp")
+        out.parent.mkdir(parents=True, exist_ok=True)
         try:  # the .pt is renamed last: if it exists, its config files are complete
             torch.save(vortex, tmp)
             for path, text in sidecars.items():
