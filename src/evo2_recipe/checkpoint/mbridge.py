@@ -117,22 +117,19 @@ def write_model_checkpoint(tensors: dict[str, torch.Tensor], out_dir: str | Path
 
 def _save_with_megatron(tensors, iter_dir: Path, model_size: str, vocab: int, params_dtype: torch.dtype) -> None:
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+    from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
     from evo2_recipe.compat import cpu as cpu_mode
     from evo2_recipe.models.providers import get_provider
-    from evo2_recipe.utils.distributed import teardown
-    from evo2_recipe.utils.spawn import free_port
+    from evo2_recipe.utils.distributed import init_distributed, teardown
 
     own_group = not dist.is_initialized()
-    if own_group:  # converters run as plain processes: a private 1-process gloo group for megatron's saver
+    if own_group:  # converters run as plain processes: a 1-process gloo group for megatron's saver
         cpu_mode.maybe_enable(None)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-        parallel_state.initialize_model_parallel()
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
+        init_distributed(cpu=True, seed=0)
     try:
         if parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() \
                 * parallel_state.get_context_parallel_world_size() != 1:

@@ -14,13 +14,16 @@ def init_distributed(*, tp: int = 1, cp: int = 1, pp: int = 1, seed: int = 1234,
     from megatron.core import parallel_state, tensor_parallel
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         if not cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("gloo" if cpu else "nccl", timeout=datetime.timedelta(minutes=30))
+        backend, timeout = "gloo" if cpu else "nccl", datetime.timedelta(minutes=30)
+        if "RANK" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # a plain process: a private 1-process group (nothing leaks into the environment of child processes)
+            from evo2_recipe.utils.spawn import free_port
+
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                    timeout=timeout)
     world = dist.get_world_size()
     if world % (tp * cp * pp):
         raise ValueError(f"world size {world} is not divisible by TP*CP*PP = {tp}*{cp}*{pp}")
