@@ -120,6 +120,7 @@ def test_key_sets_of_all_sizes_in_every_format():
         vx = export_to_vortex(meta, p.hybrid_override_pattern, rotary_base=p.rotary_base,
                               num_heads=p.num_attention_heads, ffn_hidden_size=p.ffn_hidden_size)
         back = import_from_vortex(vx, p.hybrid_override_pattern, ffn_hidden_size=p.ffn_hidden_size,
+                                  rotary_base=p.rotary_base, num_heads=p.num_attention_heads,
                                   tied=p.share_embeddings_and_output_weights, short_conv_bias=p.use_short_conv_bias)
         assert {k: tuple(v.shape) for k, v in back.items()} == shapes, name
         if name == "evo2_1b_base":  # spec table 5.6

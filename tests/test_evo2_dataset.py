@@ -50,8 +50,8 @@ def test_blend_config_parsing(blend):
         parse_dataset_config(cfg, str(out / "elsewhere"))
 
 
-@pytest.mark.parametrize("eod_pad_in_loss_mask", [False, True])
-def test_blended_batches_have_correct_loss_masks(blend, eod_pad_in_loss_mask):
+@pytest.mark.parametrize("eod_pad_in_loss_mask,predict_eod", [(False, False), (True, False), (False, True)])
+def test_blended_batches_have_correct_loss_masks(blend, eod_pad_in_loss_mask, predict_eod):
     cfg, out = blend
     from megatron.bridge.training.tokenizers.config import TokenizerConfig
     from megatron.bridge.training.tokenizers.tokenizer import build_tokenizer
@@ -62,7 +62,8 @@ def test_blended_batches_have_correct_loss_masks(blend, eod_pad_in_loss_mask):
                                           tokenizer_model=str(default_tokenizer_path(256))))  # what train_evo2 uses
     assert tok.eod == 0 and tok.vocab_size == 256
     provider = Evo2DatasetProvider(seq_length=2048, dataset_config=str(cfg), dataset_dir=str(out), random_seed=5,
-                                   eod_pad_in_loss_mask=eod_pad_in_loss_mask, path_to_cache=str(out / "cache"))
+                                   eod_pad_in_loss_mask=eod_pad_in_loss_mask, predict_eod=predict_eod,
+                                   path_to_cache=str(out / "cache"))
     train, val, test = provider.build_datasets(DatasetBuildContext(40, 8, 8, tokenizer=tok))
     assert len(train) >= 40 and len(val) >= 8  # the blend rounds per-source sample counts up
     loader = torch.utils.data.DataLoader(train, batch_size=4)
@@ -77,7 +78,7 @@ def test_blended_batches_have_correct_loss_masks(blend, eod_pad_in_loss_mask):
                 expected[m.start():m.end()] = 0
                 saw_tag = True
             eod = labels.numpy() == 0
-            expected[eod] = 0.0 if eod_pad_in_loss_mask else 1.0
+            expected[eod] = 1.0 if predict_eod else 0.0  # the reference never predicts EOD; ours on request
             saw_eod |= bool(eod.any())
             saw_lower |= bool(re.search("[acgt]", text))
             # windows can cut a tag in half at their edges; compare away from the first/last tag-sized stretch
@@ -117,10 +118,13 @@ def test_reference_getitem_case():
 
     labels = torch.tensor([0 if c == "0" else ord(c) for c in "a@t|d__t0#at"])
     base = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.float32)
-    mask = evo2_loss_mask(labels, base, eod_pad_in_loss_mask=True)
+    mask = evo2_loss_mask(labels, base)
     assert mask.tolist() == [1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1]
-    # without the flag the EOD label is predicted (the reference masks it either way)
-    assert evo2_loss_mask(labels, torch.ones(12), eod_pad_in_loss_mask=False)[8] == 1
+    # default = the reference's mask whatever the base mask says about EOD (its flag changes nothing either)
+    assert evo2_loss_mask(labels, torch.ones(12)).tolist() == mask.tolist()
+    pad_labels = torch.tensor([ord("A"), 1, 0, ord("c")])
+    assert evo2_loss_mask(pad_labels, torch.ones(4)).tolist() == [1, 0, 0, 1]
+    assert evo2_loss_mask(pad_labels, torch.ones(4), predict_eod=True).tolist() == [1, 0, 1, 1]  # opt-in: EOD only
 
 
 def test_preprocess_workers_give_identical_bytes(tmp_path):

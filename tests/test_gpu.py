@@ -101,7 +101,7 @@ def vortex_parity_metrics(name, tmp_path, seq_len=2048, decode_tokens=32):
     dec = tokens[:, :prompt_len + decode_tokens]
     results = {}
     for label, bf16 in (("fp32", False), ("bf16", True)):
-        ours = Evo2.from_checkpoint(str(tmp_path / "mb"), bf16=bf16).model
+        ours = Evo2.from_checkpoint(str(tmp_path / "mb"), mixed_precision_recipe="bf16_mixed" if bf16 else "fp32").model
         with torch.no_grad():
             results["ours", label] = scoring.forward_full(ours, tokens).cpu()
         results["ours_dec", label] = _our_decode(ours, dec, prompt_len).cpu()

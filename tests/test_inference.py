@@ -145,9 +145,9 @@ def test_bad_inputs_give_clear_errors(ckpt, fasta, tmp_path):
     r = _cli("predict_evo2", ["--fasta", str(empty), "--ckpt-dir", str(ckpt)])
     assert r.returncode == 2 and "the file is empty" in r.stderr
     bad = tmp_path / "bad.fa"
-    bad.write_text(">x\nACGTZZ\n")
+    bad.write_text(">x\nACGT\u4e2dZ\n")
     r = _cli("predict_evo2", ["--fasta", str(bad), "--ckpt-dir", str(ckpt)])
-    assert r.returncode == 2 and "character 'Z' at position 5" in r.stderr
+    assert r.returncode == 2 and "character '\u4e2d' at position 5 cannot be encoded" in r.stderr, r.stderr[-2000:]
     r = _cli("predict_evo2", ["--fasta", str(fasta), "--ckpt-dir", str(tmp_path / "nope")])
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
     r = _cli("infer_evo2", ["--ckpt-dir", str(tmp_path), "--prompt", "ACGT"])

@@ -71,17 +71,20 @@ def read_model_tensors(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], Path]
 
 
 def write_model_checkpoint(tensors: dict[str, torch.Tensor], out_dir: str | Path, *, model_size: str,
-                           params_dtype: torch.dtype = torch.bfloat16, seq_length: int | None = None,
+                           params_dtype: torch.dtype | None = None, seq_length: int | None = None,
                            mixed_precision_recipe: str | None = "bf16_mixed", vortex_style_fp8: bool = False,
                            tokenizer_path: str | Path | None = None) -> Path:
     """Write a weights-only Megatron-Bridge checkpoint at ``out_dir`` (must not exist) from full TP=1 tensors.
 
     megatron's ``dist_checkpointing.save`` writes the tensors from the sharded state dict of a meta-device model of
-    ``model_size`` (so names, shapes, dtypes and sharding metadata are exactly what training writes and loading
-    expects; coverage is checked first). ``run_config.yaml`` carries the provider (``seq_length``, precision recipe,
-    ``vortex_style_fp8``) that later runs inherit.
+    ``model_size`` (so names, shapes and sharding metadata are exactly what training writes and loading expects;
+    coverage is checked first). Each tensor keeps its source dtype unless ``params_dtype`` is given; the Hyena filters
+    the model keeps in fp32 (``filter.h/decay/p/gamma/R``) are always written in fp32. ``run_config.yaml`` carries the
+    provider (``seq_length`` - the provider's unless given -, precision recipe, ``vortex_style_fp8``) that later
+    runs inherit.
     """
     from evo2_recipe.data.tokenizer import NucleotideTokenizer
+    from evo2_recipe.models.providers import get_provider
     from evo2_recipe.training.recipe import TrainSettings, build_config
 
     vocab = tensors["embedding.word_embeddings.weight"].shape[0]
@@ -95,8 +98,7 @@ def write_model_checkpoint(tensors: dict[str, torch.Tensor], out_dir: str | Path
     settings = TrainSettings(model_size=model_size, mock_data=True, max_steps=10, warmup_steps=1, constant_steps=0,
                              mixed_precision_recipe=mixed_precision_recipe, vortex_style_fp8=vortex_style_fp8,
                              hf_tokenizer_model_path=str(tokenizer_dir))
-    if seq_length:
-        settings.seq_length = seq_length
+    settings.seq_length = seq_length or get_provider(model_size).seq_length
     cfg = build_config(settings)
     cfg.model.vocab_size = vocab
     with atomic_output_dir(out_dir) as tmp:
@@ -135,7 +137,7 @@ def _save_with_megatron(tensors, iter_dir: Path, model_size: str, vocab: int, pa
                 * parallel_state.get_context_parallel_world_size() != 1:
             raise RuntimeError("write_model_checkpoint needs a TP=PP=CP=1 layout (it writes full tensors)")
         p = get_provider(model_size, vocab_size=vocab, use_cpu_initialization=True, perform_initialization=False,
-                         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16)
+                         params_dtype=torch.bfloat16)
         p.finalize()
         with torch.device("meta"):
             model = p.provide()
@@ -143,8 +145,9 @@ def _save_with_megatron(tensors, iter_dir: Path, model_size: str, vocab: int, pa
         slots = [t for t in nested_values(sharded) if isinstance(t, (ShardedTensor, ShardedTensorFactory))]
         shapes = {t.key: tuple(t.data.shape) for t in slots}
         check_coverage(tensors, shapes, f"{model_size} checkpoint")
-        for t in slots:
-            t.data = tensors[t.key].to(t.data.dtype).contiguous()
+        for t in slots:  # the meta model holds fp32 exactly where the model always keeps fp32 (filters)
+            dtype = torch.float32 if t.data.dtype == torch.float32 else (params_dtype or tensors[t.key].dtype)
+            t.data = tensors[t.key].to(dtype).contiguous()
         iter_dir.mkdir(parents=True)
         dist_checkpointing.save({"model": sharded, "checkpoint_version": 3.0, "iteration": 1,
                                  "content_metadata": {"singleton_local_shards": False,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from evo2_recipe.checkpoint.strict import StrictSource
 from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT
 
 IGNORED = re.compile(r"(_extra_state$|\.filter\.t$|rotary_emb\.inv_freq$|post_attention_layernorm\.|"
@@ -92,13 +93,9 @@ def savanna_to_mbridge(state: dict[str, torch.Tensor], pattern: str) -> dict[str
     """Map a Savanna state dict to Megatron-Bridge keys; raises on unmapped keys."""
     N = len(pattern)
     norm_idx = N + 3 if f"sequential.{N + 3}.norm.weight" in state else N + 2
-    out, used = {}, set()
-
-    def take(src: str) -> torch.Tensor:
-        if src not in state:
-            raise KeyError(f"Savanna checkpoint lacks {src!r} (pattern {pattern!r}); is --model-size right?")
-        used.add(src)
-        return state[src]
+    src = StrictSource(state, what="Savanna checkpoint", ignored=IGNORED,
+                       hint=f" (pattern {pattern!r}); is --model-size right?")
+    take, out = src.take, {}
 
     out["embedding.word_embeddings.weight"] = take("sequential.0.word_embeddings.weight")
     out["decoder.final_norm.weight"] = take(f"sequential.{norm_idx}.norm.weight")
@@ -112,7 +109,7 @@ def savanna_to_mbridge(state: dict[str, torch.Tensor], pattern: str) -> dict[str
             out[a + "linear_qkv.layer_norm_weight"] = take(s + "input_layernorm.weight")
             out[a + "linear_qkv.weight"] = take(s + "mixer.dense_projection.weight")
             out[a + "linear_proj.weight"] = take(s + "mixer.dense.weight")
-            if s + "mixer.dense.bias" in state:
+            if s + "mixer.dense.bias" in src:
                 out[a + "linear_proj.bias"] = take(s + "mixer.dense.bias")
             continue
         x = m + "mixer."
@@ -121,7 +118,7 @@ def savanna_to_mbridge(state: dict[str, torch.Tensor], pattern: str) -> dict[str
             out[x + name] = take(s + "mixer." + name)
         if kind == HYENA_SHORT:
             out[x + "mixer.short_conv.short_conv_weight"] = take(s + "mixer.mixer.short_conv.short_conv_weight")
-            if s + "mixer.mixer.conv_bias" in state:  # NV-style short-conv bias
+            if s + "mixer.mixer.conv_bias" in src:  # NV-style short-conv bias
                 out[x + "mixer.conv_bias"] = take(s + "mixer.mixer.conv_bias")
         elif kind == HYENA_MEDIUM:
             out[x + "mixer.filter.h"] = take(s + "mixer.mixer.filter.h")[:, :MEDIUM_TAPS].float()
@@ -131,9 +128,7 @@ def savanna_to_mbridge(state: dict[str, torch.Tensor], pattern: str) -> dict[str
             for name in ("gamma", "R", "p"):
                 out[x + f"mixer.filter.{name}"] = take(s + f"mixer.mixer.filter.{name}").float()
             out[x + "mixer.conv_bias"] = take(s + "mixer.mixer.conv_bias")
-    stray = sorted(k for k in state if k not in used and not IGNORED.search(k))
-    if stray:
-        raise ValueError(f"{len(stray)} Savanna key(s) have no Megatron-Bridge counterpart: {stray[:10]}")
+    src.finish()
     return out
 
 

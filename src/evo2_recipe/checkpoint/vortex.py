@@ -35,9 +35,11 @@ is the same filter. ``vortex_config`` writes the Vortex YAML that runs the expor
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
+from evo2_recipe.checkpoint.strict import StrictSource
 from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
 
 L = "decoder.layers"
@@ -109,9 +111,7 @@ def export_to_vortex(t: dict[str, torch.Tensor], pattern: str, *, rotary_base: f
             out[b + "inner_mha_cls.out_proj.weight"] = t[a + "linear_proj.weight"]
             if a + "linear_proj.bias" in t:
                 out[b + "inner_mha_cls.out_proj.bias"] = t[a + "linear_proj.bias"]
-            hd = H // num_heads
-            out[b + "inner_mha_cls.rotary_emb.inv_freq"] = 1.0 / (
-                rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            out[b + "inner_mha_cls.rotary_emb.inv_freq"] = rotary_inv_freq(rotary_base, H // num_heads)
             continue
         x = m + "mixer."
         out[b + "pre_norm.scale"] = t[x + "dense_projection.layer_norm_weight"]
@@ -169,43 +169,65 @@ def _p_gamma_for_log_poles(log_poles: torch.Tensor) -> tuple[torch.Tensor, torch
     return p, gamma
 
 
-def import_from_vortex(v: dict[str, torch.Tensor], pattern: str, *, ffn_hidden_size: int,
-                       tied: bool = True, short_conv_bias: bool = False) -> dict[str, torch.Tensor]:
-    out = {"embedding.word_embeddings.weight": v["embedding_layer.weight"],
-           "decoder.final_norm.weight": v["norm.scale"]}
+VORTEX_IGNORED = re.compile(r"_extra_state$")  # Transformer Engine FP8 metadata, rebuilt at load
+
+
+def rotary_inv_freq(rotary_base: float, head_dim: int) -> torch.Tensor:
+    """RoPE inverse frequencies as Vortex stores them (``inner_mha_cls.rotary_emb.inv_freq``)."""
+    return 1.0 / (rotary_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def import_from_vortex(state: dict[str, torch.Tensor], pattern: str, *, ffn_hidden_size: int, rotary_base: float,
+                       num_heads: int, tied: bool = True, short_conv_bias: bool = False) -> dict[str, torch.Tensor]:
+    """Vortex tensors -> Megatron-Bridge tensors. Every Vortex tensor must be mapped (or be TE metadata), and the
+    stored RoPE frequencies must be those of ``rotary_base``; anything else is an error naming the keys."""
+    v = StrictSource(state, what="Vortex checkpoint", ignored=VORTEX_IGNORED,
+                     hint=f" (pattern {pattern!r}); is --model-size right?")
+    out = {"embedding.word_embeddings.weight": v.take("embedding_layer.weight"),
+           "decoder.final_norm.weight": v.take("norm.scale")}
+    unembed = v.take("unembed.weight")  # a copy of the embedding when tied (Vortex ignores it then)
     if not tied:
-        out["output_layer.weight"] = v["unembed.weight"]
+        out["output_layer.weight"] = unembed
+    H = out["embedding.word_embeddings.weight"].shape[1]
     for i, kind in enumerate(pattern):
         m, b = f"{L}.{i}.", f"blocks.{i}."
-        out[m + "mlp.linear_fc1.layer_norm_weight"] = v[b + "post_norm.scale"]
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([v[b + "mlp.l1.weight"], v[b + "mlp.l2.weight"]], dim=0)
-        out[m + "mlp.linear_fc2.weight"] = v[b + "mlp.l3.weight"]
+        out[m + "mlp.linear_fc1.layer_norm_weight"] = v.take(b + "post_norm.scale")
+        out[m + "mlp.linear_fc1.weight"] = torch.cat([v.take(b + "mlp.l1.weight"), v.take(b + "mlp.l2.weight")], dim=0)
+        out[m + "mlp.linear_fc2.weight"] = v.take(b + "mlp.l3.weight")
         if kind == ATTENTION:
             a = m + "self_attention."
-            out[a + "linear_qkv.layer_norm_weight"] = v[b + "pre_norm.scale"]
-            out[a + "linear_qkv.weight"] = v[b + "inner_mha_cls.Wqkv.weight"]
-            out[a + "linear_proj.weight"] = v[b + "inner_mha_cls.out_proj.weight"]
+            out[a + "linear_qkv.layer_norm_weight"] = v.take(b + "pre_norm.scale")
+            out[a + "linear_qkv.weight"] = v.take(b + "inner_mha_cls.Wqkv.weight")
+            out[a + "linear_proj.weight"] = v.take(b + "inner_mha_cls.out_proj.weight")
             if b + "inner_mha_cls.out_proj.bias" in v:
-                out[a + "linear_proj.bias"] = v[b + "inner_mha_cls.out_proj.bias"]
+                out[a + "linear_proj.bias"] = v.take(b + "inner_mha_cls.out_proj.bias")
+            key = b + "inner_mha_cls.rotary_emb.inv_freq"
+            if key in v:
+                stored, expected = v.take(key).float(), rotary_inv_freq(rotary_base, H // num_heads)
+                if stored.shape != expected.shape or not torch.allclose(stored, expected, rtol=1e-5, atol=0):
+                    raise ValueError(f"{key} (shape {tuple(stored.shape)}) is not the RoPE frequencies of "
+                                     f"rotary_base={rotary_base:g} with {num_heads} heads; is --model-size right?")
             continue
         x = m + "mixer."
-        out[x + "dense_projection.layer_norm_weight"] = v[b + "pre_norm.scale"]
-        out[x + "dense_projection.weight"] = v[b + "projections.weight"]
-        out[x + "hyena_proj_conv.short_conv_weight"] = v[b + "filter.short_filter_weight"][:, 0]
-        out[x + "dense.weight"] = v[b + "out_filter_dense.weight"]
-        out[x + "dense.bias"] = v[b + "out_filter_dense.bias"]
+        out[x + "dense_projection.layer_norm_weight"] = v.take(b + "pre_norm.scale")
+        out[x + "dense_projection.weight"] = v.take(b + "projections.weight")
+        out[x + "hyena_proj_conv.short_conv_weight"] = v.take(b + "filter.short_filter_weight")[:, 0]
+        out[x + "dense.weight"] = v.take(b + "out_filter_dense.weight")
+        out[x + "dense.bias"] = v.take(b + "out_filter_dense.bias")
         if kind == HYENA_SHORT:
-            out[x + "mixer.short_conv.short_conv_weight"] = v[b + "filter.h"]
+            h = v.take(b + "filter.h")
+            out[x + "mixer.short_conv.short_conv_weight"] = h
             if short_conv_bias:  # the exporter folded it into the filter's last tap
-                out[x + "mixer.conv_bias"] = torch.zeros_like(v[b + "filter.h"][:, 0, 0])
+                out[x + "mixer.conv_bias"] = torch.zeros_like(h[:, 0, 0])
         elif kind == HYENA_MEDIUM:
-            h = v[b + "filter.h"][:, 0].float()
+            h = v.take(b + "filter.h")[:, 0].float()
             out[x + "mixer.filter.h"] = h
             out[x + "mixer.filter.decay"] = torch.ones_like(h)
-            out[x + "mixer.conv_bias"] = v[b + "filter.D"]
+            out[x + "mixer.conv_bias"] = v.take(b + "filter.D")
         elif kind == HYENA_LONG:
-            lp = v[b + "filter.log_poles"][..., 0]
+            lp = v.take(b + "filter.log_poles")[..., 0]
             out[x + "mixer.filter.p"], out[x + "mixer.filter.gamma"] = _p_gamma_for_log_poles(lp)
-            out[x + "mixer.filter.R"] = v[b + "filter.residues"].float()
-            out[x + "mixer.conv_bias"] = v[b + "filter.D"]
+            out[x + "mixer.filter.R"] = v.take(b + "filter.residues").float()
+            out[x + "mixer.conv_bias"] = v.take(b + "filter.D")
+    v.finish()
     return out

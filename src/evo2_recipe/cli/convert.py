@@ -29,6 +29,7 @@ import torch
 from evo2_recipe.cli.common import setup_logging
 
 log = logging.getLogger(__name__)
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _parser(prog: str, src_flag: str, src_help: str, *, writes_mbridge: bool = True) -> argparse.ArgumentParser:
@@ -42,11 +43,12 @@ def _parser(prog: str, src_flag: str, src_help: str, *, writes_mbridge: bool = T
         p.add_argument("--tokenizer-path", help="HF tokenizer directory (default: the bundled nucleotide tokenizer "
                                                 "whose vocabulary matches the embedding rows)")
         p.add_argument("--seq-length", type=int, help="sequence length stored in run_config.yaml (default: the "
-                                                      "provider's)")
+                                                      "model size's, e.g. 1048576 for evo2_7b)")
         p.add_argument("--mixed-precision-recipe", default="bf16_mixed",
                        help="Megatron-Bridge precision recipe stored for later runs (default bf16_mixed)")
-        p.add_argument("--params-dtype", choices=["bf16", "fp32"], default="bf16",
-                       help="dtype of the written weights (filters stay fp32 as in training)")
+        p.add_argument("--params-dtype", choices=sorted(_DTYPES),
+                       help="cast the written weights to this dtype (default: keep each tensor's source dtype); the "
+                            "Hyena filters are always written in fp32")
     p.add_argument("--no-te", action="store_true",
                    help="accepted for compatibility: this recipe uses the same parameter names with and without "
                         "Transformer Engine, so nothing changes")
@@ -64,8 +66,10 @@ def _run(p, fn) -> int:
 def _write(tensors, a, *, vortex_style_fp8: bool = False) -> None:
     from evo2_recipe.checkpoint.mbridge import write_model_checkpoint
 
+    if a.params_dtype:
+        log.info("casting weights to %s as asked by --params-dtype (Hyena filters stay fp32)", a.params_dtype)
     write_model_checkpoint(tensors, a.output_dir, model_size=a.model_size,
-                           params_dtype=torch.bfloat16 if a.params_dtype == "bf16" else torch.float32,
+                           params_dtype=_DTYPES[a.params_dtype] if a.params_dtype else None,
                            seq_length=a.seq_length, mixed_precision_recipe=a.mixed_precision_recipe,
                            vortex_style_fp8=vortex_style_fp8, tokenizer_path=a.tokenizer_path)
 
@@ -172,7 +176,10 @@ def import_vortex_main(argv=None) -> int:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"cannot read {path}: {e}") from e
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise ValueError(f"{path} is not a Vortex state dict (a flat dict of tensors)")
         _write(import_from_vortex(state, prov.hybrid_override_pattern, ffn_hidden_size=prov.ffn_hidden_size,
+                                  rotary_base=prov.rotary_base, num_heads=prov.num_attention_heads,
                                   tied=prov.share_embeddings_and_output_weights,
                                   short_conv_bias=prov.use_short_conv_bias), a)
     return _run(p, go)

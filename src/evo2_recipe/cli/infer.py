@@ -41,9 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-parallel-size", type=int, default=1, choices=[1],
                    help="cached decoding runs without context parallelism")
     p.add_argument("--output-file", type=Path)
-    p.add_argument("--mixed-precision-recipe", help="bf16_mixed (GPU default) or fp32")
+    p.add_argument("--mixed-precision-recipe",
+                   help="Megatron-Bridge recipe (bf16_mixed, fp16_mixed, bf16_with_fp8_current_scaling_mixed, ...) or "
+                        "fp32; default bf16_mixed on GPU, fp32 on CPU. FP8 recipes need Transformer Engine")
+    p.add_argument("--vortex-style-fp8", action="store_true",
+                   help="FP8 (delayed scaling) for the Hyena input projections only, as Arc ran the FP8-sensitive "
+                        "original 1b/40b checkpoints; use with bf16_mixed. Needs Transformer Engine")
     p.add_argument("--max-seq-length", type=int, help="longest prompt + new tokens allowed (default: no limit)")
     p.add_argument("--max-batch-size", type=int, default=1)
+    p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
     add_cpu_flag(p)
     return p
 
@@ -72,7 +78,7 @@ def read_prompts(args) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     apply_runtime_mode(args)
     import torch
 
@@ -83,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts = read_prompts(args)
         evo = Evo2.from_checkpoint(str(args.ckpt_dir), tp=args.tensor_parallel_size, sequence_parallel=False,
-                                   bf16=None if args.mixed_precision_recipe is None else
-                                   args.mixed_precision_recipe.startswith("bf16"))
+                                   mixed_precision_recipe=args.mixed_precision_recipe,
+                                   vortex_style_fp8=args.vortex_style_fp8 or None)
         evo.tokenize([r["prompt"] for r in prompts])
     except (FileNotFoundError, NotADirectoryError, CheckpointError, ValueError) as e:
         p.exit(2, f"infer_evo2: error: {e}\n")

@@ -35,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, choices=[1])
     p.add_argument("--context-parallel-size", type=int, default=1)
     p.add_argument("--no-sequence-parallel", action="store_true")
-    p.add_argument("--mixed-precision-recipe", help="bf16_mixed (GPU default) or fp32")
+    p.add_argument("--mixed-precision-recipe",
+                   help="Megatron-Bridge recipe (bf16_mixed, fp16_mixed, bf16_with_fp8_current_scaling_mixed, ...) or "
+                        "fp32; default bf16_mixed on GPU, fp32 on CPU. FP8 recipes need Transformer Engine")
+    p.add_argument("--vortex-style-fp8", action="store_true",
+                   help="FP8 (delayed scaling) for the Hyena input projections only, as Arc ran the FP8-sensitive "
+                        "original 1b/40b checkpoints; use with bf16_mixed. Needs Transformer Engine")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--min-length", type=int, help="pad every batch to at least this length")
     p.add_argument("--prepend-bos", action="store_true",
@@ -47,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average sequence log-probs with those of the reverse complement (as Arc's evo2 does)")
     p.add_argument("--embedding-layer", type=int, help="return layer k's output (negative: from the end)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
     add_cpu_flag(p)
     return p
 
@@ -63,7 +69,7 @@ def read_fasta_sorted(path: Path) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     if args.embedding_layer is not None and args.output_log_prob_seqs:
         p.error("Cannot use --output-log-prob-seqs with --embedding-layer. Embeddings are not logits.")
     if args.average_reverse_complement and not args.output_log_prob_seqs:
@@ -80,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         records = read_fasta_sorted(args.fasta)
         evo = Evo2.from_checkpoint(str(args.ckpt_dir), tp=args.tensor_parallel_size, cp=args.context_parallel_size,
                                    sequence_parallel=False if args.no_sequence_parallel else None,
-                                   bf16=None if args.mixed_precision_recipe is None else
-                                   args.mixed_precision_recipe.startswith("bf16"), seed=args.seed)
+                                   mixed_precision_recipe=args.mixed_precision_recipe,
+                                   vortex_style_fp8=args.vortex_style_fp8 or None, seed=args.seed)
         for name, seq in records:
-            evo.tokenize([seq])  # validate every record up front: a bad character fails before any work
+            evo.tokenizer.tokenize_checked(seq.upper(), f"record '{name}'")  # fail before any work
     except (FastaFormatError, FileNotFoundError, NotADirectoryError, CheckpointError, ValueError) as e:
         p.exit(2, f"predict_evo2: error: {e}\n")
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()

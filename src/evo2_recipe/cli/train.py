@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb-entity")
     p.add_argument("--wandb-run-name")
     p.add_argument("--wandb-offline", action="store_true", help="write W&B runs locally (also WANDB_MODE=offline)")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("-v", "--debug", "--verbose", dest="debug", action="store_true",
+                   help="DEBUG logging and dependency notices")
     p.add_argument("--debug-ddp-parity-freq", type=int, default=0)
     p.add_argument("--gc-interval", type=int, default=0)
     p.add_argument("--garbage-collect-at-inference", action="store_true")
@@ -176,6 +177,7 @@ def settings_from_args(args: argparse.Namespace, cpu: bool):
         average_in_collective=args.average_in_collective, overlap_param_gather=args.overlap_param_gather,
         overlap_grad_reduce=args.overlap_grad_reduce, align_param_gather=args.align_param_gather,
         check_for_nan_in_grad=not args.no_check_for_nan_in_grad, eod_pad_in_loss_mask=args.eod_pad_in_loss_mask,
+        predict_eod=args.predict_eod,
         renormalize_loss=not args.no_renormalize_loss, cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
         calculate_per_token_loss=not args.no_calculate_per_token_loss, activation_checkpointing=ac,
         recompute_num_layers=args.activation_checkpoint_recompute_num_layers, result_dir=args.result_dir,
@@ -201,18 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["WANDB_MODE"] = "offline"
     cpu = apply_runtime_mode(args)
     from megatron.bridge.training.pretrain import pretrain
-    from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 
     from evo2_recipe.training.forward_step import hyena_forward_step
-    from evo2_recipe.training.recipe import build_config
+    from evo2_recipe.training.recipe import apply_overrides, build_config
 
     try:
         settings = settings_from_args(args, cpu)
-        cfg = build_config(settings)
+        cfg = apply_overrides(build_config(settings), args.overrides)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"train_evo2: error: {e}") from None
-    if args.overrides:
-        cfg = process_config_with_overrides(cfg, cli_overrides=args.overrides)
     logger.info("model size %s, run directory %s", settings.model_size, settings.run_dir)
     from evo2_recipe.training.metrics import ThroughputCallback
 

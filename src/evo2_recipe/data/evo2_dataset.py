@@ -2,8 +2,9 @@
 
 * :class:`Evo2Dataset` (megatron-core ``GPTDataset``): labels count in the loss only if they are nucleotides
   ``ACGTacgt`` outside phylogenetic tags (spec 3.6); input tokens are upper-cased (the loss reads the label case for
-  the 0.1 lowercase weight). EOD/PAD labels are *predicted* unless ``eod_pad_in_loss_mask`` is set - unlike the
-  reference, whose flag changes nothing.
+  the 0.1 lowercase weight). As in the reference, EOD and PAD labels are never predicted by default (its
+  ``--eod-pad-in-loss-mask`` selects another class with the same effective mask). ``predict_eod`` (ours, opt-in)
+  also trains on the EOD label that ends each document, so generation learns where to stop.
 * :class:`MockEvo2Dataset`: the reference's deterministic mock sample (a rotated ``arange`` modulo the vocabulary).
 * :func:`parse_dataset_config`: the blended-dataset YAML (spec 2.15) -> megatron ``blend_per_split``.
 * :class:`Evo2DatasetProvider`: a Megatron-Bridge dataset provider building all of the above.
@@ -23,7 +24,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from evo2_recipe.data.tag_masking import CONTROL_TAGS, DNA_TOKENS, mask_phylogenetic_tags
-from evo2_recipe.data.tokenizer import EOD_ID, PAD_ID
+from evo2_recipe.data.tokenizer import EOD_ID
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -31,11 +32,11 @@ _DNA = torch.tensor(DNA_TOKENS)
 _CONTROL = torch.tensor(CONTROL_TAGS)
 
 
-def evo2_loss_mask(labels: torch.Tensor, base_mask: torch.Tensor, *, eod_pad_in_loss_mask: bool) -> torch.Tensor:
-    """Loss mask of spec 3.6 with EOD/PAD handled by ``eod_pad_in_loss_mask`` (True: never predict them)."""
+def evo2_loss_mask(labels: torch.Tensor, base_mask: torch.Tensor, *, predict_eod: bool = False) -> torch.Tensor:
+    """Loss mask of spec 3.6: nucleotide labels outside tags; with ``predict_eod`` the EOD label too (PAD never)."""
     keep = torch.isin(labels, _DNA.to(labels.device)) & ~torch.isin(labels, _CONTROL.to(labels.device))
-    if not eod_pad_in_loss_mask:
-        keep |= (labels == EOD_ID) | (labels == PAD_ID)
+    if predict_eod:
+        keep |= labels == EOD_ID
     tags = mask_phylogenetic_tags(labels, eod_token_id=EOD_ID).to(base_mask.dtype)
     return base_mask * keep.to(base_mask.dtype) * tags
 
@@ -48,18 +49,23 @@ def upper_case_tokens(tokens: torch.Tensor) -> torch.Tensor:
 class Evo2Dataset(GPTDataset):
     """GPT dataset over preprocessed Evo 2 data; set the class attribute via :func:`evo2_dataset_class`."""
 
-    eod_pad_in_loss_mask = False
+    eod_pad_in_loss_mask = False  # the reference's variant: GPTDataset's EOD/PAD mask as the base (same result)
+    predict_eod = False
 
     def __getitem__(self, idx):
         item = super().__getitem__(idx)
         base = item["loss_mask"] if self.eod_pad_in_loss_mask else torch.ones_like(item["loss_mask"])
-        item["loss_mask"] = evo2_loss_mask(item["labels"], base, eod_pad_in_loss_mask=self.eod_pad_in_loss_mask)
+        item["loss_mask"] = evo2_loss_mask(item["labels"], base, predict_eod=self.predict_eod)
         item["tokens"] = upper_case_tokens(item["tokens"])
         return item
 
 
 class Evo2DatasetPadEodLossMask(Evo2Dataset):
     eod_pad_in_loss_mask = True
+
+
+class Evo2DatasetPredictEod(Evo2Dataset):
+    predict_eod = True
 
 
 class MockEvo2Dataset(torch.utils.data.Dataset):
@@ -129,6 +135,7 @@ class Evo2DatasetProvider(DatasetProvider):
     mock: bool = False
     random_seed: int = 1234
     eod_pad_in_loss_mask: bool = False
+    predict_eod: bool = False
     path_to_cache: str | None = None
     dataloader_type: str | None = "single"
     skip_getting_attention_mask_from_dataset: bool = True
@@ -148,7 +155,10 @@ class Evo2DatasetProvider(DatasetProvider):
             reset_attention_mask=False, create_attention_mask=False, eod_mask_loss=self.eod_pad_in_loss_mask,
             mmap_bin_files=True,
         )
-        cls = Evo2DatasetPadEodLossMask if self.eod_pad_in_loss_mask else Evo2Dataset
+        if self.predict_eod and self.eod_pad_in_loss_mask:
+            raise ValueError("predict_eod and eod_pad_in_loss_mask contradict each other; choose one")
+        cls = (Evo2DatasetPredictEod if self.predict_eod else
+               Evo2DatasetPadEodLossMask if self.eod_pad_in_loss_mask else Evo2Dataset)
         return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
 
 

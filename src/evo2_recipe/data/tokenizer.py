@@ -72,6 +72,21 @@ class NucleotideTokenizer:
                 return ids.astype(np.int64)
         return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
+    def tokenize_checked(self, text: str, what: str = "sequence") -> np.ndarray:
+        """:meth:`tokenize_array`, refusing characters the tokenizer cannot encode (they would become ``<UNK>``).
+
+        Everything the vocabulary holds is accepted: nucleotides in either case, IUPAC codes, and the characters of
+        phylogenetic tags such as ``|d__Bacteria;p__Pseudomonadota|``.
+        """
+        ids = self.tokenize_array(text)
+        bad = np.flatnonzero(ids == UNK_ID)
+        if bad.size:
+            enc = self._hf.encode(text, add_special_tokens=False)
+            start = enc.offsets[int(bad[0])][0]
+            raise ValueError(f"{what}: character {text[start]!r} at position {start + 1} cannot be encoded by the "
+                             f"tokenizer ({self.vocab_size} tokens); remove or replace it")
+        return ids
+
     def detokenize(self, ids) -> str:
         """Inverse of :meth:`tokenize` for ids of real characters; special tokens are dropped."""
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -6,7 +6,9 @@
     evo.embed(["ACGT..."], layer=-2)
     evo.generate(["ATGGTT"], n_tokens=100, temperature=1.0, top_k=4)
 
-Sequences are upper-cased before tokenization (the training data are upper-case inputs). With ``prepend_bos`` the
+Sequences are upper-cased before tokenization (training upper-cases every input token, tags included); any character
+the tokenizer encodes is accepted - nucleotides, IUPAC codes and phylogenetic tags such as ``|d__Bacteria;...|`` -
+and anything else is refused with its position. With ``prepend_bos`` the
 EOD id (0, the document separator the model was trained with) is put in front of every sequence so the first base is
 scored too; the reference's ``--prepend-bos`` does the same.
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from evo2_recipe.data.fasta import IUPAC_ALPHABET, check_alphabet
 from evo2_recipe.data.preprocess import reverse_complement
 from evo2_recipe.inference import scoring
 from evo2_recipe.inference.generation import SamplingParams, generate
@@ -31,15 +32,21 @@ class Evo2:
         self.tokenizer = loaded.tokenizer
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir: str, *, tp: int = 1, cp: int = 1, sequence_parallel=None, bf16=None,
+    def from_checkpoint(cls, ckpt_dir: str, *, tp: int = 1, cp: int = 1, sequence_parallel=None,
+                        mixed_precision_recipe: str | None = None, vortex_style_fp8: bool | None = None,
                         seed: int = 1234, tokenizer_path: str | None = None) -> Evo2:
-        """Initialise (or reuse) the process group and load ``ckpt_dir``. CPU mode is used when no GPU is present."""
+        """Initialise (or reuse) the process group and load ``ckpt_dir``. CPU mode is used when no GPU is present.
+
+        ``mixed_precision_recipe``: a Megatron-Bridge recipe name (``bf16_mixed``, ``bf16_with_fp8_current_scaling_mixed``,
+        ...) or ``fp32``; default bf16_mixed on GPU, fp32 on CPU.
+        """
         from evo2_recipe.compat import cpu as cpu_mode
         from evo2_recipe.utils.distributed import init_distributed
 
         cpu = cpu_mode.maybe_enable(None)
         init_distributed(tp=tp, cp=cp, seed=seed, cpu=cpu)
-        parallel = dict(tp=tp, cp=cp, sequence_parallel=sequence_parallel, bf16=bf16, tokenizer_path=tokenizer_path)
+        parallel = dict(tp=tp, cp=cp, sequence_parallel=sequence_parallel, mixed_precision_recipe=mixed_precision_recipe,
+                        vortex_style_fp8=vortex_style_fp8, tokenizer_path=tokenizer_path)
         return cls(load_for_inference(ckpt_dir, **parallel), ckpt_dir, parallel)
 
     @property
@@ -51,25 +58,24 @@ class Evo2:
         for i, s in enumerate(seqs):
             if not s:
                 raise ValueError(f"sequence #{i} is empty")
-            s = s.upper()
-            check_alphabet(f"#{i}", s, IUPAC_ALPHABET)
-            ids = torch.from_numpy(self.tokenizer.tokenize_array(s))
+            ids = torch.from_numpy(self.tokenizer.tokenize_checked(s.upper(), f"sequence #{i}"))
             out.append(torch.cat([torch.tensor([self.tokenizer.eod]), ids]) if prepend_bos else ids)
         return out
 
-    def _multiple(self) -> int:
+    def _pad(self, ids: list[torch.Tensor], min_length: int | None = None):
+        """Right-pad to a length the parallel layout handles (causal model: padding never changes real positions)."""
         from megatron.core import parallel_state
 
         cp = parallel_state.get_context_parallel_world_size()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         sp = getattr(self._loaded.provider, "sequence_parallel", False)
-        return (2 * cp if cp > 1 else 1) * (tp if sp else 1)
+        multiple = (2 * cp if cp > 1 else 1) * (tp if sp else 1)
+        return scoring.pad_batch(ids, self.tokenizer.eod, max(min_length or 0, scoring.cp_min_length(cp)), multiple)
 
     def logits(self, seqs: list[str], *, prepend_bos: bool = False, min_length: int | None = None):
         """``(logits (B, L, V), tokens (B, L), mask (B, L))`` for a batch of sequences."""
         ids = self.tokenize(seqs, prepend_bos=prepend_bos)
-        tokens, mask = scoring.pad_batch(ids, self.tokenizer.eod, min_length,
-                                         self._multiple())
+        tokens, mask = self._pad(ids, min_length)
         if prepend_bos:
             mask[:, 0] = 0
         return scoring.forward_full(self.model, tokens), tokens, mask
@@ -102,7 +108,7 @@ class Evo2:
             self._embed_models[layer] = load_for_inference(self.ckpt_dir, embedding_layer=layer, **self._parallel)
         model = self._embed_models[layer].model
         ids = self.tokenize(seqs, prepend_bos=prepend_bos)
-        tokens, mask = scoring.pad_batch(ids, self.tokenizer.eod, None, self._multiple())
+        tokens, mask = self._pad(ids)
         hidden = scoring.forward_full(model, tokens, hidden=True)
         return [hidden[b, :int(mask[b].sum())].cpu() for b in range(len(seqs))]
 

@@ -15,6 +15,7 @@ import yaml
 
 from evo2_recipe.checkpoint.dcp_utils import resolve_iteration_dir
 from evo2_recipe.data.tokenizer import NucleotideTokenizer, default_tokenizer_path
+from evo2_recipe.models.precision import apply_precision_recipe
 
 logger = logging.getLogger(__name__)
 _NON_MODEL_PREFIXES = ("optimizer.", "opt_param_scheduler", "rng_state")
@@ -75,12 +76,15 @@ def _checkpoint_tokenizer(iter_dir: Path, vocab_rows: int | None) -> NucleotideT
 
 
 def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: int = 1, sequence_parallel=None,
-                       bf16: bool | None = None, embedding_layer: int | None = None,
+                       mixed_precision_recipe: str | None = None, vortex_style_fp8: bool | None = None,
+                       embedding_layer: int | None = None,
                        tokenizer_path: str | Path | None = None) -> LoadedModel:
     """Build the model of ``ckpt_dir`` for the current parallel layout and load its weights strictly.
 
     Call after :func:`evo2_recipe.utils.distributed.init_distributed`. ``embedding_layer`` (negative allowed) builds
     only the first layers and no head, so the model returns that layer's output (before the final norm).
+    ``mixed_precision_recipe`` is a Megatron-Bridge recipe name or ``fp32`` (default: bf16_mixed on GPU, fp32 on
+    CPU); ``vortex_style_fp8=True`` turns Vortex-style FP8 on (None keeps the checkpoint's setting).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -118,12 +122,10 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     provider.pipeline_model_parallel_size = pp
     provider.sequence_parallel = (tp > 1) if sequence_parallel is None else sequence_parallel
     provider.recompute_granularity = provider.recompute_method = provider.recompute_num_layers = None
-    if bf16 is not None:
-        provider.bf16 = bf16
-        provider.params_dtype = torch.bfloat16 if bf16 else torch.float32
-    if not torch.cuda.is_available():
-        provider.params_dtype, provider.bf16 = torch.float32, False
-    provider.finalize()
+    recipe = apply_precision_recipe(provider, mixed_precision_recipe, on_gpu=torch.cuda.is_available())
+    if vortex_style_fp8:
+        provider.vortex_style_fp8 = True
+    provider.finalize()  # refuses FP8 without Transformer Engine
     from megatron.core import parallel_state
 
     model = provider.provide(post_process=post_process and parallel_state.is_pipeline_last_stage())
@@ -141,12 +143,17 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     state = dist_checkpointing.load(sharded, str(iter_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     own = model.state_dict().keys()  # drop the checkpoint's common (non-model) entries merged in by load()
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
-    if provider.bf16 and torch.cuda.is_available():
+    if (provider.bf16 or provider.fp16) and torch.cuda.is_available():
         from megatron.core.transformer.module import Float16Module
 
-        model = Float16Module(provider, model)  # bf16 weights, fp32 outputs
+        model = Float16Module(provider, model)  # bf16/fp16 weights (Hyena filters stay fp32), fp32 outputs
+    if provider.fp8 or provider.fp4:
+        from megatron.core.fp8_utils import prepare_model_for_fp8_inference
+
+        prepare_model_for_fp8_inference(model)  # pads sequences to what FP8 GEMMs need (decode steps are 1 token)
     model.eval()
-    logger.info("Model initialized with %d layers", provider.num_layers)
+    logger.info("Model initialized with %d layers (%s%s)", provider.num_layers, recipe,
+                ", vortex-style FP8" if provider.vortex_style_fp8 else "")
     return LoadedModel(model, provider, tokenizer, iter_dir, provider.num_layers)
 
 

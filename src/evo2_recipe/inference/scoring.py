@@ -11,7 +11,17 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
+from evo2_recipe.models.hyena.config import HyenaConfig
 from evo2_recipe.models.hyena.context_parallel import zigzag_split
+
+
+def cp_min_length(cp: int) -> int:
+    """Shortest padded length that context parallelism handles: each of the ``2*cp`` zigzag chunks must hold the
+    widest causal-conv halo (the 7-tap hcs filter needs 6 samples of left context from its neighbour)."""
+    if cp <= 1:
+        return 1
+    hc = HyenaConfig()
+    return 2 * cp * (max(hc.hyena_short_conv_len, hc.short_conv_L) - 1)
 
 
 def pad_batch(seqs: list[torch.Tensor], pad_id: int, min_length: int | None = None, multiple: int = 1):

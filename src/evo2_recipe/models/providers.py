@@ -29,6 +29,7 @@ from megatron.bridge.utils.instantiate_utils import register_allowed_target_pref
 from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size  # noqa: E402
 
 from evo2_recipe.compat.megatron_fixes import transformer_engine_available  # noqa: E402
+from evo2_recipe.models.hyena import quantization  # noqa: E402
 from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT  # noqa: E402
 from evo2_recipe.models.hyena.model import HyenaModel  # noqa: E402
 from evo2_recipe.models.hyena.specs import get_hyena_stack_spec  # noqa: E402
@@ -112,8 +113,7 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
             self.persist_layer_norm = False
         if self.remove_activation_post_first_layer:
             self.bias_activation_fusion = False  # ARC layer 0 uses the exact erf GELU
-        if self.vortex_style_fp8 and not self.use_te:
-            raise ValueError("vortex_style_fp8 needs Transformer Engine (FP8 input projections)")
+        quantization.require_transformer_engine(self)  # FP8/FP4 never silently run in bf16
         H, N = self.hidden_size, self.num_layers
         self.init_method = _normal_init(math.sqrt(2 / (5 * H)))  # small_init
         self.output_layer_init_method = _normal_init(2 / (N * math.sqrt(H)))  # wang_init

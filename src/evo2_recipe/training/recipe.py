@@ -126,6 +126,7 @@ class TrainSettings:
     # (torch Adam path) does not restore Adam moments on resume, so the plain optimizer is used (same math at DP=1).
     use_distributed_optimizer: bool | None = None
     eod_pad_in_loss_mask: bool = False
+    predict_eod: bool = False
     renormalize_loss: bool = True
     cross_entropy_loss_fusion: bool = False
     calculate_per_token_loss: bool = True
@@ -256,7 +257,7 @@ def build_config(s: TrainSettings) -> ConfigContainer:
     dataset = Evo2DatasetProvider(
         seq_length=s.seq_length, dataset_config=s.dataset_config, dataset_dir=s.dataset_dir, mock=s.mock_data,
         random_seed=s.dataset_seed if s.dataset_seed is not None else s.seed,
-        eod_pad_in_loss_mask=s.eod_pad_in_loss_mask, num_workers=s.workers, pin_memory=not s.cpu,
+        eod_pad_in_loss_mask=s.eod_pad_in_loss_mask, predict_eod=s.predict_eod, num_workers=s.workers, pin_memory=not s.cpu,
         persistent_workers=s.workers > 0,
     )
     log = LoggerConfig(
@@ -299,6 +300,34 @@ def build_config(s: TrainSettings) -> ConfigContainer:
         profiling=profiling,
         mixed_precision=mixed_precision,
     )
+
+
+def apply_overrides(cfg: ConfigContainer, overrides: list[str]) -> ConfigContainer:
+    """Hydra-style ``section.key=value`` overrides, then one sequence length for model and data.
+
+    ``model.seq_length`` is the source of truth: the dataset follows it unless only ``dataset.seq_length`` was
+    overridden (then the model follows); overriding both to different values is an error.
+    """
+    from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
+
+    if overrides:
+        cfg = process_config_with_overrides(cfg, cli_overrides=overrides)
+    touched = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    model_len, data_len = cfg.model.seq_length, cfg.dataset.seq_length
+    if model_len != data_len:
+        if {"model.seq_length", "dataset.seq_length"} <= touched:
+            raise ValueError(f"model.seq_length={model_len} and dataset.seq_length={data_len} differ; set one of "
+                             f"them (or --seq-length)")
+        if "dataset.seq_length" in touched:
+            cfg.model.seq_length = data_len
+        else:
+            cfg.dataset.seq_length = model_len
+        logger.info("sequence length %d for model and data", cfg.model.seq_length)
+    cp = cfg.model.context_parallel_size
+    if cp > 1 and cfg.model.seq_length % (2 * cp):
+        raise ValueError(f"sequence length {cfg.model.seq_length} must be divisible by 2*context-parallel-size = "
+                         f"{2 * cp}")
+    return cfg
 
 
 def default_run_name(s: TrainSettings) -> str:

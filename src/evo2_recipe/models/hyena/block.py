@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from torch import nn
 
+from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import ATTENTION, parse_pattern
 from evo2_recipe.models.hyena.specs import HyenaStackSpec
 
@@ -37,34 +38,26 @@ def pipeline_layer_range(num_layers: int) -> range:
 class HyenaStack(MegatronModule):
     def __init__(self, config, spec: HyenaStackSpec, *, pre_process: bool = True, post_process: bool = True):
         super().__init__(config)
+        quantization.require_transformer_engine(config)
         self.pre_process, self.post_process = pre_process, post_process
         self.input_tensor = None
         pattern = parse_pattern(config.hybrid_override_pattern, config.num_layers)
         self.global_indices = list(pipeline_layer_range(config.num_layers))
         layers = []
         for i in self.global_indices:
-            if pattern[i] == ATTENTION:
-                layer = build_module(spec.attention_layer, config=config, layer_number=i + 1, add_layer_offset=False)
-                if config.add_attn_proj_bias:
-                    self._add_attention_projection_bias(layer)
-            else:
-                layer = build_module(spec.hyena_layer, config=config, layer_number=i + 1, operator_type=pattern[i])
+            with quantization.layer_context(config, i, is_init=True):
+                if pattern[i] == ATTENTION:
+                    layer = build_module(spec.attention_layer, config=config, layer_number=i + 1,
+                                         add_layer_offset=False)
+                else:
+                    layer = build_module(spec.hyena_layer, config=config, layer_number=i + 1,
+                                         operator_type=pattern[i])
             if config.remove_activation_post_first_layer and i > 0:
                 self._make_mlp_bilinear(layer)
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
         self.final_norm = (build_module(spec.final_norm, config=config, hidden_size=config.hidden_size,
                                         eps=config.layernorm_epsilon) if post_process else None)
-
-    @staticmethod
-    def _add_attention_projection_bias(layer) -> None:
-        """ARC models have a bias on the attention output projection (zero-initialised, replicated over TP)."""
-        proj = layer.self_attention.linear_proj
-        proj.bias = nn.Parameter(torch.zeros(proj.weight.shape[0], device=proj.weight.device,
-                                             dtype=proj.weight.dtype))
-        setattr(proj.bias, "allreduce", True)
-        setattr(proj.bias, "sequence_parallel", bool(proj.config.sequence_parallel))
-        proj.skip_bias_add = True  # returned separately; the layer's bias-dropout-add adds it
 
     @staticmethod
     def _make_mlp_bilinear(layer) -> None:
@@ -79,20 +72,22 @@ class HyenaStack(MegatronModule):
         self.input_tensor = input_tensor
 
     def _layer_call(self, layer, hidden_states, attention_mask, rotary_pos_emb, inference_context):
-        out = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
-                    inference_context=inference_context)
+        with quantization.layer_context(self.config, layer.layer_number - 1):  # FP8/FP4 per layer (not delayed)
+            out = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                        inference_context=inference_context)
         return out[0] if isinstance(out, tuple) else out
 
     def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None):
         if not self.pre_process:
             hidden_states = self.input_tensor
         cfg = self.config
-        if cfg.recompute_granularity == "full" and self.training and inference_context is None:
-            hidden_states = self._recompute_forward(hidden_states, attention_mask, rotary_pos_emb)
-        else:
-            for layer in self.layers:
-                hidden_states = self._layer_call(layer, hidden_states, attention_mask, rotary_pos_emb,
-                                                 inference_context)
+        with quantization.stack_context(cfg):  # FP8 delayed scaling: one context for the whole stack
+            if cfg.recompute_granularity == "full" and self.training and inference_context is None:
+                hidden_states = self._recompute_forward(hidden_states, attention_mask, rotary_pos_emb)
+            else:
+                for layer in self.layers:
+                    hidden_states = self._layer_call(layer, hidden_states, attention_mask, rotary_pos_emb,
+                                                     inference_context)
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states)
         return hidden_states
@@ -110,13 +105,12 @@ class HyenaStack(MegatronModule):
             return fn
 
         if cfg.recompute_method == "block":  # recompute the first `chunk` layers, keep the rest
-            hidden_states = tensor_parallel.checkpoint(run(0, min(chunk, n)), cfg.distribute_saved_activations,
-                                                       hidden_states, attention_mask, rotary_pos_emb)
+            hidden_states = quantization.recompute_checkpoint(cfg, run(0, min(chunk, n)), hidden_states,
+                                                              attention_mask, rotary_pos_emb)
             return run(min(chunk, n), n)(hidden_states, attention_mask, rotary_pos_emb)
         for start in range(0, n, chunk):  # "uniform"
-            hidden_states = tensor_parallel.checkpoint(run(start, min(start + chunk, n)),
-                                                       cfg.distribute_saved_activations, hidden_states,
-                                                       attention_mask, rotary_pos_emb)
+            hidden_states = quantization.recompute_checkpoint(cfg, run(start, min(start + chunk, n)), hidden_states,
+                                                              attention_mask, rotary_pos_emb)
         return hidden_states
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

@@ -31,6 +31,7 @@ from torch import nn
 
 from evo2_recipe.models.hyena import context_parallel as cp_comm
 from evo2_recipe.models.hyena import operators as ops
+from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
 from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update
 
@@ -110,7 +111,26 @@ class GroupedShortConv(_ShardedDim0):
         return ops.expand_groups(self.short_conv_weight[:, 0], channels)
 
 
-class ExplicitDecayFilter(_ShardedDim0):
+class _Fp32Filter(_ShardedDim0):
+    """Filter parameters and buffers stay fp32 through ``.bfloat16()``/``.half()``/``.to(dtype)`` of the model.
+
+    The StripedHyena authors keep long/medium filters in fp32 (bf16 poles and residues visibly change the filter);
+    megatron's ``Float16Module`` casts the whole model, so these modules undo the cast for themselves. Device moves
+    are unaffected. Checkpoints therefore store the filters (and ``decay``) in fp32.
+    """
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name, param in self._parameters.items():
+            if param is not None and param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+
+class ExplicitDecayFilter(_Fp32Filter):
     """hcm filter: ``h`` (Gp, 128) times the fixed persistent buffer ``decay`` (Gp, 128), both fp32."""
 
     def __init__(self, config, num_groups: int, length: int, preset: str, gen: torch.Generator):
@@ -122,11 +142,12 @@ class ExplicitDecayFilter(_ShardedDim0):
         decay = ops.decay_rates(num_groups, length, preset)[rank * rows:(rank + 1) * rows]
         self.register_buffer("decay", decay.to(self.h.device), persistent=True)
 
-    def forward(self) -> torch.Tensor:
-        return ops.decay_filter(self.h, self.decay)
+    def forward(self, L: int | None = None, groups: slice = slice(None)) -> torch.Tensor:
+        """``(h * decay)[groups]`` (G', 128) fp32; ``L`` is ignored (the filter has fixed length)."""
+        return ops.decay_filter(self.h[groups], self.decay[groups])
 
 
-class ImplicitModalFilter(_ShardedDim0):
+class ImplicitModalFilter(_Fp32Filter):
     """hcl filter: ``gamma``, ``R``, ``p`` (Gp, 16) fp32; ``h[g, t] = sum_o R exp(-exp(p) exp(gamma) t)``."""
 
     def __init__(self, config, num_groups: int, order: int, gamma_min: float, gamma_max: float,
@@ -138,8 +159,9 @@ class ImplicitModalFilter(_ShardedDim0):
                                 fp32=True)
         self.p = _sharded_param(torch.full((num_groups, order), -1.0), config, fp32=True)
 
-    def forward(self, L: int) -> torch.Tensor:
-        return ops.modal_filter(self.p, self.gamma, self.R, L)
+    def forward(self, L: int, groups: slice = slice(None)) -> torch.Tensor:
+        """The modal filter of ``groups`` (all by default) for ``L`` positions: (G', L) fp32."""
+        return ops.modal_filter(self.p[groups], self.gamma[groups], self.R[groups], L)
 
     def log_poles(self) -> torch.Tensor:
         return ops.modal_log_poles(self.p, self.gamma)
@@ -197,9 +219,17 @@ class HyenaOperator(_ShardedDim0):
             y = y + u * ops.expand_groups(self.conv_bias, self.channels).to(u.dtype)[:, None]
         return y
 
-    def _filter_CK(self, L: int) -> torch.Tensor:
-        h = self.filter() if self.operator_type == HYENA_MEDIUM else self.filter(L)
-        return ops.expand_groups(h, self.channels)
+    @property
+    def filter_groups(self) -> int:
+        """Filter groups on this TP rank (rows of ``h`` / ``p``)."""
+        return (self.filter.h if self.operator_type == HYENA_MEDIUM else self.filter.p).shape[0]
+
+    def _filter_CK(self, L: int, channels: slice = slice(None)) -> torch.Tensor:
+        """Per-channel filter (C', K) of the rank's ``channels``, built only for the groups those channels use."""
+        start, stop, _ = channels.indices(self.channels)
+        groups, within = ops.groups_of_channels(start, stop, self.channels, self.filter_groups)
+        h = self.filter(L, groups)
+        return ops.expand_groups(h, h.shape[0] * (self.channels // self.filter_groups))[within]
 
     def _long(self, u, state):
         group = _cp_group()
@@ -214,7 +244,7 @@ class HyenaOperator(_ShardedDim0):
         cp_rank, cp = parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_world_size()
         u_full = cp_comm.seq_to_channel_split(u, group)  # (B, Hp/CP, L)
         c = u_full.shape[1]
-        h = self._filter_CK(u_full.shape[-1])[cp_rank * c:(cp_rank + 1) * c]
+        h = self._filter_CK(u_full.shape[-1], slice(cp_rank * c, (cp_rank + 1) * c))  # never all channels
         y = ops.fft_causal_conv(u_full, h) + u_full.float() * D[cp_rank * c:(cp_rank + 1) * c].float()[:, None]
         return cp_comm.channel_to_seq_split(y, group)
 
@@ -267,7 +297,7 @@ class HyenaMixer(MegatronModule):
         )
 
     def forward(self, x_LBH: torch.Tensor, state: HyenaLayerState | None = None):
-        features, _ = self.dense_projection(x_LBH)  # (L, B, 3Hp)
+        features, _ = quantization.hyena_input_projection(self.config, self.dense_projection, x_LBH)  # (L, B, 3Hp)
         features = features.permute(1, 2, 0)  # (B, 3Hp, L)
         halo = self.hyena_proj_conv.kernel_size - 1
         group = _cp_group()

@@ -20,6 +20,17 @@ def expand_groups(w: torch.Tensor, channels: int) -> torch.Tensor:
     return w.repeat_interleave(channels // groups, dim=0)
 
 
+def groups_of_channels(start: int, stop: int, channels: int, groups: int) -> tuple[slice, slice]:
+    """For channels ``[start, stop)``: the filter groups they use, and where they sit in those groups' expansion.
+
+    ``expand_groups(w[g], channels)[c]`` == ``expand_groups(w, channels)[start:stop]`` - so a rank that needs only a
+    slice of the channels builds only the filters of its groups.
+    """
+    per_group = channels // groups
+    g0, g1 = start // per_group, (stop - 1) // per_group + 1
+    return slice(g0, g1), slice(start - g0 * per_group, stop - g0 * per_group)
+
+
 def causal_depthwise_conv(u_BCL: torch.Tensor, w_CK: torch.Tensor, left_context: torch.Tensor | None = None):
     """Depthwise causal conv with the last tap on the current token (fp32 accumulate, output in u's dtype).
 
@@ -60,10 +71,17 @@ def modal_log_poles(p_GO: torch.Tensor, gamma_GO: torch.Tensor) -> torch.Tensor:
 
 
 def modal_filter(p_GO: torch.Tensor, gamma_GO: torch.Tensor, R_GO: torch.Tensor, L: int) -> torch.Tensor:
-    """Implicit modal filter ``h[g, t] = sum_o R[g, o] * exp(glogp[g, o] * t)`` for ``t < L``; fp32 (G, L)."""
+    """Implicit modal filter ``h[g, t] = sum_o R[g, o] * exp(glogp[g, o] * t)`` for ``t < L``; fp32 (G, L).
+
+    Summed one mode at a time so no (G, O, L) tensor is built (at 1M tokens that is 16x the filter itself).
+    """
     t = torch.arange(L, device=p_GO.device, dtype=torch.float32)
     log_poles = modal_log_poles(p_GO, gamma_GO)  # (G, O)
-    return torch.einsum("go,got->gt", R_GO.float(), torch.exp(log_poles.unsqueeze(-1) * t))
+    R = R_GO.float()
+    h = R[:, :1] * torch.exp(log_poles[:, :1] * t)
+    for o in range(1, log_poles.shape[1]):
+        h = h + R[:, o:o + 1] * torch.exp(log_poles[:, o:o + 1] * t)
+    return h
 
 
 def decay_filter(h_GK: torch.Tensor, decay_GK: torch.Tensor) -> torch.Tensor:

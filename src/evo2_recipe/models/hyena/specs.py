@@ -7,6 +7,7 @@ module that names Transformer Engine classes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,6 +23,21 @@ from evo2_recipe.compat.megatron_fixes import transformer_engine_available
 from evo2_recipe.models.hyena.layer import HyenaLayer, HyenaLayerSubmodules
 from evo2_recipe.models.hyena.local_layers import RMSNorm, RMSNormColumnParallelLinear, SDPAttention
 from evo2_recipe.models.hyena.mixer import HyenaMixer, HyenaMixerSubmodules
+
+
+@functools.cache
+def with_attention_output_bias(row_linear: type) -> type:
+    """``row_linear`` built with ``bias=config.add_attn_proj_bias`` instead of megatron's ``add_bias_linear``.
+
+    ARC models carry a bias on the attention output projection only. Asking for it at construction is the one way
+    that works for every linear: Transformer Engine fixes whether its forward returns a bias when it is built, so a
+    bias attached afterwards is silently dropped. With ``skip_bias_add`` the layer's bias-dropout-add adds it.
+    """
+
+    def __init__(self, *args, config, bias=False, **kwargs):
+        row_linear.__init__(self, *args, config=config, bias=bool(bias or config.add_attn_proj_bias), **kwargs)
+
+    return type(f"{row_linear.__name__}WithAttnBias", (row_linear,), {"__init__": __init__})
 
 
 @dataclass
@@ -46,7 +62,8 @@ def _layers(norm_linear, row_linear, core_attention) -> tuple[ModuleSpec, Module
         self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
                                   submodules=SelfAttentionSubmodules(linear_qkv=norm_linear,
                                                                      core_attention=core_attention,
-                                                                     linear_proj=row_linear,
+                                                                     linear_proj=with_attention_output_bias(
+                                                                         row_linear),
                                                                      q_layernorm=IdentityOp, k_layernorm=IdentityOp)),
         self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=IdentityOp,
         mlp=partial(MLP.as_mlp_submodule, submodules=mlp_submodules), mlp_bda=get_bias_dropout_add))
