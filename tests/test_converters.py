@@ -240,3 +240,69 @@ def test_nemo2_to_mbridge(tmp_path):
     r = _cli("evo2_convert_nemo2_to_mbridge", "--nemo2-ckpt-dir", str(tmp_path / "nemo2" / "context"),
              "--model-size", "striped_hyena_tiny", "--mbridge-ckpt-dir", str(tmp_path / "mb2"))
     assert r.returncode == 2 and "not a NeMo2 checkpoint" in r.stderr and not (tmp_path / "mb2").exists()
+
+
+def test_converters_keep_source_dtypes_and_refuse_unknown_vortex_tensors(tmp_path):
+    """fp32 Vortex -> MBridge -> Vortex is bit-identical without flags; bf16 sources stay bf16 except the filters,
+    which are always fp32; --params-dtype casts on request; every importer refuses tensors it cannot place."""
+    import yaml
+
+    (orig,) = run_on_ranks(_tiny_weights, 1, "striped_hyena_tiny")
+    p = get_provider("striped_hyena_tiny")
+    vx = export_to_vortex({k: v.float() for k, v in orig.items()}, p.hybrid_override_pattern,
+                          rotary_base=p.rotary_base, num_heads=p.num_attention_heads, ffn_hidden_size=p.ffn_hidden_size)
+    torch.save(vx, tmp_path / "fp32.pt")
+    common = ["--model-size", "striped_hyena_tiny"]
+    r = _cli("evo2_convert_vortex_to_mbridge", "--vortex-ckpt-path", str(tmp_path / "fp32.pt"),
+             "--mbridge-ckpt-dir", str(tmp_path / "mb32"), *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mb32, iter_dir = read_model_tensors(tmp_path / "mb32")
+    assert {t.dtype for t in mb32.values()} == {torch.float32}
+    assert yaml.safe_load((iter_dir / "run_config.yaml").read_text())["model"]["seq_length"] == p.seq_length
+    r = _cli("evo2_export_mbridge_to_vortex", "--mbridge-ckpt-dir", str(tmp_path / "mb32"),
+             "--output-path", str(tmp_path / "back.pt"), *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr + r.stdout and "FP8GlobalStateManager" not in r.stderr  # clean default output
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert back.keys() == vx.keys() and all(torch.equal(back[k], vx[k]) and back[k].dtype == vx[k].dtype for k in vx)
+
+    bf = {k: (v if k.endswith(("log_poles", "residues")) or v.dim() == 3 and v.shape[-1] == 128 else v.bfloat16())
+          for k, v in vx.items()}  # what Vortex's to_bfloat16_except_pr_lc keeps in fp32
+    torch.save(bf, tmp_path / "bf16.pt")
+    for flag, out in (([], "mb16"), (["--params-dtype", "fp32"], "mbcast")):
+        r = _cli("evo2_convert_vortex_to_mbridge", "--vortex-ckpt-path", str(tmp_path / "bf16.pt"),
+                 "--mbridge-ckpt-dir", str(tmp_path / out), *common, *flag)
+        assert r.returncode == 0, r.stderr[-2000:]
+    mb16, _ = read_model_tensors(tmp_path / "mb16")
+    filters = {k for k in mb16 if k.endswith(("filter.h", "filter.decay", "filter.p", "filter.gamma", "filter.R"))}
+    assert len(filters) == 5 and all(mb16[k].dtype == torch.float32 for k in filters)
+    assert all(mb16[k].dtype == torch.bfloat16 for k in set(mb16) - filters)
+    mbcast, _ = read_model_tensors(tmp_path / "mbcast")
+    assert {t.dtype for t in mbcast.values()} == {torch.float32}
+
+    stray = dict(vx, **{"blocks.99.bogus.weight": torch.zeros(2)})
+    wrong_rope = dict(vx)
+    wrong_rope["blocks.3.inner_mha_cls.rotary_emb.inv_freq"] = vx["blocks.3.inner_mha_cls.rotary_emb.inv_freq"] * 2
+    for bad, needle in ((stray, "blocks.99.bogus.weight"), (wrong_rope, "rotary_emb.inv_freq")):
+        torch.save(bad, tmp_path / "bad.pt")
+        r = _cli("evo2_convert_vortex_to_mbridge", "--vortex-ckpt-path", str(tmp_path / "bad.pt"),
+                 "--mbridge-ckpt-dir", str(tmp_path / "never"), *common)
+        assert r.returncode == 2 and needle in r.stderr and not (tmp_path / "never").exists(), r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+
+
+def test_one_sequence_length_for_model_and_data():
+    from evo2_recipe.training.recipe import TrainSettings, apply_overrides, build_config
+
+    cfg = apply_overrides(build_config(TrainSettings(model_size="striped_hyena_tiny", mock_data=True,
+                                                     mixed_precision_recipe=None, seq_length=64)),
+                          ["model.seq_length=32"])
+    assert cfg.model.seq_length == cfg.dataset.seq_length == 32  # the dataset follows the model
+    cfg = apply_overrides(build_config(TrainSettings(model_size="striped_hyena_tiny", mock_data=True,
+                                                     mixed_precision_recipe=None, seq_length=64)),
+                          ["dataset.seq_length=48"])
+    assert cfg.model.seq_length == cfg.dataset.seq_length == 48
+    with pytest.raises(ValueError, match="differ"):
+        apply_overrides(build_config(TrainSettings(model_size="striped_hyena_tiny", mock_data=True,
+                                                   mixed_precision_recipe=None, seq_length=64)),
+                        ["model.seq_length=32", "dataset.seq_length=48"])

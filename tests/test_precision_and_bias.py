@@ -134,30 +134,27 @@ def test_sequence_padding_for_fp8_gemms_is_exact():
 def _bf16_model_filters(rank, world):
     from megatron.core.transformer.module import Float16Module
 
+    from evo2_recipe.models.hyena.mixer import keep_hyena_filters_fp32
+
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(5)
     p = tiny_provider("striped_hyena_tiny")
     p.params_dtype, p.bf16 = torch.bfloat16, True
-    model = Float16Module(p, p.provide())  # what Bridge and inference do for bf16
+    model = randomise_weights_(p.provide())
+    ref = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("filter.R")}
+    model = Float16Module(p, keep_hyena_filters_fp32(model))  # what inference does for bf16
     dtypes = {k: v.dtype for k, v in model.module.state_dict().items() if not k.endswith("_extra_state")}
-    sharded = model.module.sharded_state_dict()
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-    ckpt = {t.key: t.data.dtype for t in nested_values(sharded) if isinstance(t, ShardedTensor)}
-    model.module.half()
-    after_half = {k: v.dtype for k, v in model.module.state_dict().items() if k.endswith("filter.p")}
-    return dtypes, ckpt, after_half
+    exact = all(torch.equal(model.module.state_dict()[k], ref[k]) for k in ref if k.endswith("filter.R"))
+    return dtypes, exact
 
 
-def test_hyena_filters_stay_fp32_in_bf16_models_and_checkpoints():
-    ((dtypes, ckpt, after_half),) = run_on_ranks(_bf16_model_filters, 1)
+def test_bf16_inference_keeps_hyena_filters_fp32():
+    ((dtypes, exact),) = run_on_ranks(_bf16_model_filters, 1)
     fp32 = {k for k, d in dtypes.items() if d == torch.float32}
     expected = {k for k in dtypes if k.endswith(("filter.h", "filter.decay", "filter.p", "filter.gamma", "filter.R"))}
     assert fp32 == expected and len(expected) == 5  # hcm h + decay, hcl p, gamma, R
     assert dtypes["decoder.layers.0.mixer.dense_projection.weight"] == torch.bfloat16
-    assert {k for k, d in ckpt.items() if d == torch.float32} == expected  # what a training checkpoint stores
-    assert set(after_half.values()) == {torch.float32}
+    assert exact  # built in fp32, never rounded through bf16
 
 
 def test_filter_of_a_channel_slice_equals_the_slice_of_the_full_filter():

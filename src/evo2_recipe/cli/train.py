@@ -94,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check-for-nan-in-grad", action="store_true")
     p.add_argument("--use-megatron-comm-overlap-llama3-8k", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tp-comm-overlap-backend", default="nccl", choices=["nccl", "mpi", "gloo"])
-    p.add_argument("--eod-pad-in-loss-mask", action="store_true", help="do not predict EOD/PAD tokens")
+    eod = p.add_mutually_exclusive_group()
+    eod.add_argument("--eod-pad-in-loss-mask", action="store_true",
+                     help="do not predict EOD/PAD tokens (the default already never predicts them, as in the "
+                          "reference; kept for compatibility)")
+    eod.add_argument("--predict-eod", action="store_true",
+                     help="also train on the EOD label ending each document, so generation learns to stop "
+                          "(not in the reference; PAD is never predicted)")
     p.add_argument("--no-renormalize-loss", action="store_true")
     p.add_argument("--cross-entropy-loss-fusion", action="store_true")
     p.add_argument("--no-calculate-per-token-loss", action="store_true")

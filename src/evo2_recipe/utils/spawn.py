@@ -6,6 +6,7 @@ CPU mode when asked, initialises ``torch.distributed`` and saves its return valu
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from evo2_recipe.utils.log_filters import dependency_logs_quiet, quiet_dependency_logs
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -24,7 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, cpu: bool, args: tuple) -> None:
+def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, cpu: bool, quiet: bool,
+                args: tuple) -> None:
+    if quiet:  # spawned processes start with fresh logging: keep the parent's default-verbosity filter
+        logging.basicConfig(level=logging.INFO)
+        quiet_dependency_logs()
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
@@ -52,7 +59,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, cpu: bool 
     """
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
-            _rank_entry, args=(fn, world_size, free_port(), out_dir, cpu, args),
+            _rank_entry, args=(fn, world_size, free_port(), out_dir, cpu, dependency_logs_quiet(), args),
             nprocs=world_size, start_method="spawn", join=True,
         )
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -88,8 +88,8 @@ class HyenaStack(MegatronModule):
                 for layer in self.layers:
                     hidden_states = self._layer_call(layer, hidden_states, attention_mask, rotary_pos_emb,
                                                      inference_context)
-        if self.final_norm is not None:
-            hidden_states = self.final_norm(hidden_states)
+        if self.final_norm is not None:  # fp32 residual -> params dtype (TE's norm refuses mixed dtypes)
+            hidden_states = self.final_norm(hidden_states.to(cfg.params_dtype))
         return hidden_states
 
     def _recompute_forward(self, hidden_states, attention_mask, rotary_pos_emb):

@@ -112,22 +112,42 @@ class GroupedShortConv(_ShardedDim0):
 
 
 class _Fp32Filter(_ShardedDim0):
-    """Filter parameters and buffers stay fp32 through ``.bfloat16()``/``.half()``/``.to(dtype)`` of the model.
+    """Filter parameters/buffers created in fp32 (the StripedHyena authors keep long/medium filters in fp32).
 
-    The StripedHyena authors keep long/medium filters in fp32 (bf16 poles and residues visibly change the filter);
-    megatron's ``Float16Module`` casts the whole model, so these modules undo the cast for themselves. Device moves
-    are unaffected. Checkpoints therefore store the filters (and ``decay``) in fp32.
+    With ``keep_fp32`` set (inference, see :func:`keep_hyena_filters_fp32`) dtype casts of the whole model such as
+    ``Float16Module``'s ``.bfloat16()`` leave them untouched (exactly: the fp32 values are kept, not re-widened).
     """
 
+    keep_fp32 = False
+
     def _apply(self, fn, recurse=True):
+        if not self.keep_fp32:
+            return super()._apply(fn, recurse)
+        fp32 = {**{n: t.data for n, t in self._parameters.items() if t is not None},
+                **{n: t for n, t in self._buffers.items() if t is not None}}
         super()._apply(fn, recurse)
-        for name, param in self._parameters.items():
-            if param is not None and param.is_floating_point() and param.dtype != torch.float32:
-                param.data = param.data.float()
-        for name, buf in self._buffers.items():
-            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
-                self._buffers[name] = buf.float()
+        for name, value in fp32.items():
+            if name in self._parameters and self._parameters[name].dtype != value.dtype:
+                self._parameters[name].data = value.to(self._parameters[name].device)
+            elif name in self._buffers and self._buffers[name].dtype != value.dtype:
+                self._buffers[name] = value.to(self._buffers[name].device)
         return self
+
+
+def keep_hyena_filters_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep the long/medium filter parameters and ``decay`` in fp32 through later dtype casts of ``model``.
+
+    Call before wrapping in ``Float16Module``. For inference, where bf16 poles and residues visibly change the
+    filter (Vortex keeps them fp32 too). Not for
+    training: megatron-core 0.19's optimizers cannot checkpoint a bf16 model holding fp32 parameters (their sharded
+    optimizer state maps parameters by position within one dtype), so training keeps the model's dtype and the fp32
+    master copy in the optimizer.
+    """
+    for module in model.modules():
+        if isinstance(module, _Fp32Filter):
+            module.float()
+            module.keep_fp32 = True
+    return model
 
 
 class ExplicitDecayFilter(_Fp32Filter):

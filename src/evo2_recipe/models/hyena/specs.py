@@ -40,6 +40,21 @@ def with_attention_output_bias(row_linear: type) -> type:
     return type(f"{row_linear.__name__}WithAttnBias", (row_linear,), {"__init__": __init__})
 
 
+@functools.cache
+def with_input_in_params_dtype(norm_linear: type) -> type:
+    """``norm_linear`` that casts its input to ``config.params_dtype`` first.
+
+    With ``fp32_residual_connection`` the residual stream is fp32 while the weights are bf16; the local layers cast
+    by themselves, Transformer Engine refuses mixed input/parameter dtypes outside autocast. Casting here, for every
+    spec, keeps the fp32 residual and feeds each fused norm+linear what its weights are.
+    """
+
+    def forward(self, x, *args, **kwargs):
+        return norm_linear.forward(self, x.to(self.config.params_dtype), *args, **kwargs)
+
+    return type(f"{norm_linear.__name__}InParamsDtype", (norm_linear,), {"forward": forward})
+
+
 @dataclass
 class HyenaStackSpec:
     hyena_layer: ModuleSpec
@@ -50,6 +65,7 @@ class HyenaStackSpec:
 def _layers(norm_linear, row_linear, core_attention) -> tuple[ModuleSpec, ModuleSpec]:
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+    norm_linear = with_input_in_params_dtype(norm_linear)
     mlp_submodules = MLPSubmodules(linear_fc1=norm_linear, linear_fc2=row_linear)
     mlp = ModuleSpec(module=MLP, submodules=mlp_submodules)
     hyena = ModuleSpec(module=HyenaLayer, submodules=HyenaLayerSubmodules(

@@ -1,0 +1,106 @@
+"""Transformer Engine on the GPU (skipped without CUDA or TE): TE spec == local spec, and FP8 really is entered.
+
+Run on the lent H200 with TE 2.20.2 (``../shared/tools/gpu_te.sh``); results are recorded in benchmarks/RESULTS.md.
+"""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+te = pytest.importorskip("transformer_engine.pytorch") if torch.cuda.is_available() else None
+
+
+@pytest.fixture
+def group():
+    from evo2_recipe.utils.distributed import init_distributed, teardown
+
+    init_distributed(seed=3)
+    yield
+    teardown()
+
+
+def _build(name, use_te, **overrides):
+    from evo2_recipe.models.providers import get_provider
+
+    p = get_provider(name, vocab_size=512, params_dtype=torch.float32, bf16=False, use_te=use_te,
+                     recompute_granularity=None, recompute_method=None, recompute_num_layers=None, **overrides)
+    p.finalize()
+    return p, p.provide().cuda().eval()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv", "evo2_1b_base"])
+def test_te_spec_logits_equal_local_spec(group, name):
+    from megatron.core.transformer.module import Float16Module
+
+    from hyena_helpers import randomise_weights_
+
+    _, local = _build(name, use_te=False)
+    randomise_weights_(local)
+    bias = [m.self_attention.linear_proj.bias for m in local.decoder.layers if hasattr(m, "self_attention")]
+    assert all(b is not None and b.abs().sum() > 0 for b in bias) == (not name.endswith("_nv"))
+    _, ours_te = _build(name, use_te=True)
+    missing, unexpected = ours_te.load_state_dict(local.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    tokens = torch.randint(65, 90, (2, 512), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        a, b = local(tokens).float(), ours_te(tokens).float()
+    err = (a - b).abs().max().item()
+    print(f"{name} fp32 TE vs local: max|diff| {err:.2e}, logit scale {a.abs().max().item():.3f}, rel {_rel(b, a):.2e}")
+    assert err <= 1e-5 * max(1.0, a.abs().max().item())
+    p16 = {}
+    for label, model in (("local", local), ("te", ours_te)):
+        model.config.bf16, model.config.params_dtype = True, torch.bfloat16
+        with torch.no_grad():
+            p16[label] = Float16Module(model.config, model)(tokens).float()
+    noise = max(_rel(p16["local"], a), _rel(p16["te"], a))
+    print(f"{name} bf16: local vs fp32 {_rel(p16['local'], a):.2e}, TE vs fp32 {_rel(p16['te'], a):.2e}, "
+          f"TE vs local {_rel(p16['te'], p16['local']):.2e}")
+    assert _rel(p16["te"], p16["local"]) <= 2 * noise + 1e-3
+
+
+@pytest.mark.parametrize("recipe,expected", [("bf16_with_fp8_current_scaling_mixed", [False, True, True, False]),
+                                             ("bf16_with_fp8_delayed_scaling_mixed", [True, True, True, True])])
+def test_fp8_is_entered_per_layer_with_transformer_engine(group, recipe, expected):
+    from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+
+    from evo2_recipe.models.precision import apply_precision_recipe
+    from evo2_recipe.models.providers import get_provider
+
+    p = get_provider("striped_hyena_tiny", vocab_size=512)
+    apply_precision_recipe(p, recipe, on_gpu=True)
+    p.finalize()
+    from megatron.core.transformer.module import Float16Module
+
+    model = Float16Module(p, p.provide().cuda())  # as Megatron-Bridge wraps bf16 models
+    seen = []
+    for layer in model.module.decoder.layers:
+        layer.register_forward_pre_hook(lambda m, a: seen.append(FP8GlobalStateManager.is_fp8_enabled()))
+    tokens = torch.randint(65, 90, (2, 64), device="cuda")
+    loss = model(tokens, labels=tokens.roll(-1, 1)).float().mean()
+    loss.backward()
+    assert seen == expected and torch.isfinite(loss)
+
+
+def test_vortex_style_fp8_only_on_hyena_input_projections(group):
+    from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+
+    from evo2_recipe.models.providers import get_provider
+
+    from megatron.core.transformer.module import Float16Module
+
+    p = get_provider("striped_hyena_tiny", vocab_size=512, vortex_style_fp8=True)
+    p.finalize()
+    model = Float16Module(p, p.provide().cuda()).eval()
+    seen = {}
+    for name, m in model.module.named_modules():
+        if name.endswith(("dense_projection", "linear_qkv", "linear_fc1")):
+            m.register_forward_pre_hook(lambda m, a, name=name: seen.setdefault(
+                name, FP8GlobalStateManager.is_fp8_enabled()) and None)  # a pre-hook's return value replaces args
+    with torch.no_grad():
+        out = model(torch.randint(65, 90, (1, 37), device="cuda"))  # 37: padded to 48 for the FP8 GEMM, then cut
+    assert out.shape == (1, 37, 512) and torch.isfinite(out.float()).all()
+    assert {k for k, v in seen.items() if v} == {f"decoder.layers.{i}.mixer.dense_projection" for i in range(3)}
