@@ -4,7 +4,10 @@
         --decode-batches 1 32 --decode-tokens 128
 
 Scoring: forward passes over random DNA of ``--seq-length`` (log-probs computed), tokens/s. Decoding: greedy cached
-generation from a 512-base prompt, generated tokens/s (all sequences of the batch counted).
+generation from a 512-base prompt; prefill (generate 1 token) is timed alone and subtracted, so the decode rate is
+generated tokens/s of the decode steps only (all sequences of the batch counted). ``--profile`` prints the torch
+profiler's top ops over 16 decode steps of the first batch size. Vortex on the same shapes:
+``../shared/bench/vortex_bench.py gen``.
 """
 
 import argparse
@@ -22,6 +25,7 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--prompt-length", type=int, default=512)
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
     from evo2_recipe.inference.api import Evo2
@@ -45,15 +49,29 @@ def main() -> None:
           f"peak_mem_gib={torch.cuda.max_memory_allocated() / 2**30:.2f}")
     for b in args.decode_batches:
         prompts = dna(b, args.prompt_length)
-        evo.generate(prompts, 4, top_k=1)  # warm-up
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = evo.generate(prompts, args.decode_tokens, top_k=1, stop_at_eod=False)
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        n = sum(len(r["tokens"]) for r in out)
-        print(f"decode batch={b} prompt={args.prompt_length} new={args.decode_tokens}: {n / dt:.1f} generated "
-              f"tokens/s total, {n / dt / b:.1f} per sequence ({dt:.2f} s incl. prefill)")
+        evo.generate(prompts, 4, top_k=1, max_batch_size=b)  # warm-up
+
+        def timed(n_new):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = evo.generate(prompts, n_new, top_k=1, stop_at_eod=False, max_batch_size=b)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0, sum(len(r["tokens"]) for r in out)
+
+        t_prefill, _ = timed(1)
+        t_all, n = timed(args.decode_tokens)
+        rate = (n - b) / (t_all - t_prefill)
+        print(f"decode batch={b} prompt={args.prompt_length} new={args.decode_tokens}: prefill {t_prefill:.3f} s, "
+              f"decode {rate:.1f} tokens/s total ({rate / b:.1f} per sequence, "
+              f"{1000 * (t_all - t_prefill) / (args.decode_tokens - 1):.2f} ms/step) "
+              f"peak_mem_gib={torch.cuda.max_memory_allocated() / 2**30:.2f}")
+        if args.profile and b == args.decode_batches[0]:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                evo.generate(prompts, 17, top_k=1, stop_at_eod=False, max_batch_size=b)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

@@ -102,13 +102,19 @@ def test_tp_and_cp_match_single_process(ckpt, tp, cp):
     assert sum(x.numel() for x in one["per_token"]) == sum(len(s) - 1 for s in SEQS.values())
 
 
-def _generation(rank, world, ckpt_dir):
+def _generation(rank, world, ckpt_dir, tp=1):
     from evo2_recipe.inference.api import Evo2
 
-    evo = Evo2.from_checkpoint(ckpt_dir)
+    evo = Evo2.from_checkpoint(ckpt_dir, tp=tp, sequence_parallel=False)
     prompts = ["ACGTACGGTTAC", "GGA", "TTGACCATGCAAGTC"]
     cached = evo.generate(prompts, 12, top_k=1)
     batch = [r["tokens"] for r in cached]
+    continuous = [r["tokens"] for r in evo.generate(prompts, 12, top_k=1, max_batch_size=2)]  # 3 prompts, 2 slots
+    streamed = {}
+    evo.generate(prompts[:1], 12, top_k=1, on_text=lambda i, t: streamed.setdefault(i, []).append(t))
+    sampled = [evo.generate(prompts, 12, temperature=0.8, top_p=0.9, seed=s)[1]["tokens"] for s in (1, 1, 2)]
+    if tp > 1:
+        return batch, continuous, sampled
     alone = [evo.generate([p], 12, top_k=1)[0]["tokens"] for p in prompts]
     # reference: greedy by repeated full forward passes, no cache
     full = []
@@ -123,18 +129,29 @@ def _generation(rank, world, ckpt_dir):
             if nxt == 0:
                 break
         full.append(gen)
-    sampled = [evo.generate(prompts, 12, temperature=0.8, top_p=0.9, seed=s)[1]["tokens"] for s in (1, 1, 2)]
-    return batch, alone, full, sampled
+    return batch, alone, full, sampled, continuous, "".join(streamed[0]), cached[0]["text"]
 
 
 def test_generation_cached_equals_full_and_mixed_batch_equals_alone(ckpt):
-    ((batch, alone, full, sampled),) = run_on_ranks(_generation, 1, str(ckpt))
+    ((batch, alone, full, sampled, continuous, streamed, text),) = run_on_ranks(_generation, 1, str(ckpt))
     assert batch == full  # cached decoding == repeated full forwards (greedy)
     assert batch == alone  # prompts of different lengths in one batch == one by one
+    assert continuous == alone  # continuous batching: each prompt gets what it gets alone
     assert sampled[0] == sampled[1]  # same seed, same sample
+    assert streamed == text  # streaming delivers the whole completion, in order
+    tp2 = run_on_ranks(_generation, 2, str(ckpt), 2)
+    for batch2, continuous2, sampled2 in tp2:  # TP=2 (gloo ranks) generates what TP=1 does
+        assert batch2 == batch and continuous2 == batch and sampled2[0] == sampled2[1]
 
 
 def test_infer_cli_jsonl(ckpt, tmp_path):
+    fasta = tmp_path / "p.fa"
+    fasta.write_text(">a\nacgtacgg\n>b\nGGATC\n>c\nTTGACCAGG\n")
+    out_fa = tmp_path / "gen_fa.jsonl"
+    r = _cli("infer_evo2", ["--ckpt-dir", str(ckpt), "--prompt-file", str(fasta), "--max-new-tokens", "5",
+                            "--top-k", "1", "--max-batch-size", "2", "--output-file", str(out_fa)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(x)["id"] for x in out_fa.read_text().splitlines()] == ["a", "b", "c"]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "prompt": "acgtacgg"}\n\n{"prompt": "GGATC"}\n')
     out = tmp_path / "gen.jsonl"

@@ -3,9 +3,11 @@
     infer_evo2 --ckpt-dir results/evo2/checkpoints --prompt ATGGTTCGT --max-new-tokens 200 --top-k 4 \\
         --output-file generated.jsonl
 
-Prompts are upper-cased (the model was trained on upper-case inputs). Several prompts of different lengths can share
-a batch (``--max-batch-size``). Output: one JSON line per prompt with ``id, prompt, completion, finish_reason,
-usage`` (and ``logprobs.completion_logprobs`` with ``--return-log-probs``).
+Prompts are upper-cased (the model was trained on upper-case inputs). ``--prompt-file`` takes FASTA, JSONL
+(``{"id"?, "prompt"}`` per line) or one prompt per line; up to ``--max-batch-size`` prompts decode together and a
+finished sequence's slot goes to the next waiting prompt (continuous batching). ``--stream`` prints tokens as they
+come. Output: one JSON line per prompt with ``id, prompt, completion, finish_reason, usage`` (and
+``logprobs.completion_logprobs`` with ``--return-log-probs``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt-dir", required=True, type=Path)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--prompt-file", type=Path, help='JSONL: one {"id"?: str, "prompt": str} per line')
+    p.add_argument("--prompt-file", type=Path,
+                   help='FASTA, JSONL (one {"id"?: str, "prompt": str} per line) or one prompt per line')
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 off, 1 greedy")
@@ -48,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 (delayed scaling) for the Hyena input projections only, as Arc ran the FP8-sensitive "
                         "original 1b/40b checkpoints; use with bf16_mixed. Needs Transformer Engine")
     p.add_argument("--max-seq-length", type=int, help="longest prompt + new tokens allowed (default: no limit)")
-    p.add_argument("--max-batch-size", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=1,
+                   help="sequences decoded together; a finished one's slot goes to the next waiting prompt")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
     add_cpu_flag(p)
     return p
@@ -57,21 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
 def read_prompts(args) -> list[dict]:
     if args.prompt_file is None:
         return [{"id": "0", "prompt": args.prompt}]
-    if not args.prompt_file.is_file():
-        raise FileNotFoundError(f"--prompt-file not found: {args.prompt_file}")
-    prompts = []
-    for i, line in enumerate(args.prompt_file.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{args.prompt_file}:{i + 1}: not JSON ({e}); each line must be {{\"prompt\": ...}}")
-        if "prompt" not in rec:
-            raise ValueError(f"{args.prompt_file}:{i + 1}: missing \"prompt\"")
-        prompts.append({"id": str(rec.get("id", i)), "prompt": rec["prompt"]})
+    path = args.prompt_file
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-file not found: {path}")
+    text = path.read_text()
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if first.startswith(">"):
+        from evo2_recipe.data.fasta import iter_fasta
+
+        prompts = [{"id": name, "prompt": seq} for name, seq in iter_fasta(path)]
+    elif first.lstrip().startswith("{"):
+        prompts = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i + 1}: not JSON ({e}); each line must be {{\"prompt\": ...}}")
+            if "prompt" not in rec:
+                raise ValueError(f"{path}:{i + 1}: missing \"prompt\"")
+            prompts.append({"id": str(rec.get("id", i)), "prompt": rec["prompt"]})
+    else:
+        prompts = [{"id": str(i), "prompt": line.strip()} for i, line in enumerate(text.splitlines()) if line.strip()]
     if not prompts:
-        raise ValueError(f"{args.prompt_file} has no prompts")
+        raise ValueError(f"{path} has no prompts")
     return prompts
 
 
@@ -88,34 +103,43 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         prompts = read_prompts(args)
+        if args.stream and len(prompts) > 1:
+            raise ValueError("--stream prints one sequence as it grows; give a single prompt")
         evo = Evo2.from_checkpoint(str(args.ckpt_dir), tp=args.tensor_parallel_size, sequence_parallel=False,
                                    mixed_precision_recipe=args.mixed_precision_recipe,
                                    vortex_style_fp8=args.vortex_style_fp8 or None)
         evo.tokenize([r["prompt"] for r in prompts])
     except (FileNotFoundError, NotADirectoryError, CheckpointError, ValueError) as e:
         p.exit(2, f"infer_evo2: error: {e}\n")
-    records, t0, n_new = [], time.perf_counter(), 0
-    for i in range(0, len(prompts), args.max_batch_size):
-        chunk = prompts[i:i + args.max_batch_size]
-        try:
-            outs = evo.generate([r["prompt"] for r in chunk], args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seq_length=args.max_seq_length)
-        except ValueError as e:
-            p.exit(2, f"infer_evo2: error: {e}\n")
-        for rec, out in zip(chunk, outs):
-            n_prompt, n_gen = len(rec["prompt"]), len(out["tokens"])
-            n_new += n_gen
-            item = {"id": rec["id"], "prompt": rec["prompt"], "completion": out["text"],
-                    "finish_reason": out["finish_reason"],
-                    "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
-            if args.return_log_probs:
-                item["logprobs"] = {"completion_logprobs": out["log_probs"]}
-            records.append(item)
-    dt = time.perf_counter() - t0
     is_writer = torch.distributed.get_rank() == 0
+    on_text = None
+    if args.stream and is_writer:
+        def on_text(_, text):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    t0 = time.perf_counter()
+    try:
+        outs = evo.generate([r["prompt"] for r in prompts], args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seq_length=args.max_seq_length,
+                            max_batch_size=args.max_batch_size, on_text=on_text)
+    except ValueError as e:
+        p.exit(2, f"infer_evo2: error: {e}\n")
+    if on_text is not None:
+        sys.stdout.write("\n")
+    records, n_new = [], 0
+    for rec, out in zip(prompts, outs):
+        n_prompt, n_gen = len(rec["prompt"]), len(out["tokens"])
+        n_new += n_gen
+        item = {"id": rec["id"], "prompt": rec["prompt"], "completion": out["text"],
+                "finish_reason": out["finish_reason"],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
+        if args.return_log_probs:
+            item["logprobs"] = {"completion_logprobs": out["log_probs"]}
+        records.append(item)
+    dt = time.perf_counter() - t0
     if is_writer:
         logger.info("[PERF] %d completion tokens in %.2fs (%.1f tok/s)", n_new, dt, n_new / max(dt, 1e-9))
-        for r in records:
+        for r in records if not args.stream else ():
             print(f"\n=== [{r['id']}] Generated Text ===\n{r['completion']}")
         if args.output_file:
             args.output_file.parent.mkdir(parents=True, exist_ok=True)

@@ -114,13 +114,21 @@ class Evo2:
 
     def generate(self, prompts: list[str], n_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 0.0, seed: int | None = None, max_seq_length: int | None = None,
-                 stop_at_eod: bool = True) -> list[dict]:
-        """Sample continuations; each result has ``text``, ``tokens``, ``log_probs`` and ``finish_reason``."""
+                 stop_at_eod: bool = True, max_batch_size: int | None = None, on_text=None) -> list[dict]:
+        """Sample continuations; each result has ``text``, ``tokens``, ``log_probs`` and ``finish_reason``.
+
+        ``max_batch_size`` sequences decode together (default: all); finished ones hand their slot to the next
+        prompt. ``on_text(prompt_index, text)`` receives new text as it is produced (streaming).
+        """
+        if getattr(self._loaded.provider, "sequence_parallel", False):
+            raise ValueError("generation feeds one token per step, which sequence parallelism cannot split; load "
+                             "with Evo2.from_checkpoint(..., sequence_parallel=False) (infer_evo2 does)")
         ids = [t.tolist() for t in self.tokenize(prompts)]
         params = SamplingParams(max_new_tokens=n_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 stop_at_eod=stop_at_eod)
+        stream = None if on_text is None else (lambda i, toks: on_text(i, self.tokenizer.detokenize(toks)))
         out = generate(self.model, ids, params, eod_id=self.tokenizer.eod, vocab_size=self.tokenizer.vocab_size,
-                       max_seq_length=max_seq_length)
+                       max_seq_length=max_seq_length, max_batch_size=max_batch_size, on_tokens=stream)
         for r in out:
             r["text"] = self.tokenizer.detokenize(r["tokens"])
         return out

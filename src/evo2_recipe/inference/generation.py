@@ -1,18 +1,24 @@
-"""Autoregressive generation with cached decoding (Hyena recurrent state + attention KV cache).
+"""Autoregressive generation: per-slot cached decoding with sampling on the device and continuous batching.
 
-Prompts of different lengths share one batch: the common prefix (the shortest prompt) is prefilled in one forward,
-then every step feeds one position per sequence - the prompt's own next token while a sequence is still inside its
-prompt, the sampled token afterwards - exactly what generating each prompt alone would do.
+Each prompt is prefilled alone into a free slot of a :class:`HyenaInferenceContext` (one forward over the prompt),
+then all occupied slots advance one token per step together. Sampling (greedy, temperature, top-k, top-p) and the
+log-probabilities happen on the device; the host looks at the results only every ``sync_every`` steps, to retire
+finished sequences and hand their slots to waiting prompts. Each sequence gets exactly what it would get alone:
+slots never interact (greedy decoding is bit-for-bit the same; sampled tokens depend on the shared generator).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from megatron.core import tensor_parallel
 
 from evo2_recipe.models.hyena.inference_state import HyenaInferenceContext
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,10 +42,14 @@ class SamplingParams:
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
 
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature == 0
+
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids ``(B,)`` from last-position logits ``(B, V)``."""
-    if p.top_k == 1 or p.temperature == 0:
+    """Next token ids ``(B,)`` from last-position logits ``(B, V)``, on the logits' device (no host round trip)."""
+    if p.greedy:
         return logits.argmax(-1)
     logits = logits.float() / p.temperature
     if p.top_k > 1:
@@ -47,59 +57,113 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p > 0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p (>= 1 token)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest prefix reaching top_p (>= 1 token)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _last_logits(model, tokens, ctx, vocab_size):
+    logits = model(tokens, inference_context=ctx)
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return logits[:, -1].float()[:, :vocab_size]
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id: int = 0, vocab_size: int,
-             max_seq_length: int | None = None) -> list[dict]:
-    """Generate for each prompt; returns ``[{"tokens": [...], "log_probs": [...], "finish_reason": ...}]``."""
+             max_seq_length: int | None = None, max_batch_size: int | None = None, sync_every: int = 16,
+             on_tokens: Callable[[int, list[int]], None] | None = None) -> list[dict]:
+    """Generate for each prompt; returns ``[{"tokens": [...], "log_probs": [...], "finish_reason": ...}]``.
+
+    ``max_batch_size`` slots decode together (default: all prompts at once); a finished sequence's slot is given to
+    the next waiting prompt. ``on_tokens(prompt_index, new_tokens)`` streams tokens as they are retired.
+    """
     params.validate(vocab_size)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must have at least one token")
-    B = len(prompts)
-    lengths = [len(p) for p in prompts]
-    total = max(lengths) + params.max_new_tokens
-    if max_seq_length is not None and total > max_seq_length:
-        raise ValueError(f"longest prompt ({max(lengths)}) + max_new_tokens ({params.max_new_tokens}) = {total} "
-                         f"exceeds max_seq_length {max_seq_length}")
+    longest = max(len(p) for p in prompts) + params.max_new_tokens
+    if max_seq_length is not None and longest > max_seq_length:
+        raise ValueError(f"longest prompt ({longest - params.max_new_tokens}) + max_new_tokens "
+                         f"({params.max_new_tokens}) = {longest} exceeds max_seq_length {max_seq_length}")
+    results = [{"tokens": [], "log_probs": [], "finish_reason": "length"} for _ in prompts]
+    if params.max_new_tokens == 0:
+        return results
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(params.seed if params.seed is not None else 1234)
-    ctx = HyenaInferenceContext(max_batch_size=B, max_sequence_length=total)
-    seqs = [list(p) for p in prompts]
-    out_lp: list[list[float]] = [[] for _ in range(B)]
-    done = [params.max_new_tokens == 0] * B
-    tokens = torch.tensor([s[:min(lengths)] for s in seqs], device=device)  # common prefix: one prefill
-    pos = 0
-    while not all(done):
-        L = tokens.shape[1]
-        positions = torch.arange(pos, pos + L, device=device).expand(B, -1)
-        logits = model(tokens, positions, inference_context=ctx)
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[:, -1].float()[:, :vocab_size]
-        ctx.advance(L)
-        pos += L  # the logits predict position `pos`
-        sampled = sample_next(logits, params, generator)
-        log_probs = torch.log_softmax(logits, -1)
-        nxt = []
-        for b in range(B):
-            if pos < lengths[b]:  # still inside its prompt: feed the prompt's own token
-                nxt.append(seqs[b][pos])
-            elif done[b]:  # finished early: feed a filler; its outputs are never used
-                nxt.append(eod_id)
-            else:
-                tok = int(sampled[b])
-                seqs[b].append(tok)
-                out_lp[b].append(float(log_probs[b, tok]))
-                done[b] = (params.stop_at_eod and tok == eod_id) or len(seqs[b]) - lengths[b] >= params.max_new_tokens
-                nxt.append(tok)
-        tokens = torch.tensor(nxt, device=device).unsqueeze(1)
-    results = []
-    for b in range(B):
-        gen = seqs[b][lengths[b]:]
-        reason = "stop" if gen and gen[-1] == eod_id and params.stop_at_eod else "length"
-        results.append({"tokens": gen, "log_probs": out_lp[b], "finish_reason": reason})
+    slots = min(max_batch_size or len(prompts), len(prompts))
+    generator = torch.Generator(device=device).manual_seed(params.seed if params.seed is not None else 1234)
+    ctx = HyenaInferenceContext(max_batch_size=slots, max_sequence_length=longest)
+    n = params.max_new_tokens
+    out_tokens = torch.zeros(slots, n, dtype=torch.long, device=device)  # this sequence's new tokens so far
+    out_lp = torch.zeros(slots, n, dtype=torch.float32, device=device)
+    count = torch.zeros(slots, dtype=torch.long, device=device)  # tokens generated per slot
+    done = torch.ones(slots, dtype=torch.bool, device=device)
+    last = torch.zeros(slots, dtype=torch.long, device=device)  # token fed at the next step
+    owner: list[int | None] = [None] * slots  # prompt index in each slot
+    waiting = list(range(len(prompts)))
+    rows = torch.arange(slots, device=device)
+
+    def record(slot_rows, logits):
+        """Sample from ``logits`` for ``slot_rows`` and write token + log-prob where those slots are not done."""
+        tok = sample_next(logits, params, generator)
+        lp = torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+        live = ~done[slot_rows]
+        idx = count[slot_rows].clamp(max=n - 1)
+        out_tokens[slot_rows, idx] = torch.where(live, tok, out_tokens[slot_rows, idx])
+        out_lp[slot_rows, idx] = torch.where(live, lp, out_lp[slot_rows, idx])
+        count[slot_rows] += live.long()
+        finished = count[slot_rows] >= n
+        if params.stop_at_eod:
+            finished |= live & (tok == eod_id)
+        done[slot_rows] |= finished
+        last[slot_rows] = tok
+
+    def admit(slot: int) -> None:
+        i = waiting.pop(0)
+        owner[slot] = i
+        ctx.reset_slot(slot)
+        count[slot], done[slot] = 0, False
+        view = ctx.slot(slot)
+        tokens = torch.tensor([prompts[i]], device=device)
+        logits = _last_logits(model, tokens, view, vocab_size)
+        view.advance(tokens.shape[1])
+        record(rows[slot:slot + 1], logits)
+
+    emitted = [0] * slots  # tokens of each slot already streamed
+
+    def sync() -> None:
+        """The only host synchronisation: stream new tokens, retire finished slots, hand free slots to prompts."""
+        finished, counts = done.tolist(), count.tolist()
+        for slot, i in enumerate(owner):
+            if i is None:
+                continue
+            if on_tokens is not None and counts[slot] > emitted[slot]:
+                on_tokens(i, out_tokens[slot, emitted[slot]:counts[slot]].tolist())
+                emitted[slot] = counts[slot]
+            if finished[slot]:
+                toks = out_tokens[slot, :counts[slot]].tolist()
+                results[i].update(tokens=toks, log_probs=out_lp[slot, :counts[slot]].tolist(),
+                                  finish_reason="stop" if params.stop_at_eod and toks and toks[-1] == eod_id
+                                  else "length")
+                owner[slot] = None
+        for slot in range(slots):
+            if owner[slot] is None and waiting:
+                admit(slot)
+                age[slot], emitted[slot] = 0, 0
+
+    age = [0] * slots  # decode steps since each slot's prompt was admitted (host-side: no sync to know it)
+    for slot in range(slots):
+        admit(slot)
+    since_sync = 0
+    while True:
+        # a slot admitted `age` steps ago has count == age + 1 tokens: certainly done once age >= n - 1
+        if since_sync >= sync_every or any(o is not None and age[s] >= n - 1 for s, o in enumerate(owner)):
+            sync()
+            since_sync = 0
+            if all(o is None for o in owner):
+                break
+        logits = _last_logits(model, last[:, None], ctx, vocab_size)  # every slot advances; done ones idle
+        ctx.advance(1)
+        record(rows, logits)
+        since_sync += 1
+        age = [a + 1 for a in age]
     return results

@@ -18,6 +18,7 @@ from torch import nn
 
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import ATTENTION, parse_pattern
+from evo2_recipe.models.hyena.layer import HyenaLayer
 from evo2_recipe.models.hyena.specs import HyenaStackSpec
 
 
@@ -73,9 +74,22 @@ class HyenaStack(MegatronModule):
 
     def _layer_call(self, layer, hidden_states, attention_mask, rotary_pos_emb, inference_context):
         with quantization.layer_context(self.config, layer.layer_number - 1):  # FP8/FP4 per layer (not delayed)
-            out = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
-                        inference_context=inference_context)
+            if inference_context is not None and not isinstance(layer, HyenaLayer):
+                out = self._attention_decode(layer, hidden_states, inference_context)
+            else:
+                out = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                            inference_context=inference_context)
         return out[0] if isinstance(out, tuple) else out
+
+    @staticmethod
+    def _attention_decode(layer, hidden_states, inference_context):
+        """Megatron's attention layer with its core attention reading our fixed-size KV cache (RoPE applied there)."""
+        core = layer.self_attention.core_attention
+        core.decode_cache = inference_context.kv_cache(layer.layer_number)
+        try:
+            return layer(hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None)
+        finally:
+            core.decode_cache = None
 
     def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None):
         if not self.pre_process:

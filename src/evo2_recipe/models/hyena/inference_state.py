@@ -1,39 +1,69 @@
-"""Recurrent decode state for Hyena layers (spec section 4.1), plus a KV-cache context for attention layers.
+"""Decode state for generation (spec section 4.1): preallocated, updated in place, one slot per sequence.
 
-Per Hyena layer the state holds (``B`` batch, ``C`` channels per TP rank):
+Per Hyena layer (``B`` slots, ``C`` channels per TP rank), allocated on first use and then only written in place:
 
 * ``proj``   - last 2 inputs of the 3-tap projection conv          (B, 3C, 2)
 * ``short``  - last 6 values of ``u = x2*v`` for hcs (7 taps)        (B, C, 6)
 * ``medium`` - last 127 values of ``u`` for hcm (128 taps)          (B, C, 127)
 * ``modal``  - hcl modal state ``s[c, o] = sum_k lambda_o^(T-1-k) u[c, k]``, fp32 (B, C, 16)
 
-All updates work on chunks of any length, so one code path does prefill (state empty = zeros) and token-by-token
-decode (chunks of 1). FIR windows start as zeros, which is exact: the convolution's implicit left padding is zeros,
-so prompts shorter than a filter are handled correctly (the reference's growing cache is not).
+Per attention layer, a fixed-size KV cache ``(B, heads, max_len, d)`` read through a length mask, so a decode step
+has the same shapes at every position (no per-step kernel planning; capturable in a CUDA graph). RoPE is applied
+here at each slot's own position, which lets slots sit at different positions (continuous batching).
+
+All updates work on chunks of any length, so one code path does prefill and token-by-token decode. FIR windows start
+as zeros, which is exact: the convolution's implicit left padding is zeros, so prompts shorter than a filter are
+handled correctly (the reference's growing cache is not). :meth:`HyenaInferenceContext.slot` gives a view of one
+slot (prefill of a new prompt while the other slots keep their state).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
 
 import torch
+import torch.nn.functional as F
 
 _MODAL_CHUNK = 1024  # bounds the (C, O, chunk) power table of the modal state update
 
 
-@dataclass
+class _Storage:
+    """Buffers shared by a context and its slot views: name -> tensor with the slot dimension first."""
+
+    def __init__(self, batch: int, max_len: int):
+        self.batch, self.max_len = batch, max_len
+        self.tensors: dict[tuple, torch.Tensor] = {}
+        self.positions: torch.Tensor | None = None  # (B,) next position of each slot, on the model's device
+        self.rope_table: torch.Tensor | None = None  # (max_len, d) RoPE angles
+        self.rope_config = None
+
+    def get(self, key: tuple, shape: tuple, like: torch.Tensor, dtype=None) -> torch.Tensor:
+        t = self.tensors.get(key)
+        if t is None:
+            t = self.tensors[key] = like.new_zeros((self.batch, *shape), dtype=dtype or like.dtype)
+        return t
+
+    def positions_on(self, device) -> torch.Tensor:
+        if self.positions is None:
+            self.positions = torch.zeros(self.batch, dtype=torch.long, device=device)
+        return self.positions
+
+
 class HyenaLayerState:
-    windows: dict[str, torch.Tensor] = field(default_factory=dict)
-    modal: torch.Tensor | None = None
+    """One Hyena layer's view of the state (all slots, or one slot)."""
+
+    def __init__(self, storage: _Storage, layer_number: int, rows: slice):
+        self._storage, self._layer, self._rows = storage, layer_number, rows
 
     def take_window(self, name: str, x_BCL: torch.Tensor, width: int) -> torch.Tensor:
         """Return the stored left context ``(B, C, width)`` for ``x`` and store the new one (its last ``width``)."""
-        ctx = self.windows.get(name)
-        if ctx is None:
-            ctx = x_BCL.new_zeros(*x_BCL.shape[:-1], width)
-        ext = torch.cat([ctx.to(x_BCL.dtype), x_BCL], dim=-1)
-        self.windows[name] = ext[..., -width:].detach()
-        return ctx
+        buf = self._storage.get((self._layer, name), (x_BCL.shape[1], width), x_BCL)[self._rows]
+        ctx = buf.clone()
+        buf.copy_(torch.cat([ctx, x_BCL.to(buf.dtype)], dim=-1)[..., -width:])
+        return ctx.to(x_BCL.dtype)
+
+    def modal_state(self, channels: int, order: int, like: torch.Tensor) -> torch.Tensor:
+        return self._storage.get((self._layer, "modal"), (channels, order), like, torch.float32)[self._rows]
 
 
 def modal_chunk_update(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_CO: torch.Tensor,
@@ -45,7 +75,8 @@ def modal_chunk_update(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_CO
     """
     B, C, T = u_BCL.shape
     u = u_BCL.float()
-    s = state.modal if state.modal is not None else u.new_zeros(B, C, log_poles_CO.shape[-1])
+    s_buf = state.modal_state(C, log_poles_CO.shape[-1], u)
+    s = s_buf.clone()
     t = torch.arange(1, T + 1, device=u.device, dtype=torch.float32)
     y_carry = torch.einsum("bco,co,cot->bct", s, residues_CO, torch.exp(log_poles_CO[..., None] * t))
     s_new = s * torch.exp(log_poles_CO * T)
@@ -53,37 +84,92 @@ def modal_chunk_update(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_CO
         k = torch.arange(start, min(start + _MODAL_CHUNK, T), device=u.device, dtype=torch.float32)
         powers = torch.exp(log_poles_CO[..., None] * (T - 1 - k))  # (C, O, chunk)
         s_new = s_new + torch.einsum("bck,cok->bco", u[..., start:start + k.numel()], powers)
-    state.modal = s_new
+    s_buf.copy_(s_new)
     return y_carry
 
 
-def _static_context_base():
-    from megatron.core.inference.contexts import StaticInferenceContext
+class KVCache:
+    """One attention layer's fixed-size KV cache view; :meth:`attend` replaces core attention while decoding."""
 
-    return StaticInferenceContext
+    def __init__(self, storage: _Storage, layer_number: int, rows: slice):
+        self._storage, self._layer, self._rows = storage, layer_number, rows
+
+    def attend(self, query, key, value, softmax_scale=None) -> torch.Tensor:
+        """``(L, b, heads, d)`` q/k/v of new tokens (no RoPE yet) -> ``(L, b, heads*d)`` attention over the cache."""
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        L, b, nh, d = query.shape
+        max_len = self._storage.max_len
+        pos = self._storage.positions_on(query.device)[self._rows][:, None] + torch.arange(L, device=query.device)
+        pos = pos.clamp(max=max_len - 1)  # only idle (finished) slots run past the end; their outputs are unused
+        freqs = self._storage.rope_table[pos].transpose(0, 1)[:, :, None, :]  # (L, b, 1, d): per-slot positions
+        query = apply_rotary_pos_emb(query, freqs, config=self._storage.rope_config)
+        key = apply_rotary_pos_emb(key, freqs, config=self._storage.rope_config)
+        k_cache = self._storage.get((self._layer, "k"), (key.shape[2], max_len, d), key)[self._rows]
+        v_cache = self._storage.get((self._layer, "v"), (value.shape[2], max_len, d), value)[self._rows]
+        slot = torch.arange(b, device=query.device)[:, None]
+        k_cache[slot, :, pos] = key.permute(1, 0, 2, 3).to(k_cache.dtype)  # (b, L, heads, d) at (slot, pos)
+        v_cache[slot, :, pos] = value.permute(1, 0, 2, 3).to(v_cache.dtype)
+        k, v = k_cache, v_cache
+        if k.shape[1] != nh:  # GQA: repeat key/value groups
+            k, v = k.repeat_interleave(nh // k.shape[1], dim=1), v.repeat_interleave(nh // v.shape[1], dim=1)
+        mask = torch.arange(max_len, device=query.device)[None, None, :] <= pos[:, :, None]  # (b, L, max_len)
+        q = query.permute(1, 2, 0, 3)  # (b, heads, L, d)
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
+                                             scale=softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(L, b, nh * d)
 
 
-class HyenaInferenceContext(_static_context_base()):
-    """Megatron's static-batch inference context (KV cache for attention layers) plus per-layer Hyena state.
+class HyenaInferenceContext:
+    """Generation state of a whole model for ``max_batch_size`` slots and up to ``max_sequence_length`` positions.
 
     Usage: ``logits = model(tokens, inference_context=ctx)``, then ``ctx.advance(tokens.shape[1])`` before the next
-    chunk. Any chunk length works, so prefill and token-by-token decode share one code path.
+    chunk. ``ctx.slot(i)`` is the same state restricted to slot ``i`` (prefill one new prompt), ``ctx.reset_slot(i)``
+    empties a slot for its next sequence. Positions live on the device, so decoding needs no host synchronisation.
     """
 
-    def __init__(self, max_batch_size: int, max_sequence_length: int):
-        super().__init__(max_batch_size, max_sequence_length)
-        self.hyena_states: dict[int, HyenaLayerState] = {}
+    def __init__(self, max_batch_size: int, max_sequence_length: int, *, _storage: _Storage | None = None,
+                 _rows: slice = slice(None)):
+        self._storage = _storage or _Storage(max_batch_size, max_sequence_length)
+        self._rows = _rows
+        self.max_batch_size, self.max_sequence_length = max_batch_size, max_sequence_length
+
+    def bind_rotary(self, rotary: torch.nn.Module, config, device) -> None:
+        """Called by the model: RoPE angles for every position (megatron's RotaryEmbedding, so interpolation is
+        included), and the slot positions on the model's device."""
+        st = self._storage
+        if st.rope_table is None:
+            st.rope_table = rotary(self.max_sequence_length)[:, 0, 0, :].float().to(device)  # (max_len, d)
+            st.rope_config = copy.copy(config)
+            st.rope_config.apply_rope_fusion = False  # per-slot positions: the unfused formula broadcasts
+        st.positions_on(device)
 
     def hyena_state(self, layer_number: int) -> HyenaLayerState:
-        return self.hyena_states.setdefault(layer_number, HyenaLayerState())
+        return HyenaLayerState(self._storage, layer_number, self._rows)
+
+    def kv_cache(self, layer_number: int) -> KVCache:
+        return KVCache(self._storage, layer_number, self._rows)
+
+    def positions(self) -> torch.Tensor:
+        """Next position of each slot of this view, ``(b,)`` on the device."""
+        return self._storage.positions[self._rows]
+
+    def slot(self, index: int) -> HyenaInferenceContext:
+        return HyenaInferenceContext(1, self.max_sequence_length, _storage=self._storage,
+                                     _rows=slice(index, index + 1))
+
+    def reset_slot(self, index: int) -> None:
+        for t in self._storage.tensors.values():
+            t[index].zero_()
+        if self._storage.positions is not None:
+            self._storage.positions[index] = 0
 
     def advance(self, num_tokens: int) -> None:
-        self.sequence_len_offset += num_tokens
-        if self.sequence_len_offset > self.max_sequence_length:
-            raise ValueError(f"sequence length {self.sequence_len_offset} exceeds the inference context's "
-                             f"max_sequence_length {self.max_sequence_length}")
+        """Move the slots of this view past ``num_tokens`` positions (on the device: no host synchronisation, so
+        lengths are not checked here; :func:`~evo2_recipe.inference.generation.generate` checks them up front)."""
+        if self._storage.positions is not None:
+            self._storage.positions[self._rows] += num_tokens
 
     def reset(self) -> None:
-        super().reset()
-        self.hyena_states.clear()
-        self.key_value_memory_dict.clear()
+        self._storage.tensors.clear()
+        self._storage.positions = None

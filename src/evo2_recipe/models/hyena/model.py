@@ -76,9 +76,14 @@ class HyenaModel(LanguageModule):
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)  # (L, B, H)
-        rotary_len = self.rotary_pos_emb.get_rotary_seq_len(inference_context, self.decoder, decoder_input,
-                                                            self.config, None)
-        rotary_pos_emb = self.rotary_pos_emb(rotary_len)
+        if inference_context is None:
+            rotary_len = self.rotary_pos_emb.get_rotary_seq_len(None, self.decoder, decoder_input, self.config, None)
+            rotary_pos_emb = self.rotary_pos_emb(rotary_len)
+        else:  # decoding: the KV cache applies RoPE at each slot's own position
+            inference_context.bind_rotary(self.rotary_pos_emb, self.config, self.output_layer.weight.device
+                                          if self.post_process and self.output_layer.weight is not None
+                                          else next(self.parameters()).device)
+            rotary_pos_emb = None
         hidden = self.decoder(decoder_input, attention_mask, rotary_pos_emb=rotary_pos_emb,
                               inference_context=inference_context)
         if not self.post_process or return_hidden:

@@ -55,6 +55,23 @@ def with_input_in_params_dtype(norm_linear: type) -> type:
     return type(f"{norm_linear.__name__}InParamsDtype", (norm_linear,), {"forward": forward})
 
 
+@functools.cache
+def with_decode_cache(core_attention: type) -> type:
+    """``core_attention`` that, while ``decode_cache`` is set (generation), attends over that KV cache instead.
+
+    The cache applies RoPE at each sequence's own position and reads a fixed-size buffer through a length mask
+    (:class:`~evo2_recipe.models.hyena.inference_state.KVCache`); the same code runs under both specs.
+    """
+
+    def forward(self, query, key, value, attention_mask, *args, **kwargs):
+        cache = getattr(self, "decode_cache", None)
+        if cache is None:
+            return core_attention.forward(self, query, key, value, attention_mask, *args, **kwargs)
+        return cache.attend(query, key, value, getattr(self, "softmax_scale", None))
+
+    return type(f"{core_attention.__name__}WithDecodeCache", (core_attention,), {"forward": forward})
+
+
 @dataclass
 class HyenaStackSpec:
     hyena_layer: ModuleSpec
@@ -77,7 +94,8 @@ def _layers(norm_linear, row_linear, core_attention) -> tuple[ModuleSpec, Module
         input_layernorm=IdentityOp,
         self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
                                   submodules=SelfAttentionSubmodules(linear_qkv=norm_linear,
-                                                                     core_attention=core_attention,
+                                                                     core_attention=with_decode_cache(
+                                                                         core_attention),
                                                                      linear_proj=with_attention_output_bias(
                                                                          row_linear),
                                                                      q_layernorm=IdentityOp, k_layernorm=IdentityOp)),
