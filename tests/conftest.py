@@ -9,6 +9,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors under Triton's interpreter (read once, when triton is first imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     from evo2_recipe.compat import cpu
 
     cpu.enable()

@@ -33,6 +33,7 @@ from evo2_recipe.models.hyena import context_parallel as cp_comm
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
+from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update
 
 
@@ -318,6 +319,15 @@ class HyenaMixer(MegatronModule):
 
     def forward(self, x_LBH: torch.Tensor, state: HyenaLayerState | None = None):
         features, _ = quantization.hyena_input_projection(self.config, self.dense_projection, x_LBH)  # (L, B, 3Hp)
+        if (self.mixer.operator_type == HYENA_SHORT and state is None and _cp_group() is None
+                and fused_kernels_enabled(self.config, features)):
+            from evo2_recipe.models.hyena.kernels.short_hyena import short_hyena
+
+            op = self.mixer
+            bias = None if op.conv_bias is None else ops.expand_groups(op.conv_bias, op.channels)
+            z = short_hyena(features, self.hyena_proj_conv.short_conv_weight, op.short_conv.weight_CK(op.channels),
+                            bias)  # (L, B, Hp): one fused pass instead of ~8
+            return self.dense(z.contiguous())
         features = features.permute(1, 2, 0)  # (B, 3Hp, L)
         halo = self.hyena_proj_conv.kernel_size - 1
         group = _cp_group()
