@@ -173,3 +173,22 @@ def test_filter_of_a_channel_slice_equals_the_slice_of_the_full_filter():
                                  (groups.stop - groups.start) * (C // G))[within]
         assert groups.stop - groups.start <= (stop - start) // (C // G) + 2  # only the groups it needs
         torch.testing.assert_close(part, full[start:stop], rtol=0, atol=0)
+
+
+def _chunked_long_conv(rank, world):
+    from evo2_recipe.models.hyena import mixer
+
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(5)
+    model = randomise_weights_(tiny_provider("striped_hyena_tiny").provide()).eval()
+    tokens, _ = dna_batch(2, 50)
+    with torch.no_grad():
+        whole = model(tokens)
+        mixer.INFERENCE_CHUNK_ELEMENTS = 2 * 50 * 8  # 8 channels at a time (per group: 64 / 16 = 4)
+        chunked = model(tokens)
+    return whole, chunked
+
+
+def test_inference_long_convolution_in_channel_chunks_equals_whole():
+    ((whole, chunked),) = run_on_ranks(_chunked_long_conv, 1)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)

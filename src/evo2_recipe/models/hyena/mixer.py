@@ -37,6 +37,10 @@ from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update
 
 
+# Inference-mode long convolutions process channels in chunks of about this many (channel x position) elements.
+INFERENCE_CHUNK_ELEMENTS = 1 << 27
+
+
 def _tp_rank_world() -> tuple[int, int]:
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
@@ -260,14 +264,33 @@ class HyenaOperator(_ShardedDim0):
                 raise NotImplementedError("cached decoding with context parallelism is not supported; use CP=1")
             return self._long_with_state(u, state)
         if group is None:
-            h = self._filter_CK(u.shape[-1])
-            return ops.fft_causal_conv(u, h) + u.float() * D.float()[:, None]
-        cp_rank, cp = parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_world_size()
+            return self._fft_conv(u, 0)
+        cp_rank = parallel_state.get_context_parallel_rank()
         u_full = cp_comm.seq_to_channel_split(u, group)  # (B, Hp/CP, L)
-        c = u_full.shape[1]
-        h = self._filter_CK(u_full.shape[-1], slice(cp_rank * c, (cp_rank + 1) * c))  # never all channels
-        y = ops.fft_causal_conv(u_full, h) + u_full.float() * D[cp_rank * c:(cp_rank + 1) * c].float()[:, None]
+        y = self._fft_conv(u_full, cp_rank * u_full.shape[1])  # filters of this rank's channels only
         return cp_comm.channel_to_seq_split(y, group)
+
+    def _fft_conv(self, u, first_channel: int) -> torch.Tensor:
+        """``h * u + D u`` for channels ``first_channel ..`` of this TP rank, (B, c, L) fp32 (model dtype when
+        chunked).
+
+        Without autograd (scoring, prefill) the channels go in chunks, so the filters and FFT buffers of only
+        ``INFERENCE_CHUNK_ELEMENTS / L`` channels exist at once (at 131k tokens the whole-layer buffers are tens of GB).
+        """
+        B, c, L = u.shape
+        per_group = self.channels // self.filter_groups
+        chunk = max(per_group, INFERENCE_CHUNK_ELEMENTS // max(L * B, 1) // per_group * per_group)
+        D = self.conv_bias.float()
+        if torch.is_grad_enabled() or chunk >= c or first_channel % per_group:
+            h = self._filter_CK(L, slice(first_channel, first_channel + c))
+            return ops.fft_causal_conv(u, h) + u.float() * D[first_channel:first_channel + c, None]
+        y = torch.empty_like(u)
+        for a in range(0, c, chunk):
+            b = min(a + chunk, c)
+            h = self._filter_CK(L, slice(first_channel + a, first_channel + b))
+            y[:, a:b] = ops.fft_causal_conv(u[:, a:b], h) + u[:, a:b].float() * D[first_channel + a:first_channel + b,
+                                                                                  None]
+        return y
 
     def _long_with_state(self, u, state: HyenaLayerState):
         D = self.conv_bias.float()[:, None]
