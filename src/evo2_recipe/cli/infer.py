@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=1,
                    help="sequences decoded together; a finished one's slot goes to the next waiting prompt")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
+    p.add_argument("--use-subquadratic-ops", action="store_true",
+                   help="fused Hyena kernels (ours, in Triton; on by default on CUDA - this flag forces them)")
     p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
     add_cpu_flag(p)
     return p
@@ -107,16 +109,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--stream prints one sequence as it grows; give a single prompt")
         evo = Evo2.from_checkpoint(str(args.ckpt_dir), tp=args.tensor_parallel_size, sequence_parallel=False,
                                    mixed_precision_recipe=args.mixed_precision_recipe,
-                                   vortex_style_fp8=args.vortex_style_fp8 or None)
+                                   vortex_style_fp8=args.vortex_style_fp8 or None,
+                                   use_fused_kernels=True if args.use_subquadratic_ops else None)
         evo.tokenize([r["prompt"] for r in prompts])
     except (FileNotFoundError, NotADirectoryError, CheckpointError, ValueError) as e:
         p.exit(2, f"infer_evo2: error: {e}\n")
     is_writer = torch.distributed.get_rank() == 0
-    on_text = None
-    if args.stream and is_writer:
-        def on_text(_, text):
-            sys.stdout.write(text)
-            sys.stdout.flush()
+    def print_text(_, text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    on_text = print_text if args.stream and is_writer else None
     t0 = time.perf_counter()
     try:
         outs = evo.generate([r["prompt"] for r in prompts], args.max_new_tokens, temperature=args.temperature,

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average sequence log-probs with those of the reverse complement (as Arc's evo2 does)")
     p.add_argument("--embedding-layer", type=int, help="return layer k's output (negative: from the end)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--use-subquadratic-ops", action="store_true",
+                   help="fused Hyena kernels (ours, in Triton; on by default on CUDA - this flag forces them)")
     p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
     add_cpu_flag(p)
     return p
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         evo = Evo2.from_checkpoint(str(args.ckpt_dir), tp=args.tensor_parallel_size, cp=args.context_parallel_size,
                                    sequence_parallel=False if args.no_sequence_parallel else None,
                                    mixed_precision_recipe=args.mixed_precision_recipe,
-                                   vortex_style_fp8=args.vortex_style_fp8 or None, seed=args.seed)
+                                   vortex_style_fp8=args.vortex_style_fp8 or None,
+                                   use_fused_kernels=True if args.use_subquadratic_ops else None, seed=args.seed)
         for name, seq in records:
             evo.tokenizer.tokenize_checked(seq.upper(), f"record '{name}'")  # fail before any work
     except (FastaFormatError, FileNotFoundError, NotADirectoryError, CheckpointError, ValueError) as e:

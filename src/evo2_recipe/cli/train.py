@@ -21,7 +21,6 @@ _UNSUPPORTED = {
     "fasta_data": "train from FASTA by preprocessing it first: preprocess_evo2 -c X.yaml, then -d/--dataset-config",
     "fasta_file": "train from FASTA by preprocessing it first: preprocess_evo2 -c X.yaml, then -d/--dataset-config",
     "sharded_eden_data": "Sharded-Eden SQLite data is not supported; preprocess to .bin/.idx with preprocess_evo2",
-    "use_subquadratic_ops": "the subquadratic_ops kernels are not available in this build",
     "use_targeted_variance_loss": "the targeted variance loss is not implemented (the reference ignores it too)",
     "lora_finetune": "LoRA fine-tuning is not available yet; use --finetune-ckpt-dir for full fine-tuning",
     "use_megatron_comm_overlap_llama3_8k": "TP communication overlap needs Transformer Engine userbuffers",
@@ -54,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-bias-output", action="store_true")
     p.add_argument("--seq-len-interpolation-factor", type=float)
     p.add_argument("--no-fp32-residual-connection", action="store_true")
-    p.add_argument("--use-subquadratic-ops", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--use-subquadratic-ops", action="store_true",
+                   help="fused Hyena kernels (ours, in Triton; on by default on CUDA - this flag forces them)")
     p.add_argument("--spike-no-more-embedding-init", action="store_true")
     p.add_argument("--use-targeted-variance-loss", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mixed-precision-recipe", default=None,
@@ -197,6 +197,7 @@ def settings_from_args(args: argparse.Namespace, cpu: bool):
         garbage_collect_at_inference=args.garbage_collect_at_inference, nsys_profiling=args.nsys_profiling,
         nsys_start_step=args.nsys_start_step, nsys_end_step=args.nsys_end_step, nsys_ranks=args.nsys_ranks,
         hf_tokenizer_model_path=args.hf_tokenizer_model_path, cpu=cpu,
+        use_subquadratic_ops=args.use_subquadratic_ops,
     )
 
 
@@ -219,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"train_evo2: error: {e}") from None
     logger.info("model size %s, run directory %s", settings.model_size, settings.run_dir)
+    if settings.use_subquadratic_ops:
+        from evo2_recipe.models.hyena.kernels import describe_subquadratic_request
+
+        logger.info(describe_subquadratic_request())
     from evo2_recipe.training.metrics import ThroughputCallback
 
     pretrain(cfg, hyena_forward_step, callbacks=[ThroughputCallback()])

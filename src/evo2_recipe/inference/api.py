@@ -34,19 +34,22 @@ class Evo2:
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str, *, tp: int = 1, cp: int = 1, sequence_parallel=None,
                         mixed_precision_recipe: str | None = None, vortex_style_fp8: bool | None = None,
-                        seed: int = 1234, tokenizer_path: str | None = None) -> Evo2:
+                        use_fused_kernels: bool | None = None, seed: int = 1234,
+                        tokenizer_path: str | None = None) -> Evo2:
         """Initialise (or reuse) the process group and load ``ckpt_dir``. CPU mode is used when no GPU is present.
 
-        ``mixed_precision_recipe``: a Megatron-Bridge recipe name (``bf16_mixed``, ``bf16_with_fp8_current_scaling_mixed``,
-        ...) or ``fp32``; default bf16_mixed on GPU, fp32 on CPU.
+        ``mixed_precision_recipe``: a Megatron-Bridge recipe name (``bf16_mixed``,
+        ``bf16_with_fp8_current_scaling_mixed``, ...) or ``fp32``; default bf16_mixed on GPU, fp32 on CPU.
+        ``use_fused_kernels``: None = fused Triton kernels on CUDA, True/False forces them on/off.
         """
         from evo2_recipe.compat import cpu as cpu_mode
         from evo2_recipe.utils.distributed import init_distributed
 
         cpu = cpu_mode.maybe_enable(None)
         init_distributed(tp=tp, cp=cp, seed=seed, cpu=cpu)
-        parallel = dict(tp=tp, cp=cp, sequence_parallel=sequence_parallel, mixed_precision_recipe=mixed_precision_recipe,
-                        vortex_style_fp8=vortex_style_fp8, tokenizer_path=tokenizer_path)
+        parallel = dict(tp=tp, cp=cp, sequence_parallel=sequence_parallel,
+                        mixed_precision_recipe=mixed_precision_recipe, vortex_style_fp8=vortex_style_fp8, use_fused_kernels=use_fused_kernels,
+                        tokenizer_path=tokenizer_path)
         return cls(load_for_inference(ckpt_dir, **parallel), ckpt_dir, parallel)
 
     @property

@@ -78,7 +78,7 @@ def _checkpoint_tokenizer(iter_dir: Path, vocab_rows: int | None) -> NucleotideT
 
 def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: int = 1, sequence_parallel=None,
                        mixed_precision_recipe: str | None = None, vortex_style_fp8: bool | None = None,
-                       embedding_layer: int | None = None,
+                       use_fused_kernels: bool | None = None, embedding_layer: int | None = None,
                        tokenizer_path: str | Path | None = None) -> LoadedModel:
     """Build the model of ``ckpt_dir`` for the current parallel layout and load its weights strictly.
 
@@ -126,6 +126,11 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     recipe = apply_precision_recipe(provider, mixed_precision_recipe, on_gpu=torch.cuda.is_available())
     if vortex_style_fp8:
         provider.vortex_style_fp8 = True
+    if use_fused_kernels is not None:
+        from evo2_recipe.models.hyena.kernels import describe_subquadratic_request
+
+        provider.use_fused_hyena_kernels = use_fused_kernels
+        logger.info(describe_subquadratic_request())
     provider.finalize()  # refuses FP8 without Transformer Engine
     from megatron.core import parallel_state
 

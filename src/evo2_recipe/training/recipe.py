@@ -94,6 +94,7 @@ class TrainSettings:
     fp8_param_gather: bool = True
     grad_reduce_in_fp32: bool = True
     vortex_style_fp8: bool = False
+    use_subquadratic_ops: bool = False  # the reference's flag: force the fused Hyena kernels
     micro_batch_size: int = 1
     global_batch_size: int = 8
     max_steps: int = 100000
@@ -192,6 +193,8 @@ def build_config(s: TrainSettings) -> ConfigContainer:
             overrides[name] = getattr(s, name)
     if s.add_bias_output:
         overrides["add_bias_output"] = True
+    if s.use_subquadratic_ops:
+        overrides["use_fused_hyena_kernels"] = True
     if s.spike_no_more_embedding_init:
         overrides.update(share_embeddings_and_output_weights=False, embedding_init_method_std=1.0)
     if s.activation_checkpointing == "none":

@@ -258,7 +258,6 @@ class HyenaOperator(_ShardedDim0):
 
     def _long(self, u, state):
         group = _cp_group()
-        D = self.conv_bias
         if state is not None:
             if group is not None:
                 raise NotImplementedError("cached decoding with context parallelism is not supported; use CP=1")

@@ -22,3 +22,11 @@ def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
     if choice is None:
         return x.is_cuda
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def describe_subquadratic_request() -> str:
+    """What ``--use-subquadratic-ops`` (the reference's flag) does here, for the log."""
+    if importlib.util.find_spec("subquadratic_ops_torch") is not None:
+        return ("--use-subquadratic-ops: subquadratic_ops_torch is installed, but this version runs evo2-recipe's "
+                "own fused Triton kernels (the NVIDIA package is not wired in yet)")
+    return "--use-subquadratic-ops: subquadratic_ops_torch is not installed; using evo2-recipe's fused Triton kernels"
