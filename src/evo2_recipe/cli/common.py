@@ -17,6 +17,19 @@ def setup_logging(verbose: bool = False) -> None:
         quiet_dependency_logs()
 
 
+def add_model_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """Precision, kernel and verbosity flags shared by the tools that run a checkpoint (predict, infer)."""
+    p.add_argument("--mixed-precision-recipe",
+                   help="Megatron-Bridge recipe (bf16_mixed, fp16_mixed, bf16_with_fp8_current_scaling_mixed, ...) or "
+                        "fp32; default bf16_mixed on GPU, fp32 on CPU. FP8 recipes need Transformer Engine")
+    p.add_argument("--vortex-style-fp8", action="store_true",
+                   help="FP8 (delayed scaling) for the Hyena input projections only, as Arc ran the FP8-sensitive "
+                        "original 1b/40b checkpoints; use with bf16_mixed. Needs Transformer Engine")
+    p.add_argument("--use-subquadratic-ops", action="store_true",
+                   help="fused Hyena kernels (ours, in Triton; on by default on CUDA - this flag forces them)")
+    p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
+
+
 def add_cpu_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", action="store_true",
                         help="run on CPU with the gloo backend (also: EVO2_CPU=1; automatic when no GPU is present)")

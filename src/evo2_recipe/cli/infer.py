@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from evo2_recipe.cli.common import add_cpu_flag, apply_runtime_mode, setup_logging
+from evo2_recipe.cli.common import add_cpu_flag, add_model_runtime_flags, apply_runtime_mode, setup_logging
 
 logger = logging.getLogger("infer_evo2")
 DEFAULT_PROMPT = ("|d__Bacteria;p__Pseudomonadota;c__Gammaproteobacteria;o__Enterobacterales;f__Enterobacteriaceae;"
@@ -44,19 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-parallel-size", type=int, default=1, choices=[1],
                    help="cached decoding runs without context parallelism")
     p.add_argument("--output-file", type=Path)
-    p.add_argument("--mixed-precision-recipe",
-                   help="Megatron-Bridge recipe (bf16_mixed, fp16_mixed, bf16_with_fp8_current_scaling_mixed, ...) or "
-                        "fp32; default bf16_mixed on GPU, fp32 on CPU. FP8 recipes need Transformer Engine")
-    p.add_argument("--vortex-style-fp8", action="store_true",
-                   help="FP8 (delayed scaling) for the Hyena input projections only, as Arc ran the FP8-sensitive "
-                        "original 1b/40b checkpoints; use with bf16_mixed. Needs Transformer Engine")
     p.add_argument("--max-seq-length", type=int, help="longest prompt + new tokens allowed (default: no limit)")
     p.add_argument("--max-batch-size", type=int, default=1,
                    help="sequences decoded together; a finished one's slot goes to the next waiting prompt")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
-    p.add_argument("--use-subquadratic-ops", action="store_true",
-                   help="fused Hyena kernels (ours, in Triton; on by default on CUDA - this flag forces them)")
-    p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
+    add_model_runtime_flags(p)
     add_cpu_flag(p)
     return p
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evo2_recipe.cli.common import add_cpu_flag, apply_runtime_mode, setup_logging
+from evo2_recipe.cli.common import add_cpu_flag, add_model_runtime_flags, apply_runtime_mode, setup_logging
 
 logger = logging.getLogger("predict_evo2")
 
@@ -35,12 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, choices=[1])
     p.add_argument("--context-parallel-size", type=int, default=1)
     p.add_argument("--no-sequence-parallel", action="store_true")
-    p.add_argument("--mixed-precision-recipe",
-                   help="Megatron-Bridge recipe (bf16_mixed, fp16_mixed, bf16_with_fp8_current_scaling_mixed, ...) or "
-                        "fp32; default bf16_mixed on GPU, fp32 on CPU. FP8 recipes need Transformer Engine")
-    p.add_argument("--vortex-style-fp8", action="store_true",
-                   help="FP8 (delayed scaling) for the Hyena input projections only, as Arc ran the FP8-sensitive "
-                        "original 1b/40b checkpoints; use with bf16_mixed. Needs Transformer Engine")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--min-length", type=int, help="pad every batch to at least this length")
     p.add_argument("--prepend-bos", action="store_true",
@@ -52,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average sequence log-probs with those of the reverse complement (as Arc's evo2 does)")
     p.add_argument("--embedding-layer", type=int, help="return layer k's output (negative: from the end)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--use-subquadratic-ops", action="store_true",
-                   help="fused Hyena kernels (ours, in Triton; on by default on CUDA - this flag forces them)")
-    p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
+    add_model_runtime_flags(p)
     add_cpu_flag(p)
     return p
 
