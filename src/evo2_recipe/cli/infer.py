@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=1,
                    help="sequences decoded together; a finished one's slot goes to the next waiting prompt")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each decode step as one CUDA graph (GPU; falls back to eager if capture fails)")
     add_model_runtime_flags(p)
     add_cpu_flag(p)
     return p
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outs = evo.generate([r["prompt"] for r in prompts], args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seq_length=args.max_seq_length,
-                            max_batch_size=args.max_batch_size, on_text=on_text)
+                            max_batch_size=args.max_batch_size, on_text=on_text, cuda_graph=args.cuda_graph)
     except ValueError as e:
         p.exit(2, f"infer_evo2: error: {e}\n")
     if on_text is not None:

@@ -117,7 +117,8 @@ class Evo2:
 
     def generate(self, prompts: list[str], n_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 0.0, seed: int | None = None, max_seq_length: int | None = None,
-                 stop_at_eod: bool = True, max_batch_size: int | None = None, on_text=None) -> list[dict]:
+                 stop_at_eod: bool = True, max_batch_size: int | None = None, on_text=None,
+                 cuda_graph: bool = False) -> list[dict]:
         """Sample continuations; each result has ``text``, ``tokens``, ``log_probs`` and ``finish_reason``.
 
         ``max_batch_size`` sequences decode together (default: all); finished ones hand their slot to the next
@@ -131,7 +132,8 @@ class Evo2:
                                 stop_at_eod=stop_at_eod)
         stream = None if on_text is None else (lambda i, toks: on_text(i, self.tokenizer.detokenize(toks)))
         out = generate(self.model, ids, params, eod_id=self.tokenizer.eod, vocab_size=self.tokenizer.vocab_size,
-                       max_seq_length=max_seq_length, max_batch_size=max_batch_size, on_tokens=stream)
+                       max_seq_length=max_seq_length, max_batch_size=max_batch_size, on_tokens=stream,
+                       cuda_graph=cuda_graph)
         for r in out:
             r["text"] = self.tokenizer.detokenize(r["tokens"])
         return out

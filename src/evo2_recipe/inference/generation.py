@@ -72,11 +72,12 @@ def _last_logits(model, tokens, ctx, vocab_size):
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id: int = 0, vocab_size: int,
              max_seq_length: int | None = None, max_batch_size: int | None = None, sync_every: int = 16,
-             on_tokens: Callable[[int, list[int]], None] | None = None) -> list[dict]:
+             on_tokens: Callable[[int, list[int]], None] | None = None, cuda_graph: bool = False) -> list[dict]:
     """Generate for each prompt; returns ``[{"tokens": [...], "log_probs": [...], "finish_reason": ...}]``.
 
     ``max_batch_size`` slots decode together (default: all prompts at once); a finished sequence's slot is given to
     the next waiting prompt. ``on_tokens(prompt_index, new_tokens)`` streams tokens as they are retired.
+    ``cuda_graph`` replays the decode step as one CUDA graph (opt-in until measured on a GPU; falls back to eager).
     """
     params.validate(vocab_size)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -153,6 +154,12 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
     age = [0] * slots  # decode steps since each slot's prompt was admitted (host-side: no sync to know it)
     for slot in range(slots):
         admit(slot)
+    def step() -> None:  # static shapes, device-only work: the unit a CUDA graph captures
+        logits = _last_logits(model, last[:, None], ctx, vocab_size)  # every slot advances; done ones idle
+        ctx.advance(1)
+        record(rows, logits)
+
+    run_step = step
     since_sync = 0
     while True:
         # a slot admitted `age` steps ago has count == age + 1 tokens: certainly done once age >= n - 1
@@ -161,9 +168,31 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
             since_sync = 0
             if all(o is None for o in owner):
                 break
-        logits = _last_logits(model, last[:, None], ctx, vocab_size)  # every slot advances; done ones idle
-        ctx.advance(1)
-        record(rows, logits)
+        run_step()
         since_sync += 1
         age = [a + 1 for a in age]
+        if cuda_graph and run_step is step and device.type == "cuda":
+            run_step = _capture(step, generator)  # after one eager step has allocated every buffer
     return results
+
+
+def _capture(step: Callable[[], None], generator: torch.Generator) -> Callable[[], None]:
+    """One decode step captured in a CUDA graph (one launch per token); the eager step if capture fails.
+
+    Capture records the step without running it, so the graph is replayed once right away: the captured call is a
+    real decode step and the caller's bookkeeping stays right.
+    """
+    graph = torch.cuda.CUDAGraph()
+    try:
+        graph.register_generator_state(generator)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+    except Exception as e:  # noqa: BLE001 - any capture failure leaves the (correct) eager path
+        logger.warning("CUDA graph capture of the decode step failed (%s: %s); decoding eagerly",
+                       type(e).__name__, str(e)[:200])
+        return step
+    graph.replay()  # the captured run did not execute the work: do this step now
+    return graph.replay
