@@ -70,7 +70,7 @@ def ours(what: list[str], cuda_graph: bool) -> list[dict]:
         rows.append(dict(impl="ours", workload="forward", size=size, seq=L, batch=B, s=round(dt, 4),
                          tok_s=round(B * L / dt), peak_gb=_peak_gb()))
         print(rows[-1], flush=True)
-        del model
+        model = None  # free before the next size
     for size, B, n in DECODE if "decode" in what else []:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -88,7 +88,7 @@ def ours(what: list[str], cuda_graph: bool) -> list[dict]:
                          prefill_s=round(t_prefill, 3), decode_tok_s=round(B * (n - 1) / (t_all - t_prefill), 1),
                          ms_per_step=round(1000 * (t_all - t_prefill) / (n - 1), 2), peak_gb=_peak_gb()))
         print(rows[-1], flush=True)
-        del model
+        model = None  # free before the next size
     return rows
 
 
@@ -131,7 +131,7 @@ def vortex(what: list[str], kernels: bool) -> list[dict]:
             with torch.no_grad():
                 dt = _timed(lambda: model(x), 1 if L > 32768 else 5)
             row = dict(s=round(dt, 4), tok_s=round(B * L / dt), peak_gb=_peak_gb())
-            del model
+            model = None
         except Exception as e:  # noqa: BLE001 - an OOM is a result too
             row = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
         rows.append(dict(impl=tag, workload="forward", size=size, seq=L, batch=B, **row))
@@ -162,7 +162,7 @@ def vortex(what: list[str], kernels: bool) -> list[dict]:
                          decode_tok_s=round(B * n / (t2 - t1), 1), ms_per_step=round(1000 * (t2 - t1) / n, 2),
                          peak_gb=_peak_gb()))
         print(rows[-1], flush=True)
-        del model
+        model = None  # free before the next size
     return rows
 
 
