@@ -28,7 +28,8 @@ def _proj_conv(f_ptr, wp_ptr, s, c, lane: tl.constexpr, L, stride_l, cmask, BLOC
     for j in tl.static_range(3):
         src = s - 2 + j
         m = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
-        f = tl.load(f_ptr + src[:, None] * stride_l + (3 * c + lane)[None, :], mask=m, other=0.0)
+        # int64 offsets: at 1M tokens x 3*4096 channels the element offset passes 2^31
+        f = tl.load(f_ptr + src.to(tl.int64)[:, None] * stride_l + (3 * c + lane)[None, :], mask=m, other=0.0)
         w = tl.load(wp_ptr + (3 * c + lane) * 3 + j, mask=cmask, other=0.0)
         acc += f.to(tl.float32) * w.to(tl.float32)[None, :]
     return acc
@@ -41,7 +42,7 @@ def _short_hyena_fwd(f_ptr, wp_ptr, ws_ptr, b_ptr, z_ptr, L, C, stride_fl, strid
     b = tl.program_id(1)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    f_b = f_ptr + b * stride_fb
+    f_b = f_ptr + b.to(tl.int64) * stride_fb
     y = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
     u_t = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
     for k in tl.static_range(7):
@@ -58,7 +59,8 @@ def _short_hyena_fwd(f_ptr, wp_ptr, ws_ptr, b_ptr, z_ptr, L, C, stride_fl, strid
         y += u_t * tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     z = _proj_conv(f_b, wp_ptr, t, c, 0, L, stride_fl, cmask, BLOCK_L, BLOCK_C) * y
     m = (t < L)[:, None] & cmask[None, :]
-    tl.store(z_ptr + b * stride_zb + t[:, None] * stride_zl + c[None, :], z.to(z_ptr.dtype.element_ty), mask=m)
+    offs = b.to(tl.int64) * stride_zb + t.to(tl.int64)[:, None] * stride_zl + c[None, :]
+    tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=m)
 
 
 def _forward(features, w_proj, w_short, bias):
