@@ -44,3 +44,29 @@ def test_weight_decay_groups():
     assert not key.matches(p2, "decoder.layers.1.mixer.mixer.filter.h")  # medium filter is decayed (reference)
     assert not key.matches(p2, "decoder.layers.0.mixer.dense_projection.weight")
     assert isinstance(key, ParamKey)
+
+
+def _output_bias_model(rank, world):
+    from megatron.core import parallel_state, tensor_parallel
+
+    from hyena_helpers import dna_batch, tiny_provider
+
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    model = tiny_provider(add_bias_output=True).provide().eval()
+    tokens, _ = dna_batch(1, 16)
+    with torch.no_grad():
+        before = model(tokens)
+        model.output_layer.bias.fill_(0.5)
+        after = model(tokens)
+    return model.output_layer.bias.shape, (after - before)
+
+
+def test_add_bias_output_reaches_the_model():
+    from evo2_recipe.utils.spawn import run_on_ranks
+
+    cfg = build_config(TrainSettings(model_size="striped_hyena_tiny", mock_data=True, mixed_precision_recipe=None,
+                                     add_bias_output=True))
+    assert cfg.model.add_bias_output
+    ((shape, delta),) = run_on_ranks(_output_bias_model, 1)
+    assert tuple(shape) == (512,) and torch.allclose(delta, torch.full_like(delta, 0.5))

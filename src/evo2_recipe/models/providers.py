@@ -65,6 +65,7 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
     make_vocab_size_divisible_by: int = 8
     should_pad_vocab: bool = False
     share_embeddings_and_output_weights: bool = True
+    add_bias_output: bool = False  # a zero-initialised bias on the output layer (reference --add-bias-output)
     to_upper: str = "normalized_weighted"
     # precision / numerics
     params_dtype: torch.dtype = torch.bfloat16

@@ -56,7 +56,8 @@ class HyenaModel(LanguageModule):
         self.decoder = HyenaStack(config, spec, pre_process=pre_process, post_process=post_process)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
+                config.hidden_size, vocab_size, config=config, init_method=config.init_method,
+                bias=bool(getattr(config, "add_bias_output", False)),
                 skip_bias_add=False, gather_output=not parallel_output,
                 skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
             )
