@@ -16,3 +16,15 @@ def test_fasta_to_jsonl(tmp_path, capsys):
     assert main([str(tmp_path / "missing.fa"), str(tmp_path / "y.jsonl")]) == 1
     assert "FASTA file not found" in capsys.readouterr().err
     assert not (tmp_path / "y.jsonl").exists() and not (tmp_path / "y.jsonl.tmp").exists()
+
+
+def test_reference_tool_names_and_flags_exist():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    r = subprocess.run([str(bin_dir / "bionemo_fasta_to_jsonl"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "fasta" in r.stdout.lower()  # the reference's name for evo2_fasta_to_jsonl
+    r = subprocess.run([str(bin_dir / "evo2_remove_optimizer"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--src-ckpt-dir" in r.stdout and "--dst-ckpt-dir" in r.stdout and "-v" in r.stdout
