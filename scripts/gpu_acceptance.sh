@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
+#   bash scripts/gpu_acceptance.sh [tests] [fp8] [bench]      (default: all three; logs under ${OUT:-./gpu_out})
+# Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
+# /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
+what="${*:-tests fp8 bench}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >/dev/null 2>&1 || echo "wheel install failed"
+fi
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 EVO2_TOKENIZERS_DIR=$PWD/tokenizers
+bin=$(dirname "$(python3 -c 'import sys; print(sys.executable)')")
+python3 - "$bin" <<'PY'
+import os, sys, tomllib
+for name, target in tomllib.load(open("pyproject.toml", "rb"))["project"]["scripts"].items():
+    mod, fn = target.split(":")
+    path = os.path.join(sys.argv[1], name)
+    with open(path, "w") as f:
+        f.write(f"#!{sys.executable}\nimport sys\nfrom {mod} import {fn}\nsys.exit({fn}())\n")
+    os.chmod(path, 0o755)
+PY
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+if [[ " $what " == *" tests "* ]]; then  # fp32 TE-vs-local parity needs TF32 off (TE runs fp32 GEMMs in TF32)
+  NVIDIA_TF32_OVERRIDE=0 python3 -m pytest -q -s tests/test_gpu.py tests/test_gpu_te.py tests/test_kernels.py \
+    2>&1 | tee "$OUT/pytest_gpu.log" | grep -E "TE vs|bf16:|passed|failed|Error"
+fi
+
+if [[ " $what " == *" fp8 "* ]]; then
+  common=(--mock-data --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1 --global-batch-size 1
+          --max-steps 20 --warmup-steps 2 --constant-steps 0 --eval-interval 20 --eval-iters 1 --log-interval 10
+          --workers 2 --disable-tensorboard-logger)
+  for run in "bf16 --mixed-precision-recipe bf16_mixed" \
+             "fp8cs --mixed-precision-recipe bf16_with_fp8_current_scaling_mixed" \
+             "fp8ds --mixed-precision-recipe bf16_with_fp8_delayed_scaling_mixed" \
+             "vfp8 --mixed-precision-recipe bf16_mixed --vortex-style-fp8"; do
+    set -- $run; tag=$1; shift
+    timeout 400 train_evo2 "${common[@]}" --result-dir "/tmp/r_$tag" "$@" > "$OUT/train_$tag.log" 2>&1
+    echo "train $tag rc=$? tracebacks=$(grep -c Traceback "$OUT/train_$tag.log")"
+    grep -E "evo2_recipe.train: step" "$OUT/train_$tag.log" | tail -1
+  done
+  ckpt=/tmp/r_fp8cs/evo2/checkpoints
+  printf ">s1\nACGTTGCAACGGTACCGTTAGGCTAACGTTGCATGCAAGT\n>s2\nTTGACCA\n" > /tmp/s.fa
+  for rec in bf16_mixed bf16_with_fp8_current_scaling_mixed; do
+    predict_evo2 --fasta /tmp/s.fa --ckpt-dir $ckpt --output-dir "/tmp/p_$rec" --output-log-prob-seqs \
+      --mixed-precision-recipe $rec > "$OUT/predict_$rec.log" 2>&1
+    echo "predict $rec rc=$? tracebacks=$(grep -c Traceback "$OUT/predict_$rec.log")"
+  done
+  for flags in "--mixed-precision-recipe bf16_with_fp8_current_scaling_mixed" "--vortex-style-fp8"; do
+    infer_evo2 --ckpt-dir $ckpt --max-new-tokens 20 --top-k 1 $flags > "$OUT/infer.log" 2>&1
+    echo "infer $flags rc=$? tracebacks=$(grep -c Traceback "$OUT/infer.log")"
+  done
+fi
+
+if [[ " $what " == *" bench "* ]]; then
+  python3 benchmarks/side_by_side.py score decode long --vortex-kernels --json "$OUT/side_by_side.json" 2>&1 \
+    | grep -E "^\{|failed"
+  python3 benchmarks/side_by_side.py decode --cuda-graph 2>&1 | grep -E "^\{|failed"
+fi
