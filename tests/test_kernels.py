@@ -90,3 +90,25 @@ def test_model_with_fused_kernels_equals_plain(name):
     torch.testing.assert_close(loss_f, loss_p, rtol=1e-6, atol=1e-5)
     for k in grads_p:
         torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("L,B,C", [(37, 2, 8), (1, 1, 16), (70, 3, 72)])
+def test_fused_prologue_and_epilogue_equal_plain(L, B, C):
+    from evo2_recipe.models.hyena.kernels import gating
+
+    f, wp, _, _ = _inputs(L, B, C, False)
+    ref = ops.hyena_prologue(f, wp)
+    out = gating.hyena_prologue(f, wp)
+    g = [torch.randn_like(t) for t in ref]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(out, [f, wp], g), torch.autograd.grad(ref, [f, wp], g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    x1 = torch.randn(B, C, L, device=DEVICE, requires_grad=True)
+    y = torch.randn(B, C, L, device=DEVICE, requires_grad=True)
+    ref, out = ops.hyena_epilogue(x1, y), gating.hyena_epilogue(x1, y)
+    assert out.shape == (L, B, C)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, [x1, y], g), torch.autograd.grad(ref, [x1, y], g)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

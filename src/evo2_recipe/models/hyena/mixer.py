@@ -339,17 +339,22 @@ class HyenaMixer(MegatronModule):
             input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2",
         )
 
+    def _fused_operator(self, features_LBC3: torch.Tensor) -> torch.Tensor:
+        """The operator through the Triton kernels (same math as below): (L, B, 3Hp) -> z (L, B, Hp)."""
+        from evo2_recipe.models.hyena.kernels import gating
+        from evo2_recipe.models.hyena.kernels.short_hyena import short_hyena
+
+        op, w_proj = self.mixer, self.hyena_proj_conv.short_conv_weight
+        if op.operator_type == HYENA_SHORT:  # one pass instead of ~8
+            bias = None if op.conv_bias is None else ops.expand_groups(op.conv_bias, op.channels)
+            return short_hyena(features_LBC3, w_proj, op.short_conv.weight_CK(op.channels), bias)
+        x1, u = gating.hyena_prologue(features_LBC3, w_proj)  # (B, Hp, L) each
+        return gating.hyena_epilogue(x1, op._fft_conv(u, 0))
+
     def forward(self, x_LBH: torch.Tensor, state: HyenaLayerState | None = None):
         features, _ = quantization.hyena_input_projection(self.config, self.dense_projection, x_LBH)  # (L, B, 3Hp)
-        if (self.mixer.operator_type == HYENA_SHORT and state is None and _cp_group() is None
-                and fused_kernels_enabled(self.config, features)):
-            from evo2_recipe.models.hyena.kernels.short_hyena import short_hyena
-
-            op = self.mixer
-            bias = None if op.conv_bias is None else ops.expand_groups(op.conv_bias, op.channels)
-            z = short_hyena(features, self.hyena_proj_conv.short_conv_weight, op.short_conv.weight_CK(op.channels),
-                            bias)  # (L, B, Hp): one fused pass instead of ~8
-            return self.dense(z.contiguous())
+        if state is None and _cp_group() is None and fused_kernels_enabled(self.config, features):
+            return self.dense(self._fused_operator(features))
         features = features.permute(1, 2, 0)  # (B, 3Hp, L)
         halo = self.hyena_proj_conv.kernel_size - 1
         group = _cp_group()

@@ -125,3 +125,14 @@ def short_hyena(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor, w_short_C
     if bias_C is not None:
         y = y + u * bias_C.to(u.dtype)[:, None]
     return (x1 * y).permute(2, 0, 1)
+
+
+def hyena_prologue(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared front of hcm/hcl: projection conv, de-interleave, ``u = x2 * v``; (L, B, 3C) -> x1, u (B, C, L)."""
+    f = causal_depthwise_conv(features_LBC3.permute(1, 2, 0), w_proj_C3K)  # (B, 3C, L)
+    return f[:, 0::3].contiguous(), f[:, 1::3] * f[:, 2::3]
+
+
+def hyena_epilogue(x1_BCL: torch.Tensor, y_BCL: torch.Tensor) -> torch.Tensor:
+    """Shared back of hcm/hcl: gate the convolution output, back to sequence-first; -> z (L, B, C) in x1's dtype."""
+    return (x1_BCL * y_BCL.to(x1_BCL.dtype)).permute(2, 0, 1)

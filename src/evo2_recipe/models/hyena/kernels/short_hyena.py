@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from evo2_recipe.models.hyena import operators as ops
+from evo2_recipe.models.hyena.kernels import recompute_backward
 
 PROJ_TAPS, SHORT_TAPS = 3, 7
 
@@ -84,12 +85,7 @@ class _ShortHyena(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z):
-        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            z = ops.short_hyena(*inputs)
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(z, wanted, grad_z, allow_unused=True)) if wanted else iter(())
-        return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
+        return recompute_backward(ops.short_hyena, ctx.saved_tensors, (grad_z,))
 
 
 def short_hyena(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor, w_short_CK: torch.Tensor,
