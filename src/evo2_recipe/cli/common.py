@@ -26,7 +26,7 @@ def add_model_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="FP8 (delayed scaling) for the Hyena input projections only, as Arc ran the FP8-sensitive "
                         "original 1b/40b checkpoints; use with bf16_mixed. Needs Transformer Engine")
     p.add_argument("--use-subquadratic-ops", action="store_true",
-                   help="fused Hyena kernels (ours, in Triton; on by default on CUDA - this flag forces them)")
+                   help="fused Hyena kernels (ours, in Triton, CUDA; opt-in until measured)")
     p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
 
 

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len-interpolation-factor", type=float)
     p.add_argument("--no-fp32-residual-connection", action="store_true")
     p.add_argument("--use-subquadratic-ops", action="store_true",
-                   help="fused Hyena kernels (ours, in Triton; on by default on CUDA - this flag forces them)")
+                   help="fused Hyena kernels (ours, in Triton, CUDA; opt-in until measured)")
     p.add_argument("--spike-no-more-embedding-init", action="store_true")
     p.add_argument("--use-targeted-variance-loss", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mixed-precision-recipe", default=None,

@@ -40,7 +40,7 @@ class Evo2:
 
         ``mixed_precision_recipe``: a Megatron-Bridge recipe name (``bf16_mixed``,
         ``bf16_with_fp8_current_scaling_mixed``, ...) or ``fp32``; default bf16_mixed on GPU, fp32 on CPU.
-        ``use_fused_kernels``: None = fused Triton kernels on CUDA, True/False forces them on/off.
+        ``use_fused_kernels``: True runs the fused Triton kernels (CUDA), None keeps the checkpoint's choice.
         """
         from evo2_recipe.compat import cpu as cpu_mode
         from evo2_recipe.utils.distributed import init_distributed

@@ -101,7 +101,7 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
     add_attn_proj_bias: bool = True
     hyena_filter_no_wd: bool = True
     vortex_style_fp8: bool = False
-    use_fused_hyena_kernels: bool | None = None  # None: our Triton kernels on CUDA; False: plain PyTorch operators
+    use_fused_hyena_kernels: bool | None = None  # True: our Triton kernels (CUDA); None/False: plain operators
     embedding_init_method_std: float | None = 0.02
     use_cpu_initialization: bool = False
 

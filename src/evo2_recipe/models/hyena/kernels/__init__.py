@@ -1,8 +1,9 @@
 """Fused Triton kernels for the Hyena operators; each has its plain-PyTorch twin in ``operators.py`` as test oracle.
 
-The fused path is chosen automatically on CUDA when Triton imports (``config.use_fused_hyena_kernels=None``);
-``use_fused_hyena_kernels=False`` (or ``EVO2_FUSED_KERNELS=0``) turns it off. On CPU the tests run the kernels under
-Triton's interpreter (``TRITON_INTERPRET=1``).
+Opt-in until they are measured on a GPU against the plain path and Vortex: ``use_fused_hyena_kernels=True`` on the
+provider, ``--use-subquadratic-ops`` on the tools, or ``EVO2_FUSED_KERNELS=1``; ``EVO2_FUSED_KERNELS=0`` always
+turns them off. (The intended end state is on by default on CUDA.) On CPU the tests run the kernels under Triton's
+interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ import torch
 
 def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
     choice = getattr(config, "use_fused_hyena_kernels", None)
-    if choice is False or os.environ.get("EVO2_FUSED_KERNELS") == "0":
+    env = os.environ.get("EVO2_FUSED_KERNELS")
+    if choice is False or env == "0" or not (choice or env == "1"):
         return False
     if importlib.util.find_spec("triton") is None:
         return False
-    if choice is None:
-        return x.is_cuda
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
