@@ -1,6 +1,7 @@
 """Ours vs Arc's Vortex on the same shapes, in one process each, random weights, bf16: the peer beside every number.
 
-    python benchmarks/side_by_side.py score decode long [--vortex] [--vortex-kernels] [--cuda-graph] [--json out.json]
+    python benchmarks/side_by_side.py score decode long [--fused] [--vortex] [--vortex-kernels] [--cuda-graph] \
+        [--json out.json]
 
 Workloads (the rows of issues 11 and 16):
 * ``score``  - forward of evo2_1b_base at 8,192 tokens (batch 1 and 4) and evo2_7b_base at 8,192: tokens/s, peak GB;
@@ -42,39 +43,39 @@ def _timed(fn, iters: int) -> float:
 
 
 # ---- ours ------------------------------------------------------------------------------------------------------------
-def _our_model(size: str, seq_len: int):
+def _our_model(size: str, seq_len: int, fused: bool):
     from megatron.core.transformer.module import Float16Module
 
     from evo2_recipe.models.hyena.mixer import keep_hyena_filters_fp32
     from evo2_recipe.models.providers import get_provider
 
     p = get_provider(size, vocab_size=512, seq_length=max(seq_len, 8192), recompute_granularity=None,
-                     recompute_method=None, recompute_num_layers=None)
+                     recompute_method=None, recompute_num_layers=None, use_fused_hyena_kernels=fused)
     p.finalize()
     return Float16Module(p, keep_hyena_filters_fp32(p.provide().cuda())).eval()
 
 
-def ours(what: list[str], cuda_graph: bool) -> list[dict]:
+def ours(what: list[str], cuda_graph: bool, fused: bool) -> list[dict]:
     from evo2_recipe.inference.generation import SamplingParams, generate
     from evo2_recipe.utils.distributed import init_distributed
 
     init_distributed(seed=0)
-    rows = []
+    rows, tag = [], "ours" + ("+fused" if fused else "")
     for size, L, B in (SCORE if "score" in what else []) + (LONG if "long" in what else []):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        model = _our_model(size, L)
+        model = _our_model(size, L, fused)
         x = torch.randint(65, 90, (B, L), device="cuda")
         with torch.no_grad():
             dt = _timed(lambda: model(x), 1 if L > 32768 else 5)
-        rows.append(dict(impl="ours", workload="forward", size=size, seq=L, batch=B, s=round(dt, 4),
+        rows.append(dict(impl=tag, workload="forward", size=size, seq=L, batch=B, s=round(dt, 4),
                          tok_s=round(B * L / dt), peak_gb=_peak_gb()))
         print(rows[-1], flush=True)
         model = None  # free before the next size
     for size, B, n in DECODE if "decode" in what else []:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        model = _our_model(size, PROMPT + n)
+        model = _our_model(size, PROMPT + n, fused)
         prompts = torch.randint(65, 90, (B, PROMPT)).tolist()
 
         def run(new):
@@ -84,7 +85,7 @@ def ours(what: list[str], cuda_graph: bool) -> list[dict]:
         run(4)
         t_prefill = _timed(lambda: run(1), 1)
         t_all = _timed(lambda: run(n), 1)
-        rows.append(dict(impl="ours" + ("+graph" if cuda_graph else ""), workload="decode", size=size, batch=B,
+        rows.append(dict(impl=tag + ("+graph" if cuda_graph else ""), workload="decode", size=size, batch=B,
                          prefill_s=round(t_prefill, 3), decode_tok_s=round(B * (n - 1) / (t_all - t_prefill), 1),
                          ms_per_step=round(1000 * (t_all - t_prefill) / (n - 1), 2), peak_gb=_peak_gb()))
         print(rows[-1], flush=True)
@@ -172,13 +173,17 @@ def main() -> None:
     ap.add_argument("--vortex", action="store_true", help="also run stock Vortex")
     ap.add_argument("--vortex-kernels", action="store_true", help="also run Vortex with its Triton kernels")
     ap.add_argument("--cuda-graph", action="store_true", help="our decode with CUDA-graph replay")
+    ap.add_argument("--fused", action="store_true", help="also measure ours with the fused Triton kernels")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--_vortex-child", dest="child", choices=["stock", "kernels"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("ROWS " + json.dumps(vortex(args.what, args.child == "kernels")), flush=True)
         return
-    rows = ours(args.what, args.cuda_graph)
+    rows = ours(args.what, args.cuda_graph, False)
+    if args.fused:
+        torch.cuda.empty_cache()
+        rows += ours(args.what, args.cuda_graph, True)
     for flavour, on in (("stock", args.vortex), ("kernels", args.vortex_kernels)):
         if on:  # a fresh process: Vortex's CUDA state and memory never mix with ours
             out = subprocess.run([sys.executable, __file__, *args.what, "--_vortex-child", flavour],

@@ -56,7 +56,7 @@ if [[ " $what " == *" fp8 "* ]]; then
 fi
 
 if [[ " $what " == *" bench "* ]]; then
-  python3 benchmarks/side_by_side.py score decode long --vortex-kernels --json "$OUT/side_by_side.json" 2>&1 \
+  python3 benchmarks/side_by_side.py score decode long --fused --vortex-kernels --json "$OUT/side_by_side.json" 2>&1 \
     | grep -E "^\{|failed"
   python3 benchmarks/side_by_side.py decode --cuda-graph 2>&1 | grep -E "^\{|failed"
 fi
