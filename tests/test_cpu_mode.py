@@ -59,18 +59,19 @@ def _reference():
 def test_tensor_parallel_linear_matches_single_process():
     (one,) = run_on_ranks(_tp_column_row, 1, False)
     y_ref, (g_w1, g_b1, g_w2, g_b2, g_x) = _reference()
+    # gradients: atol 1e-4 on values of magnitude ~5 - fp32 sums in another order (gloo reduction, CPU kernels)
     torch.testing.assert_close(one["y"], y_ref, rtol=1e-5, atol=1e-5)
     for sp in (False, True):
         ranks = run_on_ranks(_tp_column_row, 2, sp)
         cat_seq = (lambda k: torch.cat([r[k] for r in ranks], dim=0)) if sp else (lambda k: ranks[0][k])
         torch.testing.assert_close(cat_seq("y"), one["y"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cat_seq("x_grad"), one["x_grad"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(torch.cat([r["w1_grad"] for r in ranks]), one["w1_grad"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(torch.cat([r["b1_grad"] for r in ranks]), one["b1_grad"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(torch.cat([r["w2_grad"] for r in ranks], 1), one["w2_grad"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ranks[0]["b2_grad"], one["b2_grad"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(one["w1_grad"], g_w1, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(one["x_grad"], g_x, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cat_seq("x_grad"), one["x_grad"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.cat([r["w1_grad"] for r in ranks]), one["w1_grad"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.cat([r["b1_grad"] for r in ranks]), one["b1_grad"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.cat([r["w2_grad"] for r in ranks], 1), one["w2_grad"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ranks[0]["b2_grad"], one["b2_grad"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(one["w1_grad"], g_w1, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(one["x_grad"], g_x, rtol=1e-5, atol=1e-4)
 
 
 def _gpt_logits_and_checkpoint(rank, world, ckpt_dir, mode, seed):

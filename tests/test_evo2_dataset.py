@@ -122,9 +122,9 @@ def test_reference_getitem_case():
     assert mask.tolist() == [1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1]
     # default = the reference's mask whatever the base mask says about EOD (its flag changes nothing either)
     assert evo2_loss_mask(labels, torch.ones(12)).tolist() == mask.tolist()
-    pad_labels = torch.tensor([ord("A"), 1, 0, ord("c")])
-    assert evo2_loss_mask(pad_labels, torch.ones(4)).tolist() == [1, 0, 0, 1]
-    assert evo2_loss_mask(pad_labels, torch.ones(4), predict_eod=True).tolist() == [1, 0, 1, 1]  # opt-in: EOD only
+    pad_labels = torch.tensor([ord("A"), ord("c"), 0, 1, 1])  # a document, its EOD, then padding
+    assert evo2_loss_mask(pad_labels, torch.ones(5)).tolist() == [1, 1, 0, 0, 0]
+    assert evo2_loss_mask(pad_labels, torch.ones(5), predict_eod=True).tolist() == [1, 1, 1, 0, 0]  # EOD only
 
 
 def test_preprocess_workers_give_identical_bytes(tmp_path):
