@@ -96,10 +96,15 @@ def test_vortex_style_fp8_only_on_hyena_input_projections(group):
     p.finalize()
     model = Float16Module(p, p.provide().cuda()).eval()
     seen = {}
+
+    def record(name):
+        def hook(module, args):  # returns None: a pre-hook's return value would replace the arguments
+            seen.setdefault(name, FP8GlobalStateManager.is_fp8_enabled())
+        return hook
+
     for name, m in model.module.named_modules():
         if name.endswith(("dense_projection", "linear_qkv", "linear_fc1")):
-            m.register_forward_pre_hook(lambda m, a, name=name: seen.setdefault(
-                name, FP8GlobalStateManager.is_fp8_enabled()) and None)  # a pre-hook's return value replaces args
+            m.register_forward_pre_hook(record(name))
     with torch.no_grad():
         out = model(torch.randint(65, 90, (1, 37), device="cuda"))  # 37: padded to 48 for the FP8 GEMM, then cut
     assert out.shape == (1, 37, 512) and torch.isfinite(out.float()).all()

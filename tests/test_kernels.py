@@ -41,7 +41,7 @@ def test_fused_short_hyena_equals_plain(L, B, C, bias):
 
 def test_plain_short_hyena_equals_direct_sums():
     """The plain twin itself against a loop over the definition (independent of conv1d)."""
-    f, wp, ws, b = (t.detach() for t in _inputs(11, 1, 4, True, seed=3))
+    f, wp, ws, b = (t.detach().cpu() for t in _inputs(11, 1, 4, True, seed=3))
     L, C = f.shape[0], f.shape[2] // 3
     fp = torch.zeros(L, 3 * C)
     for t in range(L):
@@ -70,14 +70,14 @@ def _model_fused_vs_plain(rank, world, name):
     out, weights = {}, None
     for fused in (False, True):
         p = tiny_provider(name, use_fused_hyena_kernels=fused)
-        model = p.provide()
+        model = p.provide().to(DEVICE)  # GPU: the compiled kernels; CPU: the Triton interpreter
         if weights is None:
             weights = randomise_weights_(model).state_dict()
         model.load_state_dict(weights)
-        tokens, labels = dna_batch(2, 45)
+        tokens, labels = (t.to(DEVICE) for t in dna_batch(2, 45))
         loss = model(tokens, labels=labels).sum()
         loss.backward()
-        out[fused] = (loss.detach(), {k: v.grad.clone() for k, v in model.named_parameters()})
+        out[fused] = (loss.detach().cpu(), {k: v.grad.cpu() for k, v in model.named_parameters()})
     return out
 
 

@@ -37,6 +37,12 @@ def expected_shapes_many(model_sizes: list[str], vocab_size: int = 512) -> dict[
     return shapes
 
 
+# Layout-only builds on the meta device use the local spec: Transformer Engine's linears copy a CPU init into their
+# weights whatever the device. The tensors and their keys are the same under both specs; TE's ``_extra_state`` (FP8
+# scaling metadata) is not written, and a TE model loading the checkpoint starts it fresh (megatron loads it as None).
+META_BUILD = dict(use_te=False, use_cpu_initialization=True, perform_initialization=False)
+
+
 def _meta_shapes(rank, world, model_sizes, vocab_size):
     from megatron.core import parallel_state, tensor_parallel
 
@@ -46,7 +52,7 @@ def _meta_shapes(rank, world, model_sizes, vocab_size):
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     out = {}
     for name in model_sizes:
-        p = get_provider(name, vocab_size=vocab_size, use_cpu_initialization=True, perform_initialization=False)
+        p = get_provider(name, vocab_size=vocab_size, **META_BUILD)
         p.finalize()
         with torch.device("meta"):
             model = p.provide()
@@ -136,8 +142,7 @@ def _save_with_megatron(tensors, iter_dir: Path, model_size: str, vocab: int, pa
         if parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() \
                 * parallel_state.get_context_parallel_world_size() != 1:
             raise RuntimeError("write_model_checkpoint needs a TP=PP=CP=1 layout (it writes full tensors)")
-        p = get_provider(model_size, vocab_size=vocab, use_cpu_initialization=True, perform_initialization=False,
-                         params_dtype=torch.bfloat16)
+        p = get_provider(model_size, vocab_size=vocab, params_dtype=torch.bfloat16, **META_BUILD)
         p.finalize()
         with torch.device("meta"):
             model = p.provide()
