@@ -19,7 +19,7 @@ for name, target in tomllib.load(open("pyproject.toml", "rb"))["project"]["scrip
     mod, fn = target.split(":")
     path = os.path.join(sys.argv[1], name)
     with open(path, "w") as f:
-        f.write(f"#!{sys.executable}\nimport sys\nfrom {mod} import {fn}\nsys.exit({fn}())\n")
+        f.write(f"#!{sys.executable}\nimport sys\nfrom {mod} import {fn}\nif __name__ == \"__main__\":\n    sys.exit({fn}())\n")
     os.chmod(path, 0o755)
 PY
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -33,7 +33,7 @@ if [[ " $what " == *" fp8 "* ]]; then
   common=(--mock-data --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1 --global-batch-size 1
           --max-steps 20 --warmup-steps 2 --constant-steps 0 --eval-interval 20 --eval-iters 1 --log-interval 10
           --workers 2 --disable-tensorboard-logger)
-  for run in "bf16 --mixed-precision-recipe bf16_mixed" \
+  for run in ${BF16_BASELINE:+"bf16 --mixed-precision-recipe bf16_mixed"} \
              "fp8cs --mixed-precision-recipe bf16_with_fp8_current_scaling_mixed" \
              "fp8ds --mixed-precision-recipe bf16_with_fp8_delayed_scaling_mixed" \
              "vfp8 --mixed-precision-recipe bf16_mixed --vortex-style-fp8"; do

@@ -12,7 +12,8 @@ import logging
 import warnings
 
 _CHATTY = ("megatron.bridge.utils.import_utils", "megatron.bridge.models", "megatron.core.models.mimo",
-           "megatron.core.msc_utils", "megatron.core.distributed.fsdp", "torch.distributed")
+           "megatron.core.msc_utils", "megatron.core.distributed.fsdp", "torch.distributed", "TransformerEngine",
+           "transformer_engine", "modelopt")
 # Warnings that describe this machine, not a problem: CPU runs have no CUDA runtime.
 _EXPECTED = ("No CUDA runtime is found",)
 
@@ -36,6 +37,9 @@ def quiet_dependency_logs() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(megatron|torch)\..*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch)\..*")
+    # TE probes for a JAX build and modelopt for its Triton plugin at import; neither is used here.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"transformer_engine(\..*)?")
+    warnings.filterwarnings("ignore", message=r"Failed to import modelopt triton plugin")
 
 
 def dependency_logs_quiet() -> bool:
