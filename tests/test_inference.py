@@ -88,6 +88,31 @@ def _api_outputs(rank, world, ckpt_dir, tp, cp):
             "emb": evo.embed(seqs, layer=-2), "emb0": evo.embed(seqs, layer=0)}
 
 
+def _logits_with_te_style_extra_state(rank, world, ckpt_dir, extra_state):
+    """Load with (or without) a Transformer-Engine-style ``_extra_state`` on the final norm, as TE modules have."""
+    from evo2_recipe.inference.api import Evo2
+    from evo2_recipe.models.hyena.local_layers import RMSNorm
+
+    restored = []
+    if extra_state:  # TE keeps FP8 scaling metadata there; a checkpoint written without TE has none
+        RMSNorm.get_extra_state = lambda self: torch.tensor([7.0])
+        RMSNorm.set_extra_state = lambda self, state: restored.append(state)
+    evo = Evo2.from_checkpoint(ckpt_dir)
+    keys = {v.key for v in evo.model.sharded_state_dict().values() if hasattr(v, "key")} if extra_state else set()
+    with torch.no_grad():
+        logits = evo.model(torch.tensor([[ord(c) for c in SEQS["seqA"]]])).float()
+    return logits, restored, keys
+
+
+def test_checkpoint_without_te_extra_state_loads_into_te_style_model(ckpt):
+    """Converted and CPU-trained checkpoints hold no TE ``_extra_state``: a TE model loads them (state left fresh)."""
+    (plain,) = run_on_ranks(_logits_with_te_style_extra_state, 1, str(ckpt), False)
+    (te_style,) = run_on_ranks(_logits_with_te_style_extra_state, 1, str(ckpt), True)
+    assert "decoder.final_norm._extra_state" in te_style[2]  # the model really asks for it
+    assert te_style[1] == []  # nothing restored: the checkpoint has none
+    torch.testing.assert_close(te_style[0], plain[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("tp,cp", [(2, 1), (1, 2)])
 def test_tp_and_cp_match_single_process(ckpt, tp, cp):
     (one,) = run_on_ranks(_api_outputs, 1, str(ckpt), 1, 1)

@@ -43,6 +43,12 @@ def tensor_keys(iter_dir: Path) -> dict[str, TensorStorageMetadata]:
     return {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
+def stored_keys(iter_dir: Path) -> set[str]:
+    """Every entry of a DCP checkpoint, sharded objects under their own key (``name/shard_0_1`` -> ``name``)."""
+    md = dcp.FileSystemReader(str(iter_dir)).read_metadata()
+    return {k.split("/shard_")[0] for k in md.state_dict_metadata}
+
+
 def load_tensors(iter_dir: Path, keep=lambda key: True) -> dict[str, torch.Tensor]:
     """Load full (unsharded) tensors of ``iter_dir`` whose key passes ``keep``, without a process group."""
     meta = tensor_keys(iter_dir)

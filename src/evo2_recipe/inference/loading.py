@@ -88,12 +88,12 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     CPU); ``vortex_style_fp8=True`` turns Vortex-style FP8 on (None keeps the checkpoint's setting).
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from evo2_recipe.checkpoint.dcp_utils import tensor_keys
+    from evo2_recipe.checkpoint.dcp_utils import stored_keys, tensor_keys
 
     iter_dir = find_checkpoint(ckpt_dir)
     provider, _ = _provider_from_run_config(iter_dir)
@@ -146,9 +146,18 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
                    and not (embedding_layer is not None and _is_dropped_layer_key(k, provider.num_layers)))
     if stray:
         raise CheckpointError(f"{iter_dir} has {len(stray)} tensor(s) this model does not use: {stray[:10]}")
-    state = dist_checkpointing.load(sharded, str(iter_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    # Transformer Engine's per-module ``_extra_state`` (FP8 scaling history) is absent from checkpoints written
+    # without TE (converters, CPU training); such modules start it fresh, as TE does for a new model.
+    stored = stored_keys(iter_dir)
+    fresh = {k for k, v in sharded.items() if isinstance(v, ShardedObject) and k.endswith("_extra_state")
+             and v.key not in stored}
+    state = dist_checkpointing.load({k: v for k, v in sharded.items() if k not in fresh}, str(iter_dir),
+                                    strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     own = model.state_dict().keys()  # drop the checkpoint's common (non-model) entries merged in by load()
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    unloaded = sorted(set(result.missing_keys) - fresh) + sorted(result.unexpected_keys)
+    if unloaded:
+        raise CheckpointError(f"{iter_dir}: {len(unloaded)} model entries not loaded: {unloaded[:10]}")
     if (provider.bf16 or provider.fp16) and torch.cuda.is_available():
         from megatron.core.transformer.module import Float16Module
 
