@@ -85,7 +85,7 @@ def _model_fused_vs_plain(rank, world, name):
 def test_model_with_fused_kernels_equals_plain(name):
     from evo2_recipe.utils.spawn import run_on_ranks
 
-    ((out,),) = (run_on_ranks(_model_fused_vs_plain, 1, name),)
+    ((out,),) = (run_on_ranks(_model_fused_vs_plain, 1, name, cpu=DEVICE == "cpu"),)
     (loss_p, grads_p), (loss_f, grads_f) = out[False], out[True]
     torch.testing.assert_close(loss_f, loss_p, rtol=1e-6, atol=1e-5)
     for k in grads_p:
