@@ -26,14 +26,23 @@ DROP_PREFIXES = ("optimizer.", "opt_param_scheduler", "rng_state")
 COPY_FILES = ("run_config.yaml", "train_state.pt", "metadata.json")
 
 
-def remove_optimizer(src: str | Path, dst: str | Path) -> Path:
-    """Write ``dst`` (must not exist) holding only the model tensors of checkpoint ``src``. Returns ``dst``."""
+def remove_optimizer(src: str | Path, dst: str | Path, replace: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``dst`` (must not exist) holding only the model tensors of checkpoint ``src``. Returns ``dst``.
+
+    ``replace`` swaps in new values for existing model tensors (same key, shape; cast to the stored dtype).
+    """
     iter_dir = resolve_iteration_dir(src)
     root = iter_dir.parent
     # Model tensors plus non-optimizer bytes entries (e.g. the common state Megatron-Bridge reads back on load).
     state = load_entries(iter_dir, keep=lambda k: not k.startswith(DROP_PREFIXES))
     if not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{iter_dir} holds no model tensors")
+    for key, value in (replace or {}).items():
+        old = state.get(key)
+        if not isinstance(old, torch.Tensor) or old.shape != value.shape:
+            raise ValueError(f"{iter_dir}: cannot replace {key} ({None if old is None else tuple(old.shape)}) with "
+                             f"a {tuple(value.shape)} tensor")
+        state[key] = value.detach().to("cpu", old.dtype).contiguous()
     with atomic_output_dir(dst) as tmp:
         out_iter = tmp / iter_dir.name
         save_tensors(state, out_iter)

@@ -22,10 +22,13 @@ _UNSUPPORTED = {
     "fasta_file": "train from FASTA by preprocessing it first: preprocess_evo2 -c X.yaml, then -d/--dataset-config",
     "sharded_eden_data": "Sharded-Eden SQLite data is not supported; preprocess to .bin/.idx with preprocess_evo2",
     "use_targeted_variance_loss": "the targeted variance loss is not implemented (the reference ignores it too)",
-    "lora_finetune": "LoRA fine-tuning is not available yet; use --finetune-ckpt-dir for full fine-tuning",
     "use_megatron_comm_overlap_llama3_8k": "TP communication overlap needs Transformer Engine userbuffers",
     "nvidia_fault_tolerance": "NVIDIA fault tolerance needs the NVIDIA cluster services",
 }
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--hf-tokenizer-model-path")
     tok.add_argument("--hf-tokenizer-model-name", help=argparse.SUPPRESS)
-    p.add_argument("--lora-finetune", action="store_true", help=argparse.SUPPRESS)
+    lora = p.add_argument_group("LoRA (with --finetune-ckpt-dir BASE)")
+    lora.add_argument("--lora-finetune", action="store_true", help="train LoRA adapters on a frozen base")
+    lora.add_argument("--lora-dim", type=int, default=16, help="adapter rank")
+    lora.add_argument("--lora-alpha", type=int, default=32, help="adapter scale is alpha/dim")
+    lora.add_argument("--lora-dropout", type=float, default=0.1)
+    lora.add_argument("--lora-target-modules", type=_csv,
+                      default="dense_projection,dense,linear_qkv,linear_proj,linear_fc1,linear_fc2",
+                      help="comma-separated short names or wildcard paths")
+    lora.add_argument("--lora-skip-freeze-modules", type=_csv, default="",
+                      help="modules left fully trainable (tied embeddings: word_embeddings,output_layer together)")
     add_cpu_flag(p)
     p.add_argument("overrides", nargs="*", help="Hydra-style overrides, e.g. model.num_layers=4 optimizer.lr=3e-4")
     return p
@@ -188,6 +200,9 @@ def settings_from_args(args: argparse.Namespace, cpu: bool):
         calculate_per_token_loss=not args.no_calculate_per_token_loss, activation_checkpointing=ac,
         recompute_num_layers=args.activation_checkpoint_recompute_num_layers, result_dir=args.result_dir,
         experiment_name=args.experiment_name, finetune_ckpt_dir=args.finetune_ckpt_dir,
+        lora_finetune=args.lora_finetune, lora_dim=args.lora_dim, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, lora_target_modules=args.lora_target_modules,
+        lora_skip_freeze_modules=args.lora_skip_freeze_modules,
         ckpt_async_save=args.ckpt_async_save, ckpt_format=args.ckpt_format, most_recent_k=args.most_recent_k,
         optim_fmt_pre_mcore_014=args.optim_fmt_pre_mcore_014, optim_full_reshardable=args.optim_full_reshardable,
         enable_preemption=args.enable_preemption, log_interval=args.log_interval,

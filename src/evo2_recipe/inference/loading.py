@@ -96,8 +96,10 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     from evo2_recipe.checkpoint.dcp_utils import stored_keys, tensor_keys
 
     iter_dir = find_checkpoint(ckpt_dir)
-    provider, _ = _provider_from_run_config(iter_dir)
-    ckpt_keys = tensor_keys(iter_dir)
+    provider, run_config = _provider_from_run_config(iter_dir)
+    peft = _peft_from_run_config(run_config)
+    base_dir = _lora_base(iter_dir, run_config) if peft is not None else None
+    ckpt_keys = tensor_keys(base_dir or iter_dir)
     emb = ckpt_keys.get("embedding.word_embeddings.weight")
     vocab_rows = emb.size[0] if emb is not None else None
     tokenizer = NucleotideTokenizer(tokenizer_path) if tokenizer_path else _checkpoint_tokenizer(iter_dir, vocab_rows)
@@ -137,25 +139,35 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     model = provider.provide(post_process=post_process and parallel_state.is_pipeline_last_stage())
     if torch.cuda.is_available():
         model = model.cuda()
+    if peft is not None:  # adapters grafted onto the base (no merge step); base weights keep their names
+        model = peft(model, training=False)
     sharded = model.sharded_state_dict()
     model_keys = {t.key for t in nested_values(sharded) if isinstance(t, (ShardedTensor, ShardedTensorFactory))}
-    missing = sorted(model_keys - set(ckpt_keys))
-    if missing:
-        raise CheckpointError(f"{iter_dir} lacks {len(missing)} model tensor(s) for this model: {missing[:10]}")
-    stray = sorted(k for k in set(ckpt_keys) - model_keys if not k.startswith(_NON_MODEL_PREFIXES)
-                   and not (embedding_layer is not None and _is_dropped_layer_key(k, provider.num_layers)))
-    if stray:
-        raise CheckpointError(f"{iter_dir} has {len(stray)} tensor(s) this model does not use: {stray[:10]}")
-    # Transformer Engine's per-module ``_extra_state`` (FP8 scaling history) is absent from checkpoints written
-    # without TE (converters, CPU training); such modules start it fresh, as TE does for a new model.
-    stored = stored_keys(iter_dir)
-    fresh = {k for k, v in sharded.items() if isinstance(v, ShardedObject) and k.endswith("_extra_state")
-             and v.key not in stored}
-    state = dist_checkpointing.load({k: v for k, v in sharded.items() if k not in fresh}, str(iter_dir),
-                                    strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    own = model.state_dict().keys()  # drop the checkpoint's common (non-model) entries merged in by load()
-    result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    unloaded = sorted(set(result.missing_keys) - fresh) + sorted(result.unexpected_keys)
+    dropped = (lambda k: _is_dropped_layer_key(k, provider.num_layers)) if embedding_layer is not None else None
+    if peft is None:
+        sources = [(iter_dir, model_keys)]
+    else:  # the LoRA checkpoint holds the adapters and any skip-frozen weights; the base holds everything else
+        lora_keys = _model_entries(tensor_keys(iter_dir), dropped)
+        adapters = {k for k in model_keys if ".adapter." in k}
+        _check_keys(iter_dir, adapters, lora_keys, model_keys)
+        sources = [(base_dir, model_keys - lora_keys), (iter_dir, lora_keys)]
+    loaded: set[str] = set()
+    fresh: set[str] = set()
+    for src, want in sources:
+        _check_keys(src, want, _model_entries(tensor_keys(src), dropped), model_keys)
+        # Transformer Engine's per-module ``_extra_state`` (FP8 scaling history) is absent from checkpoints written
+        # without TE (converters, CPU training); such modules start it fresh, as TE does for a new model.
+        stored = stored_keys(src)
+        part = {k: v for k, v in sharded.items()
+                if (getattr(v, "key", None) in want if not isinstance(v, ShardedObject)
+                    else src == sources[0][0] and v.key in stored)}
+        fresh |= {k for k, v in sharded.items() if isinstance(v, ShardedObject) and k.endswith("_extra_state")
+                  and v.key not in stored}
+        state = dist_checkpointing.load(part, str(src), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        own = model.state_dict().keys()  # drop the checkpoint's common (non-model) entries merged in by load()
+        result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        loaded |= set(own) - set(result.missing_keys)
+    unloaded = sorted(set(model.state_dict()) - loaded - fresh)
     if unloaded:
         raise CheckpointError(f"{iter_dir}: {len(unloaded)} model entries not loaded: {unloaded[:10]}")
     if (provider.bf16 or provider.fp16) and torch.cuda.is_available():
@@ -170,6 +182,39 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     logger.info("Model initialized with %d layers (%s%s)", provider.num_layers, recipe,
                 ", vortex-style FP8" if provider.vortex_style_fp8 else "")
     return LoadedModel(model, provider, tokenizer, iter_dir, provider.num_layers)
+
+
+def _model_entries(keys, dropped=None) -> set[str]:
+    """Model tensors of a checkpoint (optimizer, scheduler and RNG entries left out)."""
+    return {k for k in keys if not k.startswith(_NON_MODEL_PREFIXES) and not (dropped and dropped(k))}
+
+
+def _check_keys(src: Path, want: set[str], have: set[str], model_keys: set[str]) -> None:
+    """Every wanted tensor is in ``src``; every model tensor of ``src`` is one this model has."""
+    missing = sorted(want - have)
+    if missing:
+        raise CheckpointError(f"{src} lacks {len(missing)} model tensor(s) for this model: {missing[:10]}")
+    stray = sorted(have - model_keys)
+    if stray:
+        raise CheckpointError(f"{src} has {len(stray)} tensor(s) this model does not use: {stray[:10]}")
+
+
+def _lora_base(iter_dir: Path, run_config: dict) -> Path:
+    base = (run_config.get("checkpoint") or {}).get("pretrained_checkpoint")
+    if not base:
+        raise CheckpointError(f"{iter_dir} is a LoRA checkpoint without checkpoint.pretrained_checkpoint in its "
+                              f"run_config.yaml; it cannot be used without its base model")
+    if not Path(base).exists():
+        raise CheckpointError(f"{iter_dir} holds LoRA adapters for the base checkpoint {base}, which does not exist; "
+                              f"restore it there, or merge the adapters where it exists (evo2_merge_lora)")
+    return find_checkpoint(base)
+
+
+def _peft_from_run_config(run_config: dict):
+    from megatron.bridge.utils.instantiate_utils import instantiate
+
+    cfg = run_config.get("peft")
+    return instantiate(cfg) if cfg else None
 
 
 def _is_dropped_layer_key(key: str, kept_layers: int) -> bool:

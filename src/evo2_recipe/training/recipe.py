@@ -136,6 +136,12 @@ class TrainSettings:
     result_dir: str = "./results"
     experiment_name: str = "evo2"
     finetune_ckpt_dir: str | None = None
+    lora_finetune: bool = False
+    lora_dim: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] | None = None  # None: evo2_recipe.models.lora.DEFAULT_TARGETS
+    lora_skip_freeze_modules: list[str] = field(default_factory=list)
     ckpt_async_save: bool = False
     ckpt_format: str = "torch_dist"
     most_recent_k: int = 5
@@ -222,6 +228,16 @@ def build_config(s: TrainSettings) -> ConfigContainer:
     if s.finetune_ckpt_dir:
         checkpoint.finetune = True
         checkpoint.pretrained_checkpoint = validate_finetune_dir(s.finetune_ckpt_dir)
+    peft = None
+    if s.lora_finetune:
+        from evo2_recipe.models.lora import DEFAULT_TARGETS, Evo2LoRA
+
+        if not s.finetune_ckpt_dir:
+            raise ValueError("--lora-finetune trains adapters on a base model: give its checkpoint with "
+                             "--finetune-ckpt-dir")
+        peft = Evo2LoRA(target_modules=list(s.lora_target_modules or DEFAULT_TARGETS), dim=s.lora_dim,
+                        alpha=s.lora_alpha, dropout=s.lora_dropout,
+                        skip_freeze_modules=list(s.lora_skip_freeze_modules))
     use_dist_opt = s.use_distributed_optimizer
     if use_dist_opt is None:
         from megatron.core.optimizer import distrib_optimizer
@@ -302,6 +318,7 @@ def build_config(s: TrainSettings) -> ConfigContainer:
         dist=DistributedInitConfig(distributed_backend="gloo" if s.cpu else "nccl"),
         profiling=profiling,
         mixed_precision=mixed_precision,
+        peft=peft,
     )
 
 

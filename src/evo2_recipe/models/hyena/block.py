@@ -110,6 +110,10 @@ class HyenaStack(MegatronModule):
         cfg = self.config
         n = len(self.layers)
         chunk = max(1, cfg.recompute_num_layers or 1)
+        if torch.is_grad_enabled() and not hidden_states.requires_grad:
+            # Megatron's checkpoint runs its backward only for inputs that require grad: behind a frozen embedding
+            # (LoRA, PP=1) the layers' trainable parameters would silently get no gradient.
+            hidden_states = hidden_states.detach().requires_grad_(True)
 
         def run(start, end):
             def fn(h, mask, rope):

@@ -53,9 +53,12 @@ class RMSNormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
                                                          dtype=config.params_dtype))
         _mark_sequence_parallel(self.layer_norm_weight, config)
 
+    return_layernorm_output = False  # as TE's fused norm+linear: LoRA adapters read the normed input
+
     def forward(self, x: torch.Tensor, weight=None, runtime_gather_output=None):
         x = F.rms_norm(x.to(self.layer_norm_weight.dtype), (x.shape[-1],), self.layer_norm_weight, self.eps)
-        return super().forward(x, weight=weight, runtime_gather_output=runtime_gather_output)
+        out, bias = super().forward(x, weight=weight, runtime_gather_output=runtime_gather_output)
+        return ((out, x), bias) if self.return_layernorm_output else (out, bias)
 
 
 class SDPAttention(MegatronModule):
