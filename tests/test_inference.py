@@ -75,6 +75,28 @@ def test_predict_log_probs_equal_direct_forward(ckpt, fasta, tmp_path):
         assert pred["loss_mask"][row, :n].all() and not pred["loss_mask"][row, n:].any()
 
 
+def test_predict_model_flags_min_length_and_tag_masking(ckpt, tmp_path):
+    """Reference flags that the reference parses and ignores do what they say here (or are refused)."""
+    tagged = "|d__Bacteria;p__Pseudomonadota|ACGTTGCAACGG"
+    fa = tmp_path / "t.fa"
+    fa.write_text(f">t\n{tagged}\n")
+    r = _cli("predict_evo2", ["--fasta", str(fa), "--ckpt-dir", str(ckpt), "--output-dir", str(tmp_path / "o"),
+                              "--output-log-prob-seqs", "--log-prob-collapse-option", "per_token", "--min-length", "80",
+                              "--mask-phylogenetic-tags", "--num-layers", "4", "--hybrid-override-pattern", "SDH*"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    pred = torch.load(tmp_path / "o" / "predictions__rank_0__dp_rank_0.pt", weights_only=True)
+    lp, mask = pred["log_probs_seqs"][0], pred["loss_mask"][0]
+    assert lp.shape[0] == 79 and mask[:len(tagged) - 1].all() and not mask[len(tagged) - 1:].any()
+    tag_end = tagged.rindex("|")
+    assert (lp[:tag_end] == 0).all() and (lp[tag_end + 1:len(tagged) - 1] != 0).all()  # tag targets left out
+    r = _cli("predict_evo2", ["--fasta", str(fa), "--ckpt-dir", str(ckpt), "--num-layers", "3"])
+    assert r.returncode == 2 and "give both --num-layers and --hybrid-override-pattern" in r.stderr, r.stderr[-2000:]
+    r = _cli("predict_evo2", ["--fasta", str(fa), "--ckpt-dir", str(ckpt), "--devices", "2"])
+    assert r.returncode == 2 and "torchrun --nnodes 1 --nproc-per-node 2" in r.stderr
+    r = _cli("predict_evo2", ["--fasta", str(fa), "--ckpt-dir", str(ckpt), "--eden-tokenizer"])
+    assert r.returncode == 2 and "--eden-tokenizer is not supported" in r.stderr
+
+
 def _api_outputs(rank, world, ckpt_dir, tp, cp):
     from evo2_recipe.inference.api import Evo2
 
@@ -141,6 +163,9 @@ def _generation(rank, world, ckpt_dir, tp=1):
     if tp > 1:
         return batch, continuous, sampled
     alone = [evo.generate([p], 12, top_k=1)[0]["tokens"] for p in prompts]
+    # prompt segmentation: 4 prompt tokens prefilled, the rest fed one per step through the cache
+    segmented = evo.generate(prompts, 12, top_k=1, prompt_segmentation_threshold=4)
+    seg = ([r["tokens"] for r in segmented], [r["log_probs"] for r in segmented], [r["log_probs"] for r in cached])
     # reference: greedy by repeated full forward passes, no cache
     full = []
     for p in prompts:
@@ -154,16 +179,19 @@ def _generation(rank, world, ckpt_dir, tp=1):
             if nxt == 0:
                 break
         full.append(gen)
-    return batch, alone, full, sampled, continuous, "".join(streamed[0]), cached[0]["text"]
+    return batch, alone, full, sampled, continuous, "".join(streamed[0]), cached[0]["text"], seg
 
 
 def test_generation_cached_equals_full_and_mixed_batch_equals_alone(ckpt):
-    ((batch, alone, full, sampled, continuous, streamed, text),) = run_on_ranks(_generation, 1, str(ckpt))
+    ((batch, alone, full, sampled, continuous, streamed, text, seg),) = run_on_ranks(_generation, 1, str(ckpt))
     assert batch == full  # cached decoding == repeated full forwards (greedy)
     assert batch == alone  # prompts of different lengths in one batch == one by one
     assert continuous == alone  # continuous batching: each prompt gets what it gets alone
     assert sampled[0] == sampled[1]  # same seed, same sample
     assert streamed == text  # streaming delivers the whole completion, in order
+    assert seg[0] == batch  # prompt segmentation (PST) changes memory, not results
+    for a, b in zip(seg[1], seg[2]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
     tp2 = run_on_ranks(_generation, 2, str(ckpt), 2)
     for batch2, continuous2, sampled2 in tp2:  # TP=2 (gloo ranks) generates what TP=1 does
         assert batch2 == batch and continuous2 == batch and sampled2[0] == sampled2[1]

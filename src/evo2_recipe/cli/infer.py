@@ -13,6 +13,7 @@ come. Output: one JSON line per prompt with ``id, prompt, completion, finish_rea
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import sys
@@ -44,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-parallel-size", type=int, default=1, choices=[1],
                    help="cached decoding runs without context parallelism")
     p.add_argument("--output-file", type=Path)
-    p.add_argument("--max-seq-length", type=int, help="longest prompt + new tokens allowed (default: no limit)")
+    p.add_argument("--max-seq-length", type=int, default=_env_int("EVO2_MAX_SEQ_LEN"),
+                   help="longest prompt + new tokens allowed (default: $EVO2_MAX_SEQ_LEN, else no limit)")
+    p.add_argument("--prompt-segmentation-threshold", type=int, default=_env_int("EVO2_PST"),
+                   help="prefill at most this many prompt tokens at once, the rest one per step (bounds prefill "
+                        "memory for long prompts; default: $EVO2_PST, else the whole prompt)")
     p.add_argument("--max-batch-size", type=int, default=1,
                    help="sequences decoded together; a finished one's slot goes to the next waiting prompt")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
@@ -53,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_runtime_flags(p)
     add_cpu_flag(p)
     return p
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"infer_evo2: error: environment variable {name}={value!r} is not an integer") from None
 
 
 def read_prompts(args) -> list[dict]:
@@ -118,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outs = evo.generate([r["prompt"] for r in prompts], args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seq_length=args.max_seq_length,
-                            max_batch_size=args.max_batch_size, on_text=on_text, cuda_graph=args.cuda_graph)
+                            max_batch_size=args.max_batch_size, on_text=on_text, cuda_graph=args.cuda_graph,
+                            prompt_segmentation_threshold=args.prompt_segmentation_threshold)
     except ValueError as e:
         p.exit(2, f"infer_evo2: error: {e}\n")
     if on_text is not None:

@@ -10,6 +10,7 @@ Writes ``predictions__rank_{r}__dp_rank_{d}.pt`` (or one file per batch with ``-
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import sys
@@ -46,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average sequence log-probs with those of the reverse complement (as Arc's evo2 does)")
     p.add_argument("--embedding-layer", type=int, help="return layer k's output (negative: from the end)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--mask-phylogenetic-tags", action="store_true",
+                   help="leave positions predicting taxonomy-tag tokens out of the log-probs (as the training loss)")
+    p.add_argument("--num-layers", type=int, help="build this many layers (the checkpoint must match)")
+    p.add_argument("--hybrid-override-pattern", help="layer pattern, one symbol per layer (S, D, H, *)")
+    p.add_argument("--seq-len-interpolation-factor", type=float, help="linear RoPE position interpolation factor")
+    p.add_argument("--num-nodes", type=int, default=1, help="checked against the torchrun world size")
+    p.add_argument("--devices", type=int, help="processes per node; checked against the torchrun world size")
+    p.add_argument("--eden-tokenizer", action="store_true", help=argparse.SUPPRESS)
     add_model_runtime_flags(p)
     add_cpu_flag(p)
     return p
@@ -68,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("Cannot use --output-log-prob-seqs with --embedding-layer. Embeddings are not logits.")
     if args.average_reverse_complement and not args.output_log_prob_seqs:
         p.error("--average-reverse-complement needs --output-log-prob-seqs")
+    if args.eden_tokenizer:
+        p.error("--eden-tokenizer is not supported: the tokenizer comes with the checkpoint (its tokenizer/ folder, "
+                "else the nucleotide tokenizer matching its embedding), which is what Eden checkpoints use too")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.devices is not None and args.devices * args.num_nodes != world:
+        p.error(f"--num-nodes {args.num_nodes} x --devices {args.devices} != {world} processes; the processes come "
+                f"from torchrun: torchrun --nnodes {args.num_nodes} --nproc-per-node {args.devices} ...")
+    overrides = {k: v for k, v in (("num_layers", args.num_layers),
+                                   ("hybrid_override_pattern", args.hybrid_override_pattern),
+                                   ("seq_len_interpolation_factor", args.seq_len_interpolation_factor)) if v is not None}
     apply_runtime_mode(args)
     from megatron.core import parallel_state
 
@@ -82,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                                    sequence_parallel=False if args.no_sequence_parallel else None,
                                    mixed_precision_recipe=args.mixed_precision_recipe,
                                    vortex_style_fp8=args.vortex_style_fp8 or None,
-                                   use_fused_kernels=True if args.use_subquadratic_ops else None, seed=args.seed)
+                                   use_fused_kernels=True if args.use_subquadratic_ops else None, seed=args.seed,
+                                   model_overrides=overrides)
         for name, seq in records:
             evo.tokenizer.tokenize_checked(seq.upper(), f"record '{name}'")  # fail before any work
     except (FastaFormatError, FileNotFoundError, NotADirectoryError, CheckpointError, ValueError) as e:
@@ -122,23 +142,24 @@ def main(argv: list[str] | None = None) -> int:
 def _predict_batch(evo, seqs, args) -> dict:
     if args.embedding_layer is not None:
         embs = evo.embed(seqs, layer=args.embedding_layer, prepend_bos=args.prepend_bos)
-        hidden, mask = _pad_stack(embs)
-        tokens, _ = _pad_stack([t for t in evo.tokenize(seqs, prepend_bos=args.prepend_bos)])
+        hidden, mask = _pad_stack(embs, args.min_length)
+        tokens, _ = _pad_stack([t for t in evo.tokenize(seqs, prepend_bos=args.prepend_bos)], args.min_length)
         return {"hidden_embeddings": hidden, "pad_mask": mask, "tokens": tokens}
     if args.output_log_prob_seqs:
         reduce = args.log_prob_collapse_option
         scores = evo.score(seqs, reduce=reduce, prepend_bos=args.prepend_bos,
-                           average_reverse_complement=args.average_reverse_complement, batch_size=len(seqs))
-        if reduce == "per_token":
-            lp, mask = _pad_stack(scores)
+                           average_reverse_complement=args.average_reverse_complement, batch_size=len(seqs),
+                           mask_phylogenetic_tags=args.mask_phylogenetic_tags)
+        if reduce == "per_token":  # --min-length: positions, not values (a causal model's scores ignore padding)
+            lp, mask = _pad_stack(scores, args.min_length - 1 if args.min_length else None)
             return {"log_probs_seqs": lp, "loss_mask": mask.bool()}
         return {"log_probs_seqs": torch.tensor(scores, dtype=torch.float32)}
     logits, tokens, mask = evo.logits(seqs, prepend_bos=args.prepend_bos, min_length=args.min_length)
     return {"token_logits": logits.cpu(), "pad_mask": mask, "tokens": tokens}
 
 
-def _pad_stack(tensors: list[torch.Tensor]):
-    L = max(t.shape[0] for t in tensors)
+def _pad_stack(tensors: list[torch.Tensor], min_length: int | None = None):
+    L = max(max(t.shape[0] for t in tensors), min_length or 0)
     out = torch.zeros((len(tensors), L, *tensors[0].shape[1:]), dtype=tensors[0].dtype)
     mask = torch.zeros((len(tensors), L), dtype=torch.long)
     for i, t in enumerate(tensors):

@@ -35,12 +35,14 @@ class Evo2:
     def from_checkpoint(cls, ckpt_dir: str, *, tp: int = 1, cp: int = 1, sequence_parallel=None,
                         mixed_precision_recipe: str | None = None, vortex_style_fp8: bool | None = None,
                         use_fused_kernels: bool | None = None, seed: int = 1234,
-                        tokenizer_path: str | None = None) -> Evo2:
+                        tokenizer_path: str | None = None, model_overrides: dict | None = None) -> Evo2:
         """Initialise (or reuse) the process group and load ``ckpt_dir``. CPU mode is used when no GPU is present.
 
         ``mixed_precision_recipe``: a Megatron-Bridge recipe name (``bf16_mixed``,
         ``bf16_with_fp8_current_scaling_mixed``, ...) or ``fp32``; default bf16_mixed on GPU, fp32 on CPU.
         ``use_fused_kernels``: True runs the fused Triton kernels (CUDA), None keeps the checkpoint's choice.
+        ``model_overrides``: provider fields to change (``num_layers``, ``hybrid_override_pattern``,
+        ``seq_len_interpolation_factor``); the checkpoint must still cover the model exactly.
         """
         from evo2_recipe.compat import cpu as cpu_mode
         from evo2_recipe.utils.distributed import init_distributed
@@ -49,7 +51,7 @@ class Evo2:
         init_distributed(tp=tp, cp=cp, seed=seed, cpu=cpu)
         parallel = dict(tp=tp, cp=cp, sequence_parallel=sequence_parallel,
                         mixed_precision_recipe=mixed_precision_recipe, vortex_style_fp8=vortex_style_fp8, use_fused_kernels=use_fused_kernels,
-                        tokenizer_path=tokenizer_path)
+                        tokenizer_path=tokenizer_path, model_overrides=model_overrides)
         return cls(load_for_inference(ckpt_dir, **parallel), ckpt_dir, parallel)
 
     @property
@@ -84,23 +86,33 @@ class Evo2:
         return scoring.forward_full(self.model, tokens), tokens, mask
 
     def score(self, seqs: list[str], *, reduce: str = "mean", average_reverse_complement: bool = False,
-              prepend_bos: bool = False, batch_size: int = 8) -> list:
-        """Log-likelihood of each sequence: a float (``sum``/``mean``) or a per-position tensor (``per_token``)."""
+              prepend_bos: bool = False, batch_size: int = 8, mask_phylogenetic_tags: bool = False) -> list:
+        """Log-likelihood of each sequence: a float (``sum``/``mean``) or a per-position tensor (``per_token``).
+
+        ``mask_phylogenetic_tags`` leaves positions predicting a taxonomy-tag token out (0 in ``per_token``, not
+        counted in ``mean``), as training's loss mask does.
+        """
         results = []
         for i in range(0, len(seqs), batch_size):
-            results += self._score_batch(seqs[i:i + batch_size], reduce, prepend_bos)
+            results += self._score_batch(seqs[i:i + batch_size], reduce, prepend_bos, mask_phylogenetic_tags)
         if average_reverse_complement:
             if reduce == "per_token":
                 raise ValueError("average_reverse_complement needs reduce='sum' or 'mean'")
             rc = self.score([reverse_complement(s.upper()) for s in seqs], reduce=reduce, prepend_bos=prepend_bos,
-                            batch_size=batch_size)
+                            batch_size=batch_size, mask_phylogenetic_tags=mask_phylogenetic_tags)
             results = [(a + b) / 2 for a, b in zip(results, rc)]
         return results
 
-    def _score_batch(self, seqs, reduce, prepend_bos):
+    def _score_batch(self, seqs, reduce, prepend_bos, mask_tags=False):
         logits, tokens, mask = self.logits(seqs, prepend_bos=prepend_bos)
         per_token, scored = scoring.token_log_probs(logits, tokens, mask)
-        red = scoring.reduce_log_probs(per_token, scored, reduce)
+        counted = scored
+        if mask_tags:
+            from evo2_recipe.data.tag_masking import mask_phylogenetic_tags
+
+            counted = scored & mask_phylogenetic_tags(tokens)[:, 1:].to(scored.device).bool()
+            per_token = per_token * counted
+        red = scoring.reduce_log_probs(per_token, counted, reduce)
         if reduce == "per_token":
             return [red[b, :int(scored[b].sum())].cpu() for b in range(len(seqs))]
         return red.cpu().tolist()
@@ -118,7 +130,7 @@ class Evo2:
     def generate(self, prompts: list[str], n_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 0.0, seed: int | None = None, max_seq_length: int | None = None,
                  stop_at_eod: bool = True, max_batch_size: int | None = None, on_text=None,
-                 cuda_graph: bool = False) -> list[dict]:
+                 cuda_graph: bool = False, prompt_segmentation_threshold: int | None = None) -> list[dict]:
         """Sample continuations; each result has ``text``, ``tokens``, ``log_probs`` and ``finish_reason``.
 
         ``max_batch_size`` sequences decode together (default: all); finished ones hand their slot to the next
@@ -133,7 +145,7 @@ class Evo2:
         stream = None if on_text is None else (lambda i, toks: on_text(i, self.tokenizer.detokenize(toks)))
         out = generate(self.model, ids, params, eod_id=self.tokenizer.eod, vocab_size=self.tokenizer.vocab_size,
                        max_seq_length=max_seq_length, max_batch_size=max_batch_size, on_tokens=stream,
-                       cuda_graph=cuda_graph)
+                       cuda_graph=cuda_graph, prompt_segmentation_threshold=prompt_segmentation_threshold)
         for r in out:
             r["text"] = self.tokenizer.detokenize(r["tokens"])
         return out

@@ -72,13 +72,17 @@ def _last_logits(model, tokens, ctx, vocab_size):
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id: int = 0, vocab_size: int,
              max_seq_length: int | None = None, max_batch_size: int | None = None, sync_every: int = 16,
-             on_tokens: Callable[[int, list[int]], None] | None = None, cuda_graph: bool = False) -> list[dict]:
+             on_tokens: Callable[[int, list[int]], None] | None = None, cuda_graph: bool = False,
+             prompt_segmentation_threshold: int | None = None) -> list[dict]:
     """Generate for each prompt; returns ``[{"tokens": [...], "log_probs": [...], "finish_reason": ...}]``.
 
     ``max_batch_size`` slots decode together (default: all prompts at once); a finished sequence's slot is given to
     the next waiting prompt. ``on_tokens(prompt_index, new_tokens)`` streams tokens as they are retired.
     ``cuda_graph`` replays the decode step as one CUDA graph (opt-in until measured on a GPU; falls back to eager).
+    ``prompt_segmentation_threshold`` prefills at most that many prompt tokens at once, the rest token by token.
     """
+    if prompt_segmentation_threshold is not None and prompt_segmentation_threshold < 1:
+        raise ValueError(f"prompt_segmentation_threshold must be >= 1, got {prompt_segmentation_threshold}")
     params.validate(vocab_size)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must have at least one token")
@@ -124,9 +128,16 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         ctx.reset_slot(slot)
         count[slot], done[slot] = 0, False
         view = ctx.slot(slot)
-        tokens = torch.tensor([prompts[i]], device=device)
-        logits = _last_logits(model, tokens, view, vocab_size)
-        view.advance(tokens.shape[1])
+        prompt = torch.tensor([prompts[i]], device=device)
+        # Prompt segmentation (the reference's PST): prefill the first `pst` tokens in one forward, then feed the
+        # rest one per step through the cache, bounding prefill activation memory for long prompts.
+        head = prompt.shape[1] if not prompt_segmentation_threshold else min(prompt_segmentation_threshold,
+                                                                              prompt.shape[1])
+        logits = _last_logits(model, prompt[:, :head], view, vocab_size)
+        view.advance(head)
+        for t in range(head, prompt.shape[1]):
+            logits = _last_logits(model, prompt[:, t:t + 1], view, vocab_size)
+            view.advance(1)
         record(rows[slot:slot + 1], logits)
 
     emitted = [0] * slots  # tokens of each slot already streamed

@@ -79,7 +79,7 @@ def _checkpoint_tokenizer(iter_dir: Path, vocab_rows: int | None) -> NucleotideT
 def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: int = 1, sequence_parallel=None,
                        mixed_precision_recipe: str | None = None, vortex_style_fp8: bool | None = None,
                        use_fused_kernels: bool | None = None, embedding_layer: int | None = None,
-                       tokenizer_path: str | Path | None = None) -> LoadedModel:
+                       tokenizer_path: str | Path | None = None, model_overrides: dict | None = None) -> LoadedModel:
     """Build the model of ``ckpt_dir`` for the current parallel layout and load its weights strictly.
 
     Call after :func:`evo2_recipe.utils.distributed.init_distributed`. ``embedding_layer`` (negative allowed) builds
@@ -107,6 +107,14 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
         raise CheckpointError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the checkpoint's "
                               f"embedding has {vocab_rows} rows; use the matching tokenizer "
                               f"(nucleotide_fast_tokenizer_{vocab_rows})")
+    for name, value in (model_overrides or {}).items():
+        if not hasattr(provider, name):
+            raise ValueError(f"unknown model setting {name!r}")
+        setattr(provider, name, value)
+    if len(provider.hybrid_override_pattern) != provider.num_layers:
+        raise ValueError(f"the layer pattern {provider.hybrid_override_pattern!r} has "
+                         f"{len(provider.hybrid_override_pattern)} symbols but num_layers is {provider.num_layers}; "
+                         f"give both --num-layers and --hybrid-override-pattern")
     provider.vocab_size = vocab_rows or tokenizer.vocab_size
     provider.should_pad_vocab = False
     n = provider.num_layers
