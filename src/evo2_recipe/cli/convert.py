@@ -49,6 +49,8 @@ def _parser(prog: str, src_flag: str, src_help: str, *, writes_mbridge: bool = T
         p.add_argument("--params-dtype", choices=sorted(_DTYPES),
                        help="cast the written weights to this dtype (default: keep each tensor's source dtype); the "
                             "Hyena filters are always written in fp32")
+    p.add_argument("--cpu", action="store_true",
+                   help="accepted for compatibility: the converters always run on the CPU (no GPU is touched)")
     p.add_argument("--no-te", action="store_true",
                    help="accepted for compatibility: this recipe uses the same parameter names with and without "
                         "Transformer Engine, so nothing changes")
