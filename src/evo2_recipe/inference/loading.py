@@ -145,10 +145,10 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     from megatron.core import parallel_state
 
     model = provider.provide(post_process=post_process and parallel_state.is_pipeline_last_stage())
-    if torch.cuda.is_available():
-        model = model.cuda()
     if peft is not None:  # adapters grafted onto the base (no merge step); base weights keep their names
         model = peft(model, training=False)
+    if torch.cuda.is_available():  # after the adapters exist, so that they move too
+        model = model.cuda()
     sharded = model.sharded_state_dict()
     model_keys = {t.key for t in nested_values(sharded) if isinstance(t, (ShardedTensor, ShardedTensorFactory))}
     dropped = (lambda k: _is_dropped_layer_key(k, provider.num_layers)) if embedding_layer is not None else None
