@@ -21,7 +21,12 @@ def merge_lora_checkpoint(lora_ckpt: str | Path, dst: str | Path) -> Path:
     """Write the merged dense checkpoint of ``lora_ckpt`` to ``dst`` (must not exist). Call after init_distributed."""
     from evo2_recipe.checkpoint.dcp_utils import tensor_keys
     from evo2_recipe.checkpoint.remove_optimizer import DROP_PREFIXES, remove_optimizer
-    from evo2_recipe.inference.loading import CheckpointError, _lora_base, find_checkpoint, load_for_inference
+    from evo2_recipe.inference.loading import (
+        CheckpointError,
+        find_checkpoint,
+        load_for_inference,
+        lora_base_checkpoint,
+    )
     from evo2_recipe.models.lora import merge_lora_
 
     import yaml
@@ -30,7 +35,7 @@ def merge_lora_checkpoint(lora_ckpt: str | Path, dst: str | Path) -> Path:
     run_config = yaml.safe_load((iter_dir / "run_config.yaml").read_text())
     if not run_config.get("peft"):
         raise CheckpointError(f"{iter_dir} is not a LoRA checkpoint (its run_config.yaml has no peft section)")
-    base = _lora_base(iter_dir, run_config)
+    base = lora_base_checkpoint(iter_dir, run_config)
     loaded = load_for_inference(lora_ckpt, mixed_precision_recipe="fp32")  # merge in fp32, store in base dtypes
     n = merge_lora_(loaded.model)
     state = {k: v for k, v in loaded.model.state_dict().items() if not k.endswith("_extra_state")}

@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora-alpha", type=int, default=32, help="adapter scale is alpha/dim")
     lora.add_argument("--lora-dropout", type=float, default=0.1)
     lora.add_argument("--lora-target-modules", type=_csv,
-                      default="dense_projection,dense,linear_qkv,linear_proj,linear_fc1,linear_fc2",
-                      help="comma-separated short names or wildcard paths")
+                      help="comma-separated short names or wildcard paths (default: every linear of every layer, "
+                           "evo2_recipe.models.lora.DEFAULT_TARGETS)")
     lora.add_argument("--lora-skip-freeze-modules", type=_csv, default="",
                       help="modules left fully trainable (tied embeddings: word_embeddings,output_layer together)")
     add_cpu_flag(p)

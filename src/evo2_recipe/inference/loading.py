@@ -98,7 +98,7 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     iter_dir = find_checkpoint(ckpt_dir)
     provider, run_config = _provider_from_run_config(iter_dir)
     peft = _peft_from_run_config(run_config)
-    base_dir = _lora_base(iter_dir, run_config) if peft is not None else None
+    base_dir = lora_base_checkpoint(iter_dir, run_config) if peft is not None else None
     ckpt_keys = tensor_keys(base_dir or iter_dir)
     emb = ckpt_keys.get("embedding.word_embeddings.weight")
     vocab_rows = emb.size[0] if emb is not None else None
@@ -159,18 +159,16 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
         adapters = {k for k in model_keys if ".adapter." in k}
         _check_keys(iter_dir, adapters, lora_keys, model_keys)
         sources = [(base_dir, model_keys - lora_keys), (iter_dir, lora_keys)]
+    # Non-tensor entries (Transformer Engine's per-module ``_extra_state``, FP8 scaling history) come from the first
+    # source; checkpoints written without TE (converters, CPU training) lack them, and those modules start fresh.
+    objects_from = stored_keys(sources[0][0])
+    objects = {k for k, v in sharded.items() if isinstance(v, ShardedObject) and v.key in objects_from}
+    fresh = {k for k, v in sharded.items() if isinstance(v, ShardedObject) and k.endswith("_extra_state")} - objects
     loaded: set[str] = set()
-    fresh: set[str] = set()
-    for src, want in sources:
+    for n_src, (src, want) in enumerate(sources):
         _check_keys(src, want, _model_entries(tensor_keys(src), dropped), model_keys)
-        # Transformer Engine's per-module ``_extra_state`` (FP8 scaling history) is absent from checkpoints written
-        # without TE (converters, CPU training); such modules start it fresh, as TE does for a new model.
-        stored = stored_keys(src)
-        part = {k: v for k, v in sharded.items()
-                if (getattr(v, "key", None) in want if not isinstance(v, ShardedObject)
-                    else src == sources[0][0] and v.key in stored)}
-        fresh |= {k for k, v in sharded.items() if isinstance(v, ShardedObject) and k.endswith("_extra_state")
-                  and v.key not in stored}
+        part = {k: v for k, v in sharded.items() if (k in objects and n_src == 0)
+                or (not isinstance(v, ShardedObject) and getattr(v, "key", None) in want)}
         state = dist_checkpointing.load(part, str(src), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
         own = model.state_dict().keys()  # drop the checkpoint's common (non-model) entries merged in by load()
         result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
@@ -207,7 +205,7 @@ def _check_keys(src: Path, want: set[str], have: set[str], model_keys: set[str])
         raise CheckpointError(f"{src} has {len(stray)} tensor(s) this model does not use: {stray[:10]}")
 
 
-def _lora_base(iter_dir: Path, run_config: dict) -> Path:
+def lora_base_checkpoint(iter_dir: Path, run_config: dict) -> Path:
     base = (run_config.get("checkpoint") or {}).get("pretrained_checkpoint")
     if not base:
         raise CheckpointError(f"{iter_dir} is a LoRA checkpoint without checkpoint.pretrained_checkpoint in its "
