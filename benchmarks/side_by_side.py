@@ -55,7 +55,7 @@ def _our_model(size: str, seq_len: int, fused: bool):
     return Float16Module(p, keep_hyena_filters_fp32(p.provide().cuda())).eval()
 
 
-def ours(what: list[str], cuda_graph: bool, fused: bool) -> list[dict]:
+def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False) -> list[dict]:
     from evo2_recipe.inference.generation import SamplingParams, generate
     from evo2_recipe.utils.distributed import init_distributed
 
@@ -89,8 +89,22 @@ def ours(what: list[str], cuda_graph: bool, fused: bool) -> list[dict]:
                          prefill_s=round(t_prefill, 3), decode_tok_s=round(B * (n - 1) / (t_all - t_prefill), 1),
                          ms_per_step=round(1000 * (t_all - t_prefill) / (n - 1), 2), peak_gb=_peak_gb()))
         print(rows[-1], flush=True)
+        if profile and B == 1 and size == DECODE[0][0]:
+            _profile_decode(lambda: run(17))
         model = None  # free before the next size
     return rows
+
+
+def _profile_decode(run) -> None:
+    """Torch-profiler summary of 16 decode steps (plus the prefill of one 512-token prompt), by GPU and CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cuda_time_total", row_limit=20), flush=True)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
 
 
 # ---- Vortex (subprocess) ---------------------------------------------------------------------------------------------
@@ -174,13 +188,14 @@ def main() -> None:
     ap.add_argument("--vortex-kernels", action="store_true", help="also run Vortex with its Triton kernels")
     ap.add_argument("--cuda-graph", action="store_true", help="our decode with CUDA-graph replay")
     ap.add_argument("--fused", action="store_true", help="also measure ours with the fused Triton kernels")
+    ap.add_argument("--profile", action="store_true", help="torch-profiler tables of 16 decode steps (1b, batch 1)")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--_vortex-child", dest="child", choices=["stock", "kernels"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("ROWS " + json.dumps(vortex(args.what, args.child == "kernels")), flush=True)
         return
-    rows = ours(args.what, args.cuda_graph, False)
+    rows = ours(args.what, args.cuda_graph, False, args.profile)
     if args.fused:
         torch.cuda.empty_cache()
         rows += ours(args.what, args.cuda_graph, True)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
-#   bash scripts/gpu_acceptance.sh [tests] [fp8] [bench]      (default: all three; logs under ${OUT:-./gpu_out})
+#   bash scripts/gpu_acceptance.sh [tests] [fp8] [lora] [decode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
 # Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
 # /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
-what="${*:-tests fp8 bench}"
+what="${*:-tests fp8 lora decode bench}"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1 || echo "wheel install failed"
@@ -23,6 +23,10 @@ for name, target in tomllib.load(open("pyproject.toml", "rb"))["project"]["scrip
     os.chmod(path, 0o755)
 PY
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+if [[ " $what " == *" parity "* ]]; then  # the Vortex parity test alone
+  NVIDIA_TF32_OVERRIDE=0 python3 -m pytest -q -s tests/test_gpu.py -k vortex_parity 2>&1 | tail -5
+fi
 
 if [[ " $what " == *" tests "* ]]; then  # fp32 TE-vs-local parity needs TF32 off (TE runs fp32 GEMMs in TF32)
   NVIDIA_TF32_OVERRIDE=0 python3 -m pytest -q -s tests/test_gpu.py tests/test_gpu_te.py tests/test_kernels.py \
@@ -53,6 +57,44 @@ if [[ " $what " == *" fp8 "* ]]; then
     infer_evo2 --ckpt-dir $ckpt --max-new-tokens 20 --top-k 1 $flags > "$OUT/infer.log" 2>&1
     echo "infer $flags rc=$? tracebacks=$(grep -c Traceback "$OUT/infer.log")"
   done
+fi
+
+if [[ " $what " == *" lora "* ]]; then  # issue 12: LoRA vs full fine-tuning of a converted random evo2_1b_base
+  python3 - <<'PY'
+import torch
+from evo2_recipe.checkpoint.savanna import mbridge_to_savanna
+from evo2_recipe.models.providers import get_provider
+from evo2_recipe.utils.distributed import init_distributed
+from hyena_helpers import randomise_weights_
+init_distributed(seed=0)
+p = get_provider("evo2_1b_base", vocab_size=512, params_dtype=torch.bfloat16)
+p.finalize()
+m = randomise_weights_(p.provide())
+state = {k: v.detach().to("cpu", torch.bfloat16) for k, v in m.state_dict().items() if not k.endswith("_extra_state")}
+torch.save({"module": mbridge_to_savanna(state, p.hybrid_override_pattern, p.ffn_hidden_size)}, "/tmp/savanna_1b.pt")
+PY
+  evo2_convert_savanna_to_mbridge --savanna-ckpt-path /tmp/savanna_1b.pt --model-size evo2_1b_base \
+    --mbridge-ckpt-dir /tmp/mb_1b > "$OUT/convert_1b.log" 2>&1; echo "convert rc=$?"
+  common=(--mock-data --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1 --global-batch-size 1
+          --max-steps 30 --warmup-steps 2 --constant-steps 0 --eval-interval 30 --eval-iters 1 --log-interval 10
+          --workers 2 --disable-tensorboard-logger --finetune-ckpt-dir /tmp/mb_1b)
+  for run in "full" "lora --lora-finetune --lora-dim 16 --lora-alpha 32 --lora-dropout 0.1"; do
+    set -- $run; tag=$1; shift
+    timeout 400 train_evo2 "${common[@]}" --result-dir "/tmp/ft_$tag" "$@" > "$OUT/finetune_$tag.log" 2>&1
+    echo "finetune $tag rc=$? tracebacks=$(grep -c Traceback "$OUT/finetune_$tag.log")"
+    grep -iE "trainable|evo2_recipe.train: step" "$OUT/finetune_$tag.log" | tail -3
+    du -sh /tmp/ft_$tag/evo2/checkpoints/iter_* 2>/dev/null | tail -1
+  done
+  printf ">s1\nACGTTGCAACGGTACCGTTAGGCTAACGTTGCATGCAAGT\n" > /tmp/s.fa
+  predict_evo2 --fasta /tmp/s.fa --ckpt-dir /tmp/ft_lora/evo2/checkpoints --output-dir /tmp/p_lora \
+    --output-log-prob-seqs > "$OUT/predict_lora.log" 2>&1; echo "predict lora rc=$?"
+fi
+
+if [[ " $what " == *" decode "* ]]; then  # issue 11: eager vs CUDA graph vs stock Vortex, and a decode profile
+  python3 benchmarks/side_by_side.py decode --vortex --profile --json "$OUT/decode_eager.json" 2>&1 \
+    | tee "$OUT/decode_eager.log" | grep -E "^\{|failed|Error"
+  python3 benchmarks/side_by_side.py decode --cuda-graph --profile --json "$OUT/decode_graph.json" 2>&1 \
+    | tee "$OUT/decode_graph.log" | grep -E "^\{|failed|Error|warn"
 fi
 
 if [[ " $what " == *" bench "* ]]; then

@@ -19,6 +19,8 @@ import contextlib
 import sys
 import types
 
+import os
+
 import torch
 
 
@@ -95,6 +97,9 @@ def load_vortex_model(config_path, checkpoint_path, dtype=torch.float32, device=
     # load_state_dict would round fp32 weights into them.
     model = vortex_model.StripedHyena(dotdict(cfg)).to(device=device, dtype=torch.float32)
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    # With Transformer Engine installed Vortex's projections are TE linears, and its loader hands each one an empty
+    # pickled FP8 state (our file has none); TE >= 2.20 refuses pickled extra state unless allowed.
+    os.environ.setdefault("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE", "1")
     model.custom_load_state_dict(state, strict=True)
     model.float()  # its Wqkv permutation assigns the file's tensor (dtype included) to .data
     if dtype == torch.bfloat16:

@@ -179,6 +179,15 @@ def validate_finetune_dir(path: str) -> str:
     return str(p.resolve())
 
 
+def _has_te_extra_state(ckpt_dir: str) -> bool:
+    from evo2_recipe.checkpoint.dcp_utils import resolve_iteration_dir, stored_keys
+
+    try:
+        return any(k.endswith("_extra_state") for k in stored_keys(resolve_iteration_dir(ckpt_dir)))
+    except (FileNotFoundError, ValueError):  # not a readable DCP checkpoint: Bridge's own load reports it
+        return True
+
+
 def build_config(s: TrainSettings) -> ConfigContainer:
     """Translate settings into Megatron-Bridge's ``ConfigContainer``."""
     if s.mock_data == (s.dataset_config is not None):
@@ -228,6 +237,12 @@ def build_config(s: TrainSettings) -> ConfigContainer:
     if s.finetune_ckpt_dir:
         checkpoint.finetune = True
         checkpoint.pretrained_checkpoint = validate_finetune_dir(s.finetune_ckpt_dir)
+        if not _has_te_extra_state(checkpoint.pretrained_checkpoint):
+            # Converted and CPU-trained bases carry no Transformer Engine FP8 metadata (``_extra_state``); a TE model
+            # asks for it and DCP would fail on the missing entries. Entries the base lacks are then skipped (and
+            # logged) and TE starts its metadata fresh; the weights themselves are complete (converters check
+            # coverage before writing).
+            checkpoint.dist_ckpt_strictness = "log_unexpected"
     peft = None
     if s.lora_finetune:
         from evo2_recipe.models.lora import DEFAULT_TARGETS, Evo2LoRA
