@@ -76,8 +76,8 @@ PY
   evo2_convert_savanna_to_mbridge --savanna-ckpt-path /tmp/savanna_1b.pt --model-size evo2_1b_base \
     --mbridge-ckpt-dir /tmp/mb_1b > "$OUT/convert_1b.log" 2>&1; echo "convert rc=$?"
   common=(--mock-data --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1 --global-batch-size 1
-          --max-steps 30 --warmup-steps 2 --constant-steps 0 --eval-interval 30 --eval-iters 1 --log-interval 10
-          --workers 2 --disable-tensorboard-logger --finetune-ckpt-dir /tmp/mb_1b)
+          --max-steps ${LORA_STEPS:-30} --warmup-steps 2 --constant-steps 0 --eval-interval ${LORA_STEPS:-30}
+          --eval-iters 1 --log-interval 5 --workers 2 --disable-tensorboard-logger --finetune-ckpt-dir /tmp/mb_1b)
   for run in "full" "lora --lora-finetune --lora-dim 16 --lora-alpha 32 --lora-dropout 0.1"; do
     set -- $run; tag=$1; shift
     timeout 400 train_evo2 "${common[@]}" --result-dir "/tmp/ft_$tag" "$@" > "$OUT/finetune_$tag.log" 2>&1

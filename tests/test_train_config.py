@@ -70,3 +70,22 @@ def test_add_bias_output_reaches_the_model():
     assert cfg.model.add_bias_output
     ((shape, delta),) = run_on_ranks(_output_bias_model, 1)
     assert tuple(shape) == (512,) and torch.allclose(delta, torch.full_like(delta, 0.5))
+
+
+@pytest.mark.parametrize("te_written", [False, True])
+def test_finetune_from_a_base_without_te_metadata(tmp_path, te_written):
+    """A base written without Transformer Engine (converted, CPU-trained) lacks the FP8 metadata of TE's norms: the
+    fine-tune load must skip those entries (on the GPU, with TE, strict loading failed on
+    ``decoder.final_norm._extra_state``); a TE-written base keeps megatron's default strictness."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+
+    state = {"decoder.final_norm.weight": torch.ones(4), "decoder.layers.0.mixer.dense._extra_state": io.BytesIO()}
+    if te_written:
+        state["decoder.final_norm._extra_state"] = io.BytesIO()
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_path / "iter_0000001")), no_dist=True)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
+    cfg = build_config(TrainSettings(mock_data=True, mixed_precision_recipe=None, finetune_ckpt_dir=str(tmp_path)))
+    assert cfg.checkpoint.pretrained_checkpoint == str(tmp_path.resolve())
+    assert cfg.checkpoint.dist_ckpt_strictness == ("assume_ok_unexpected" if te_written else "log_unexpected")

@@ -19,8 +19,6 @@ import contextlib
 import sys
 import types
 
-import os
-
 import torch
 
 
@@ -97,9 +95,9 @@ def load_vortex_model(config_path, checkpoint_path, dtype=torch.float32, device=
     # load_state_dict would round fp32 weights into them.
     model = vortex_model.StripedHyena(dotdict(cfg)).to(device=device, dtype=torch.float32)
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    # With Transformer Engine installed Vortex's projections are TE linears, and its loader hands each one an empty
-    # pickled FP8 state (our file has none); TE >= 2.20 refuses pickled extra state unless allowed.
-    os.environ.setdefault("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE", "1")
+    # With Transformer Engine installed Vortex's projections are TE linears; for FP8 metadata missing from the file
+    # TE 2.20 substitutes a pickled placeholder it then refuses to load. Give them their own (fresh) metadata.
+    state.update({k: v for k, v in model.state_dict().items() if k.endswith("_extra_state") and k not in state})
     model.custom_load_state_dict(state, strict=True)
     model.float()  # its Wqkv permutation assigns the file's tensor (dtype included) to .data
     if dtype == torch.bfloat16:

@@ -179,13 +179,16 @@ def validate_finetune_dir(path: str) -> str:
     return str(p.resolve())
 
 
-def _has_te_extra_state(ckpt_dir: str) -> bool:
+def written_without_te(ckpt_dir: str) -> bool:
+    """Whether a checkpoint was written by a model without Transformer Engine (local spec, converters, CPU): its final
+    norm has no ``_extra_state`` (megatron's local linears write an empty one, TE's norms write theirs)."""
     from evo2_recipe.checkpoint.dcp_utils import resolve_iteration_dir, stored_keys
 
     try:
-        return any(k.endswith("_extra_state") for k in stored_keys(resolve_iteration_dir(ckpt_dir)))
+        keys = stored_keys(resolve_iteration_dir(ckpt_dir))
     except (FileNotFoundError, ValueError):  # not a readable DCP checkpoint: Bridge's own load reports it
-        return True
+        return False
+    return "decoder.final_norm.weight" in keys and "decoder.final_norm._extra_state" not in keys
 
 
 def build_config(s: TrainSettings) -> ConfigContainer:
@@ -237,11 +240,11 @@ def build_config(s: TrainSettings) -> ConfigContainer:
     if s.finetune_ckpt_dir:
         checkpoint.finetune = True
         checkpoint.pretrained_checkpoint = validate_finetune_dir(s.finetune_ckpt_dir)
-        if not _has_te_extra_state(checkpoint.pretrained_checkpoint):
-            # Converted and CPU-trained bases carry no Transformer Engine FP8 metadata (``_extra_state``); a TE model
-            # asks for it and DCP would fail on the missing entries. Entries the base lacks are then skipped (and
-            # logged) and TE starts its metadata fresh; the weights themselves are complete (converters check
-            # coverage before writing).
+        if written_without_te(checkpoint.pretrained_checkpoint):
+            # Converted and CPU-trained bases lack the FP8 metadata (``_extra_state``) of Transformer Engine's norm
+            # modules; a TE model asks for it and DCP fails on the missing entries. Entries the base lacks are then
+            # skipped (and logged) and TE starts its metadata fresh; the weights themselves are complete (converters
+            # check coverage before writing).
             checkpoint.dist_ckpt_strictness = "log_unexpected"
     peft = None
     if s.lora_finetune:
