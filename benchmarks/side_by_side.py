@@ -1,6 +1,6 @@
 """Ours vs Arc's Vortex on the same shapes, in one process each, random weights, bf16: the peer beside every number.
 
-    python benchmarks/side_by_side.py score decode long [--fused] [--vortex] [--vortex-kernels] [--cuda-graph] \
+    python benchmarks/side_by_side.py score decode long [--fused] [--vortex] [--vortex-kernels] [--no-cuda-graph] \
         [--json out.json]
 
 Workloads (the rows of issues 11 and 16):
@@ -186,7 +186,8 @@ def main() -> None:
     ap.add_argument("what", nargs="+", choices=["score", "long", "decode"])
     ap.add_argument("--vortex", action="store_true", help="also run stock Vortex")
     ap.add_argument("--vortex-kernels", action="store_true", help="also run Vortex with its Triton kernels")
-    ap.add_argument("--cuda-graph", action="store_true", help="our decode with CUDA-graph replay")
+    ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                    help="our decode with CUDA-graph replay (default; --no-cuda-graph: eager)")
     ap.add_argument("--fused", action="store_true", help="also measure ours with the fused Triton kernels")
     ap.add_argument("--profile", action="store_true", help="torch-profiler tables of 16 decode steps (1b, batch 1)")
     ap.add_argument("--json", help="write every row here")

@@ -91,14 +91,13 @@ PY
 fi
 
 if [[ " $what " == *" decode "* ]]; then  # issue 11: eager vs CUDA graph vs stock Vortex, and a decode profile
-  python3 benchmarks/side_by_side.py decode --vortex --profile --json "$OUT/decode_eager.json" 2>&1 \
+  python3 benchmarks/side_by_side.py decode --no-cuda-graph --vortex --profile --json "$OUT/decode_eager.json" 2>&1 \
     | tee "$OUT/decode_eager.log" | grep -E "^\{|failed|Error"
-  python3 benchmarks/side_by_side.py decode --cuda-graph --profile --json "$OUT/decode_graph.json" 2>&1 \
+  python3 benchmarks/side_by_side.py decode --profile --json "$OUT/decode_graph.json" 2>&1 \
     | tee "$OUT/decode_graph.log" | grep -E "^\{|failed|Error|warn"
 fi
 
 if [[ " $what " == *" bench "* ]]; then
   python3 benchmarks/side_by_side.py score decode long --fused --vortex-kernels --json "$OUT/side_by_side.json" 2>&1 \
     | grep -E "^\{|failed"
-  python3 benchmarks/side_by_side.py decode --cuda-graph 2>&1 | grep -E "^\{|failed"
 fi

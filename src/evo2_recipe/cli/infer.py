@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=1,
                    help="sequences decoded together; a finished one's slot goes to the next waiting prompt")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each decode step as one CUDA graph (GPU; falls back to eager if capture fails)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay each decode step as one CUDA graph (GPU, TP=1; default on, falls back to eager if "
+                        "capture fails; --no-cuda-graph decodes eagerly)")
     add_model_runtime_flags(p)
     add_cpu_flag(p)
     return p

@@ -130,7 +130,7 @@ class Evo2:
     def generate(self, prompts: list[str], n_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 0.0, seed: int | None = None, max_seq_length: int | None = None,
                  stop_at_eod: bool = True, max_batch_size: int | None = None, on_text=None,
-                 cuda_graph: bool = False, prompt_segmentation_threshold: int | None = None) -> list[dict]:
+                 cuda_graph: bool = True, prompt_segmentation_threshold: int | None = None) -> list[dict]:
         """Sample continuations; each result has ``text``, ``tokens``, ``log_probs`` and ``finish_reason``.
 
         ``max_batch_size`` sequences decode together (default: all); finished ones hand their slot to the next

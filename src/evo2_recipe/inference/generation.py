@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 
 from evo2_recipe.models.hyena.inference_state import HyenaInferenceContext
 
@@ -72,13 +72,15 @@ def _last_logits(model, tokens, ctx, vocab_size):
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id: int = 0, vocab_size: int,
              max_seq_length: int | None = None, max_batch_size: int | None = None, sync_every: int = 16,
-             on_tokens: Callable[[int, list[int]], None] | None = None, cuda_graph: bool = False,
+             on_tokens: Callable[[int, list[int]], None] | None = None, cuda_graph: bool = True,
              prompt_segmentation_threshold: int | None = None) -> list[dict]:
     """Generate for each prompt; returns ``[{"tokens": [...], "log_probs": [...], "finish_reason": ...}]``.
 
     ``max_batch_size`` slots decode together (default: all prompts at once); a finished sequence's slot is given to
     the next waiting prompt. ``on_tokens(prompt_index, new_tokens)`` streams tokens as they are retired.
-    ``cuda_graph`` replays the decode step as one CUDA graph (opt-in until measured on a GPU; falls back to eager).
+    ``cuda_graph`` replays the decode step as one CUDA graph on a GPU (11x faster than eager for evo2_1b_base at
+    batch 1 on an H200, same tokens; see benchmarks/RESULTS.md); ignored on the CPU and under tensor parallelism
+    (collectives stay eager), and a failed capture falls back to eager.
     ``prompt_segmentation_threshold`` prefills at most that many prompt tokens at once, the rest token by token.
     """
     if prompt_segmentation_threshold is not None and prompt_segmentation_threshold < 1:
@@ -171,6 +173,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         record(rows, logits)
 
     run_step = step
+    use_graph = cuda_graph and device.type == "cuda" and parallel_state.get_tensor_model_parallel_world_size() == 1
     since_sync = 0
     while True:
         # a slot admitted `age` steps ago has count == age + 1 tokens: certainly done once age >= n - 1
@@ -182,7 +185,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         run_step()
         since_sync += 1
         age = [a + 1 for a in age]
-        if cuda_graph and run_step is step and device.type == "cuda":
+        if use_graph and run_step is step:
             run_step = _capture(step, generator)  # after one eager step has allocated every buffer
     return results
 
