@@ -84,7 +84,7 @@ def test_wandb_offline_and_tensorboard(tmp_path):
 
 def test_bad_flags_are_rejected(tmp_path):
     r = run_train(["--fasta-data", "--result-dir", str(tmp_path), "--cpu"], check=False)
-    assert r.returncode != 0 and "preprocess_evo2" in r.stderr
+    assert r.returncode != 0 and "--fasta-data and --fasta-file FILE go together" in r.stderr
     r = run_train([*TINY, "--max-steps", "3", "--result-dir", str(tmp_path), "model.num_layerz=3"], check=False)
     assert r.returncode != 0 and "num_layerz" in (r.stderr + r.stdout)
 

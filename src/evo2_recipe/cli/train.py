@@ -18,9 +18,6 @@ from evo2_recipe.cli.common import add_cpu_flag, apply_runtime_mode, setup_loggi
 logger = logging.getLogger("train_evo2")
 
 _UNSUPPORTED = {
-    "fasta_data": "train from FASTA by preprocessing it first: preprocess_evo2 -c X.yaml, then -d/--dataset-config",
-    "fasta_file": "train from FASTA by preprocessing it first: preprocess_evo2 -c X.yaml, then -d/--dataset-config",
-    "sharded_eden_data": "Sharded-Eden SQLite data is not supported; preprocess to .bin/.idx with preprocess_evo2",
     "use_targeted_variance_loss": "the targeted variance loss is not implemented (the reference ignores it too)",
     "use_megatron_comm_overlap_llama3_8k": "TP communication overlap needs Transformer Engine userbuffers",
     "nvidia_fault_tolerance": "NVIDIA fault tolerance needs the NVIDIA cluster services",
@@ -37,9 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("-d", "--dataset-config", help="blended-dataset YAML (preprocessed .bin/.idx prefixes)")
     data.add_argument("--mock-data", action="store_true", help="deterministic mock data")
-    data.add_argument("--fasta-data", action="store_true", help=argparse.SUPPRESS)
-    data.add_argument("--sharded-eden-data", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--fasta-file", help=argparse.SUPPRESS)
+    data.add_argument("--fasta-data", action="store_true",
+                      help="train on windows of --fasta-file (records split 90/5/5 by a hash of their id)")
+    data.add_argument("--sharded-eden-data", action="store_true",
+                      help="train on Sharded-Eden SQLite windows (--sequence-db-dir and the three window DBs)")
+    p.add_argument("--fasta-file", help="FASTA (or .fa.gz) for --fasta-data")
+    p.add_argument("--sequence-db-dir", help="Sharded-Eden: directory of <sample>/glm_dataset_<sample>.sqlite")
+    p.add_argument("--train-window-db", help="Sharded-Eden: training window database")
+    p.add_argument("--val-window-db", help="Sharded-Eden: validation window database")
+    p.add_argument("--test-window-db", help="Sharded-Eden: test window database")
+    p.add_argument("--stride", type=int, default=7992, help="window stride (must match the window databases)")
+    p.add_argument("--window-min-length-threshold", type=int, default=0,
+                   help="drop windows shorter than this (must match the window databases when > 0)")
+    p.add_argument("--rc-aug", action="store_true",
+                   help="window data: reverse-complement each training window with probability 0.5")
     p.add_argument("--dataset-dir", help="directory that relative dataset_prefix entries resolve against")
     p.add_argument("--model-size", default="evo2_1b_base")
     p.add_argument("--seq-length", type=int, default=8192)
@@ -164,6 +172,12 @@ def settings_from_args(args: argparse.Namespace, cpu: bool):
     if args.hf_tokenizer_model_name:
         raise SystemExit("train_evo2: --hf-tokenizer-model-name needs a model hub; download the tokenizer and pass "
                          "--hf-tokenizer-model-path")
+    if args.fasta_data != (args.fasta_file is not None):
+        raise SystemExit("train_evo2: --fasta-data and --fasta-file FILE go together")
+    eden = [args.sequence_db_dir, args.train_window_db, args.val_window_db, args.test_window_db]
+    if args.sharded_eden_data != (args.sequence_db_dir is not None) or (args.sharded_eden_data and None in eden):
+        raise SystemExit("train_evo2: --sharded-eden-data needs --sequence-db-dir, --train-window-db, "
+                         "--val-window-db and --test-window-db (and they mean nothing without it)")
     for o in args.overrides:
         if "=" not in o:
             raise SystemExit(f"train_evo2: unrecognised argument {o!r} (overrides look like section.key=value)")
@@ -171,7 +185,10 @@ def settings_from_args(args: argparse.Namespace, cpu: bool):
         else "default"
     return TrainSettings(
         model_size=args.model_size, mock_data=args.mock_data, dataset_config=args.dataset_config,
-        dataset_dir=args.dataset_dir, seq_length=args.seq_length,
+        dataset_dir=args.dataset_dir, fasta_file=args.fasta_file, sequence_db_dir=args.sequence_db_dir,
+        train_window_db=args.train_window_db, val_window_db=args.val_window_db, test_window_db=args.test_window_db,
+        stride=args.stride, window_min_length_threshold=args.window_min_length_threshold, rc_aug=args.rc_aug,
+        seq_length=args.seq_length,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,

@@ -127,12 +127,19 @@ def parse_dataset_config(config_path: str | Path, dataset_dir: str | None = None
 
 @dataclass(kw_only=True)
 class Evo2DatasetProvider(DatasetProvider):
-    """Megatron-Bridge dataset provider for ``train_evo2`` (blended preprocessed data, or mock data)."""
+    """Megatron-Bridge dataset provider for ``train_evo2``: blended preprocessed data, mock data, a FASTA file, or
+    Sharded-Eden SQLite windows (:mod:`evo2_recipe.data.window_dataset`)."""
 
     seq_length: int
     dataset_config: str | None = None
     dataset_dir: str | None = None
     mock: bool = False
+    fasta_file: str | None = None
+    sequence_db_dir: str | None = None
+    window_dbs: dict[str, str] | None = None  # split -> Sharded-Eden window database
+    stride: int = 7992
+    window_min_length_threshold: int = 0
+    rc_aug: bool = False
     random_seed: int = 1234
     eod_pad_in_loss_mask: bool = False
     predict_eod: bool = False
@@ -146,6 +153,8 @@ class Evo2DatasetProvider(DatasetProvider):
         if self.mock:
             vocab = context.tokenizer.vocab_size if context.tokenizer is not None else 256
             return tuple(MockEvo2Dataset(n, self.seq_length, vocab) for n in sizes)
+        if self.fasta_file is not None or self.sequence_db_dir is not None:
+            return self._window_datasets(sizes)
         if self.dataset_config is None:
             raise ValueError("Evo2DatasetProvider needs dataset_config (a blended-dataset YAML) or mock=True")
         config = GPTDatasetConfig(
@@ -160,6 +169,22 @@ class Evo2DatasetProvider(DatasetProvider):
         cls = (Evo2DatasetPredictEod if self.predict_eod else
                Evo2DatasetPadEodLossMask if self.eod_pad_in_loss_mask else Evo2Dataset)
         return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+
+
+    def _window_datasets(self, sizes):
+        from evo2_recipe.data import window_dataset as wd
+
+        common = dict(min_length=self.window_min_length_threshold, rc_aug=self.rc_aug, seed=self.random_seed)
+        if self.fasta_file is not None:
+            per_split = wd.fasta_window_datasets(self.fasta_file, self.seq_length, self.stride, **common)
+        else:
+            per_split = wd.eden_window_datasets(self.sequence_db_dir, self.window_dbs or {}, self.seq_length,
+                                                self.stride, **common)
+        for split, ds in per_split.items():
+            logger.info("%s split: %d windows of %d tokens", split, len(ds), self.seq_length)
+        return tuple(None if not n else wd.ResampledDataset(per_split[split], n, shuffle=split == "train",
+                                                             seed=self.random_seed)
+                     for split, n in zip(wd.SPLITS, sizes))
 
 
 def dataset_token_counts(prefix: str) -> int:

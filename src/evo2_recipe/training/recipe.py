@@ -75,6 +75,14 @@ class TrainSettings:
     mock_data: bool = False
     dataset_config: str | None = None
     dataset_dir: str | None = None
+    fasta_file: str | None = None  # --fasta-data --fasta-file
+    sequence_db_dir: str | None = None  # --sharded-eden-data
+    train_window_db: str | None = None
+    val_window_db: str | None = None
+    test_window_db: str | None = None
+    stride: int = 7992
+    window_min_length_threshold: int = 0
+    rc_aug: bool = False
     seq_length: int = 8192
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -193,8 +201,16 @@ def written_without_te(ckpt_dir: str) -> bool:
 
 def build_config(s: TrainSettings) -> ConfigContainer:
     """Translate settings into Megatron-Bridge's ``ConfigContainer``."""
-    if s.mock_data == (s.dataset_config is not None):
-        raise ValueError("give exactly one data source: --mock-data or -d/--dataset-config")
+    sources = [s.mock_data, s.dataset_config is not None, s.fasta_file is not None, s.sequence_db_dir is not None]
+    if sum(sources) != 1:
+        raise ValueError("give exactly one data source: --mock-data, -d/--dataset-config, --fasta-data --fasta-file "
+                         "FILE, or --sharded-eden-data --sequence-db-dir DIR with --train/val/test-window-db")
+    windows = {"train": s.train_window_db, "validation": s.val_window_db, "test": s.test_window_db}
+    if s.sequence_db_dir is not None and None in windows.values():
+        raise ValueError("--sharded-eden-data needs --train-window-db, --val-window-db and --test-window-db "
+                         "(evo2_precompute_windows writes them)")
+    if s.rc_aug and s.fasta_file is None and s.sequence_db_dir is None:
+        raise ValueError("--rc-aug applies to window data only (--fasta-data or --sharded-eden-data)")
     tp, pp, cp = s.tensor_model_parallel_size, s.pipeline_model_parallel_size, s.context_parallel_size
     if s.seq_length % (2 * cp) and cp > 1:
         raise ValueError(f"--seq-length {s.seq_length} must be divisible by 2*context-parallel-size = {2 * cp}")
@@ -293,6 +309,9 @@ def build_config(s: TrainSettings) -> ConfigContainer:
         raise FileNotFoundError(f"--hf-tokenizer-model-path {tokenizer_path} does not exist")
     dataset = Evo2DatasetProvider(
         seq_length=s.seq_length, dataset_config=s.dataset_config, dataset_dir=s.dataset_dir, mock=s.mock_data,
+        fasta_file=s.fasta_file, sequence_db_dir=s.sequence_db_dir,
+        window_dbs=windows if s.sequence_db_dir is not None else None, stride=s.stride,
+        window_min_length_threshold=s.window_min_length_threshold, rc_aug=s.rc_aug,
         random_seed=s.dataset_seed if s.dataset_seed is not None else s.seed,
         eod_pad_in_loss_mask=s.eod_pad_in_loss_mask, predict_eod=s.predict_eod, num_workers=s.workers, pin_memory=not s.cpu,
         persistent_workers=s.workers > 0,
