@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align-param-gather", action="store_true")
     p.add_argument("--no-check-for-nan-in-grad", action="store_true")
     p.add_argument("--use-megatron-comm-overlap-llama3-8k", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--tp-comm-overlap-backend", default="nccl", choices=["nccl", "mpi", "gloo"])
+    p.add_argument("--tp-comm-overlap-backend", default="nccl", choices=["nccl", "mpi", "gloo"],
+                   help="only meaningful with TP communication overlap, which needs Transformer Engine userbuffers "
+                        "(not supported here): values other than nccl are refused")
     eod = p.add_mutually_exclusive_group()
     eod.add_argument("--eod-pad-in-loss-mask", action="store_true",
                      help="do not predict EOD/PAD tokens (the default already never predicts them, as in the "
@@ -172,6 +174,9 @@ def settings_from_args(args: argparse.Namespace, cpu: bool):
     if args.hf_tokenizer_model_name:
         raise SystemExit("train_evo2: --hf-tokenizer-model-name needs a model hub; download the tokenizer and pass "
                          "--hf-tokenizer-model-path")
+    if args.tp_comm_overlap_backend != "nccl":
+        raise SystemExit("train_evo2: --tp-comm-overlap-backend selects the backend of TP communication overlap, "
+                         "which needs Transformer Engine userbuffers and is not supported here; drop the flag")
     if args.fasta_data != (args.fasta_file is not None):
         raise SystemExit("train_evo2: --fasta-data and --fasta-file FILE go together")
     eden = [args.sequence_db_dir, args.train_window_db, args.val_window_db, args.test_window_db]
