@@ -1,5 +1,6 @@
 """CPU mode runs real megatron-core code: 2-process gloo tensor parallelism and dist_checkpointing."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
@@ -112,3 +113,33 @@ def test_dist_checkpointing_round_trip_across_tp(tmp_path):
     assert (fresh - saved[0]).abs().max() > 1e-3  # a different seed gives different weights ...
     (loaded,) = run_on_ranks(_gpt_logits_and_checkpoint, 1, str(tmp_path), "load", 99)
     torch.testing.assert_close(loaded, saved[0], rtol=1e-5, atol=1e-5)  # ... until TP=2 weights are loaded at TP=1
+
+
+# Every megatron / Megatron-Bridge attribute the compat layer replaces or relies on (module, attribute). If an upgrade
+# renames one, this fails loudly instead of the patch being silently skipped.
+PATCH_TARGETS = [
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+    ("megatron.core.datasets.utils", "compile_helpers"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer"),
+    ("megatron.core.optimizer.distrib_optimizer", "HAVE_APEX_OR_TE"),
+    ("megatron.bridge.training.initialize", "initialize_megatron"),
+    ("megatron.bridge.training.initialize", "_set_random_seed"),
+    ("megatron.bridge.training.initialize", "compile_helpers"),
+    ("megatron.bridge.training.setup", "initialize_megatron"),
+    ("megatron.bridge.peft.utils", "HAVE_TE"),
+    ("megatron.core.extensions.transformer_engine", "HAVE_TE"),
+]
+
+
+@pytest.mark.parametrize("module,attribute", PATCH_TARGETS)
+def test_compat_patch_targets_exist_in_the_installed_versions(module, attribute):
+    import importlib
+
+    from evo2_recipe.compat import megatron_fixes
+
+    megatron_fixes.apply()
+    assert hasattr(importlib.import_module(module), attribute), \
+        f"{module}.{attribute} is gone: update evo2_recipe.compat for this megatron / Megatron-Bridge version"
+    if module.endswith("distrib_optimizer") and attribute == "DistributedOptimizer":
+        assert hasattr(importlib.import_module(module).DistributedOptimizer, "state_dict")
