@@ -135,6 +135,38 @@ def test_checkpoint_without_te_extra_state_loads_into_te_style_model(ckpt):
     torch.testing.assert_close(te_style[0], plain[0], rtol=0, atol=0)
 
 
+def _embeddings_one_load_vs_truncated_model(rank, world, ckpt_dir):
+    from evo2_recipe.inference import scoring
+    from evo2_recipe.inference.api import Evo2
+    from evo2_recipe.inference.loading import load_for_inference
+
+    evo = Evo2.from_checkpoint(ckpt_dir)
+    seqs = list(SEQS.values())
+    out = {}
+    for layer in (0, -2, -1):
+        truncated = load_for_inference(ckpt_dir, embedding_layer=layer).model  # built with only the first layers
+        tokens, mask = evo._pad(evo.tokenize(seqs))
+        with torch.no_grad():
+            ref = scoring.forward_full(truncated, tokens, hidden=True)
+        out[layer] = (evo.embed(seqs, layer=layer), [ref[b, :int(mask[b].sum())] for b in range(len(seqs))])
+    try:
+        evo.embed(seqs, layer=99)
+    except ValueError as e:
+        out["error"] = str(e)
+    return out
+
+
+def test_embeddings_come_from_the_loaded_model(ckpt):
+    """``embed`` runs the first layers of the already-loaded model (one load, one model) and equals a model built
+    with only those layers."""
+    (out,) = run_on_ranks(_embeddings_one_load_vs_truncated_model, 1, str(ckpt))
+    for layer in (0, -2, -1):
+        for a, b in zip(*out[layer]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(out[0][0][0], out[-1][0][0])
+    assert "Valid range: -" in out["error"]
+
+
 @pytest.mark.parametrize("tp,cp", [(2, 1), (1, 2)])
 def test_tp_and_cp_match_single_process(ckpt, tp, cp):
     (one,) = run_on_ranks(_api_outputs, 1, str(ckpt), 1, 1)

@@ -28,7 +28,6 @@ class Evo2:
         self._loaded = loaded
         self.ckpt_dir = ckpt_dir
         self._parallel = parallel
-        self._embed_models: dict[int, LoadedModel] = {}
         self.tokenizer = loaded.tokenizer
 
     @classmethod
@@ -119,12 +118,9 @@ class Evo2:
 
     def embed(self, seqs: list[str], *, layer: int = -1, prepend_bos: bool = False) -> list[torch.Tensor]:
         """Output of layer ``layer`` (negative counts from the end; before the final norm): ``(L_i, H)`` each."""
-        if layer not in self._embed_models:
-            self._embed_models[layer] = load_for_inference(self.ckpt_dir, embedding_layer=layer, **self._parallel)
-        model = self._embed_models[layer].model
         ids = self.tokenize(seqs, prepend_bos=prepend_bos)
         tokens, mask = self._pad(ids)
-        hidden = scoring.forward_full(model, tokens, hidden=True)
+        hidden = scoring.forward_full(self.model, tokens, hidden_layer=layer)  # the loaded model, its first layers
         return [hidden[b, :int(mask[b].sum())].cpu() for b in range(len(seqs))]
 
     def generate(self, prompts: list[str], n_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,

@@ -52,12 +52,14 @@ def _unzigzag(local: torch.Tensor, dim: int, full_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward_full(model, tokens: torch.Tensor, *, hidden: bool = False) -> torch.Tensor:
+def forward_full(model, tokens: torch.Tensor, *, hidden: bool = False, hidden_layer: int | None = None) -> torch.Tensor:
     """Run ``model`` on ``(B, L)`` tokens under the current TP/CP layout; return full-sequence outputs on every rank.
 
     Logits come back ``(B, L, V)`` (gathered over the TP vocabulary shards); with ``hidden=True`` (a model built
-    without a head) the layer output comes back ``(B, L, H)``, gathered over sequence-parallel and CP shards.
+    without a head) or ``hidden_layer=k`` (the output of layer ``k`` of a full model) the layer output comes back
+    ``(B, L, H)``, gathered over sequence-parallel and CP shards.
     """
+    hidden = hidden or hidden_layer is not None
     cp = parallel_state.get_context_parallel_world_size()
     B, L = tokens.shape
     device = next(model.parameters()).device
@@ -66,7 +68,8 @@ def forward_full(model, tokens: torch.Tensor, *, hidden: bool = False) -> torch.
     if cp > 1:
         rank = parallel_state.get_context_parallel_rank()
         tokens, positions = zigzag_split(tokens, 1, rank, cp), zigzag_split(positions, 1, rank, cp)
-    out = model(tokens, positions).float()
+    out = (model(tokens, positions) if hidden_layer is None else model(tokens, positions, hidden_layer=hidden_layer))
+    out = out.float()
     if hidden:  # (L_local[/TP under SP], B, H)
         if getattr(_config(model), "sequence_parallel", False):
             out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)

@@ -91,7 +91,9 @@ class HyenaStack(MegatronModule):
         finally:
             core.decode_cache = None
 
-    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None):
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None,
+                num_layers: int | None = None):
+        """``num_layers`` runs only the first layers and returns their output before the final norm (embeddings)."""
         if not self.pre_process:
             hidden_states = self.input_tensor
         cfg = self.config
@@ -99,9 +101,11 @@ class HyenaStack(MegatronModule):
             if cfg.recompute_granularity == "full" and self.training and inference_context is None:
                 hidden_states = self._recompute_forward(hidden_states, attention_mask, rotary_pos_emb)
             else:
-                for layer in self.layers:
+                for layer in self.layers[:num_layers]:
                     hidden_states = self._layer_call(layer, hidden_states, attention_mask, rotary_pos_emb,
                                                      inference_context)
+        if num_layers is not None:
+            return hidden_states
         if self.final_norm is not None:  # fp32 residual -> params dtype (TE's norm refuses mixed dtypes)
             hidden_states = self.final_norm(hidden_states.to(cfg.params_dtype))
         return hidden_states

@@ -19,7 +19,6 @@ class HyenaConfig:
 
 # Layer-type letters of ``hybrid_override_pattern``.
 HYENA_SHORT, HYENA_MEDIUM, HYENA_LONG, ATTENTION = "S", "D", "H", "*"
-OPERATOR_NAMES = {HYENA_SHORT: "hcs", HYENA_MEDIUM: "hcm", HYENA_LONG: "hcl"}
 
 
 def parse_pattern(pattern: str, num_layers: int) -> list[str]:

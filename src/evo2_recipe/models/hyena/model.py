@@ -72,7 +72,9 @@ class HyenaModel(LanguageModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask=None,
                 labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None, inference_context=None,
                 runtime_gather_output: bool | None = None, decoder_input: torch.Tensor | None = None,
-                return_hidden: bool = False, **_unused):
+                hidden_layer: int | None = None, **_unused):
+        """Logits ``(B, L, V)``, or the per-token loss with ``labels``; ``hidden_layer`` (negative counts from the end)
+        returns that layer's output ``(L, B, H)`` before the final norm instead (embeddings, PP=1)."""
         if decoder_input is None and self.pre_process:
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -86,14 +88,25 @@ class HyenaModel(LanguageModule):
                                           else next(self.parameters()).device)
             rotary_pos_emb = None
         hidden = self.decoder(decoder_input, attention_mask, rotary_pos_emb=rotary_pos_emb,
-                              inference_context=inference_context)
-        if not self.post_process or return_hidden:
+                              inference_context=inference_context, num_layers=self._layers_up_to(hidden_layer))
+        if not self.post_process or hidden_layer is not None:
             return hidden
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # (B, L, V)
         return self.reweighted_loss(labels, logits, loss_mask)
+
+    def _layers_up_to(self, hidden_layer: int | None) -> int | None:
+        if hidden_layer is None:
+            return None
+        n = len(self.decoder.layers)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("hidden_layer needs the whole stack on one pipeline stage (PP=1)")
+        if not -n <= hidden_layer < n:
+            raise ValueError(f"Invalid embedding_layer={hidden_layer} for model with {n} layers. "
+                             f"Valid range: -{n} to {n - 1}.")
+        return hidden_layer % n + 1
 
     def reweighted_loss(self, labels: torch.Tensor, logits_LBV: torch.Tensor, loss_mask: torch.Tensor | None):
         """Per-token loss ``ce * w * mask`` (B, L) with lowercase positions down-weighted (spec section 3.5)."""

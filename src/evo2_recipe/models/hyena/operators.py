@@ -97,16 +97,6 @@ def decay_rates(num_groups: int, length: int, preset: str = "weak") -> torch.Ten
     return torch.exp(-r[:, None] * s[None, :])
 
 
-def gated_hyena(x1: torch.Tensor, x2: torch.Tensor, v: torch.Tensor, h_CK: torch.Tensor | None,
-                D_C: torch.Tensor | None) -> torch.Tensor:
-    """``x1 * (h * (x2 v) + D (x2 v))`` with the long/medium conv done by FFT in fp32; output in v's dtype."""
-    u = x2 * v
-    y = fft_causal_conv(u, h_CK)
-    if D_C is not None:
-        y = y + u.float() * D_C.float()[:, None]
-    return x1 * y.to(v.dtype)
-
-
 def short_hyena(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor, w_short_CK: torch.Tensor,
                 bias_C: torch.Tensor | None = None) -> torch.Tensor:
     """The whole hcs path after the input projection, sequence-first in and out (the plain twin of the fused kernel).
