@@ -1,0 +1,43 @@
+"""``evo2_selftest`` (issue 14 item 6): the bundled reference checkpoint reproduces its recorded outputs on this
+install, and a perturbed weight is caught with a clear report."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from evo2_recipe.inference import selftest
+
+BIN = Path(sys.executable).parent
+
+
+def _run(*args):
+    return subprocess.run([str(BIN / "evo2_selftest"), "--cpu", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_bundled_checkpoint_is_small_and_passes():
+    size = sum(f.stat().st_size for f in selftest.CHECKPOINT.rglob("*") if f.is_file())
+    assert size < 5 * 2**20, size
+    expected = selftest.load_expected()
+    assert 0.3 < expected["accuracy"] < 1 and expected["loss"] < 1.3  # a trained model, not a random one
+    assert "quickstart.sh" in expected["made_by"]
+    r = _run()
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.strip().endswith("PASS") and "100.0% matching nucleotides" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_perturbed_weight_fails_with_a_report(tmp_path):
+    from evo2_recipe.checkpoint.dcp_utils import load_tensors, resolve_iteration_dir
+    from evo2_recipe.checkpoint.remove_optimizer import remove_optimizer
+
+    key = next(k for k in load_tensors(resolve_iteration_dir(selftest.CHECKPOINT), lambda k: "dense.weight" in k))
+    weight = load_tensors(resolve_iteration_dir(selftest.CHECKPOINT), lambda k: k == key)[key]
+    noisy = weight + 0.5 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    remove_optimizer(selftest.CHECKPOINT, tmp_path / "perturbed", replace={key: noisy})
+    r = _run("--ckpt-dir", str(tmp_path / "perturbed"), "--expected", str(selftest.EXPECTED))
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    assert r.stdout.strip().endswith("FAIL") and "MISMATCH" in r.stdout
+    plain = _run("--ckpt-dir", str(tmp_path / "perturbed"))  # metrics only
+    assert plain.returncode == 0 and "next-token accuracy" in plain.stdout
