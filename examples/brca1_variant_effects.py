@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-rc", action="store_true", help="do not average with the reverse complement")
     p.add_argument("--max-variants", type=int, help="only the first N variants of the table")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from evo2_recipe.cli.common import setup_logging
+
+    setup_logging()  # our log lines and real warnings, no dependency chatter
     from sklearn.metrics import roc_auc_score, roc_curve
 
     from evo2_recipe.compat import cpu, megatron_fixes
