@@ -41,3 +41,26 @@ def test_perturbed_weight_fails_with_a_report(tmp_path):
     assert r.stdout.strip().endswith("FAIL") and "MISMATCH" in r.stdout
     plain = _run("--ckpt-dir", str(tmp_path / "perturbed"))  # metrics only
     assert plain.returncode == 0 and "next-token accuracy" in plain.stdout
+
+
+def _teacher_forced_vs_scores(rank, world):
+    import csv
+
+    from evo2_recipe.inference.api import Evo2
+
+    evo = Evo2.from_checkpoint(str(selftest.CHECKPOINT), mixed_precision_recipe="fp32")
+    seqs = [row["Sequence"] for row in csv.DictReader(open(selftest.ARC_PROMPTS))][:2]
+    loss, acc = selftest.teacher_forced(evo, seqs)
+    per_token = torch.cat([t.flatten() for t in evo.score(seqs, reduce="per_token")])
+    return loss, acc, float(-per_token.mean())
+
+
+def test_published_comparison(tmp_path):
+    from evo2_recipe.utils.spawn import run_on_ranks
+
+    (loss, acc, from_scores), = run_on_ranks(_teacher_forced_vs_scores, 1)
+    assert abs(loss - from_scores) < 1e-5 and 0.2 < acc < 1  # two code paths, one number
+    r = _run("--ckpt-dir", str(selftest.CHECKPOINT), "--published", "evo2_1b_base")
+    assert r.returncode == 1 and "published 0.50195" in r.stdout and "MISMATCH" in r.stdout  # a tiny model
+    bad = _run("--ckpt-dir", str(selftest.CHECKPOINT), "--published", "evo2_3b")
+    assert bad.returncode == 2 and "no published values for 'evo2_3b'" in bad.stderr

@@ -3,6 +3,8 @@
     evo2_selftest                       # PASS/FAIL against the recorded outputs (fp32, CPU or GPU)
     evo2_selftest --ckpt-dir CKPT       # the same metrics for any checkpoint (no expected values)
     evo2_selftest --ckpt-dir CKPT --expected expected.json   # ... compared with outputs recorded elsewhere
+    evo2_selftest --ckpt-dir CKPT --published evo2_1b_base   # converted public weights vs Arc's published loss
+                                                             # and accuracy on its four test prompts
     evo2_selftest --write-expected      # (maintainers) record the bundled checkpoint's outputs
 
 Exit status 0 on PASS, 1 on FAIL, 2 on a usage or loading error.
@@ -24,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--ckpt-dir", help="report the metrics of this checkpoint instead of the bundled one")
     p.add_argument("--expected", help="with --ckpt-dir: compare with these recorded outputs (an expected.json)")
+    p.add_argument("--published", metavar="SIZE",
+                   help="with --ckpt-dir: compare with the published values of this public size (evo2_1b_base, "
+                        "evo2_7b, evo2_40b); runs in the checkpoint's precision (bf16 on GPU)")
     p.add_argument("--write-expected", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--record", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # how the checkpoint was made
     p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
@@ -38,8 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     from evo2_recipe.inference.loading import CheckpointError
 
     ckpt = args.ckpt_dir or str(selftest.CHECKPOINT)
+    if args.published and not args.ckpt_dir:
+        p.error("--published needs --ckpt-dir (converted public weights)")
     try:
-        evo = Evo2.from_checkpoint(ckpt, mixed_precision_recipe="fp32")
+        evo = Evo2.from_checkpoint(ckpt, mixed_precision_recipe=None if args.published else "fp32")
+        if args.published:
+            report = selftest.compare_published(evo, args.published)
+            print(f"evo2_selftest: {ckpt} vs published {args.published}\n{report}")
+            return 0 if report.passed else 1
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"evo2_selftest: error: {e}", file=sys.stderr)
         return 2

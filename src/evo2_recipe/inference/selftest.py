@@ -94,5 +94,42 @@ def describe(got: dict) -> str:
                       f"greedy generation      {got['generated'][:60]}..."])
 
 
+ARC_PROMPTS = DATA / "arc_prompts.csv"
+# Teacher-forced loss (nats/base) and next-token accuracy of the public checkpoints on ``arc_prompts.csv``, as
+# published with Arc's test harness (bf16); tolerances cover bf16 vs fp32 and kernel differences.
+PUBLISHED = {"evo2_1b_base": (0.50195, 0.79556), "evo2_7b": (0.34766, 0.86346), "evo2_40b": (0.21594, 0.91673)}
+PUBLISHED_LOSS_TOL, PUBLISHED_ACC_TOL = 0.02, 0.01
+
+
+@torch.no_grad()
+def teacher_forced(evo, seqs: list[str]) -> tuple[float, float]:
+    """Mean loss and next-token accuracy over all predicted positions of ``seqs`` (one sequence at a time)."""
+    nll_sum, correct, n = 0.0, 0, 0
+    for seq in seqs:
+        logits, tokens, _ = evo.logits([seq])
+        logp = torch.log_softmax(logits[0, :-1].float(), -1)
+        target = tokens[0, 1:].to(logp.device)
+        nll_sum += float(-logp.gather(-1, target[:, None]).sum())
+        correct += int((logp.argmax(-1) == target).sum())
+        n += target.numel()
+    return nll_sum / n, correct / n
+
+
+def compare_published(evo, size: str) -> Report:
+    import csv
+
+    if size not in PUBLISHED:
+        raise ValueError(f"no published values for {size!r}; known: {', '.join(PUBLISHED)}")
+    with open(ARC_PROMPTS) as f:
+        seqs = [row["Sequence"] for row in csv.DictReader(f)]
+    loss, acc = teacher_forced(evo, seqs)
+    want_loss, want_acc = PUBLISHED[size]
+    ok_loss, ok_acc = abs(loss - want_loss) <= PUBLISHED_LOSS_TOL, abs(acc - want_acc) <= PUBLISHED_ACC_TOL
+    return Report([f"{'loss (nats/base)':<22} got {loss:.5f}  published {want_loss:.5f}  (tol {PUBLISHED_LOSS_TOL})  "
+                   f"{'ok' if ok_loss else 'MISMATCH'}",
+                   f"{'next-token accuracy':<22} got {100 * acc:.3f}%  published {100 * want_acc:.3f}%  "
+                   f"(tol {100 * PUBLISHED_ACC_TOL:g}%)  {'ok' if ok_acc else 'MISMATCH'}"], ok_loss and ok_acc)
+
+
 def load_expected(path: Path = EXPECTED) -> dict:
     return json.loads(path.read_text())
