@@ -63,3 +63,21 @@ def test_brca1_example_pipeline_on_a_synthetic_reference(tmp_path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode != 0 and "is not GRCh37 chr17 or --reference-offset is wrong" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_embeddings_head_example(tmp_path):
+    import torch
+
+    out = tmp_path / "eh"
+    r = subprocess.run([sys.executable, str(ROOT / "examples/embeddings_head.py"), "--out-dir", str(out),
+                        "--per-class", "24", "--steps", "60"], capture_output=True, text=True, timeout=600,
+                       env={"EVO2_CPU": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_windows"] == 48 and summary["n_test"] == 12 and summary["embedding_dim"] > 0
+    for name in ("model_embeddings", "kmer4_baseline"):
+        assert 0 <= summary[name]["accuracy"] <= 1 and 0 <= summary[name]["auroc"] <= 1
+        assert summary[name]["train_loss"] < math.log(2)  # the head fits its training windows
+    saved = torch.load(out / "embeddings.pt", weights_only=True)
+    assert saved["embeddings"].shape == (48, summary["embedding_dim"]) and saved["labels"].sum() == 24
+    assert "Traceback" not in r.stderr
