@@ -40,7 +40,7 @@ import re
 import torch
 
 from evo2_recipe.checkpoint.strict import StrictSource
-from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
+from evo2_recipe.models.hyena.config import ATTENTION, HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT
 
 L = "decoder.layers"
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def vortex_config(provider, vocab_size: int, *, model_name: str = "evo2") -> dic
     ARC models use Evo 2 style activations (GELU in layer 0 only) and an attention output bias; NV models use GELU
     everywhere and no bias. Flash attention is on as in Arc's configs (set ``use_flash_attn: False`` on CPU).
     """
-    hc, pattern = HyenaConfig(), provider.hybrid_override_pattern
+    hc, pattern = HYENA, provider.hybrid_override_pattern
     idx = {kind: [i for i, k in enumerate(pattern) if k == kind]
            for kind in (HYENA_SHORT, HYENA_MEDIUM, HYENA_LONG, ATTENTION)}
     cfg = {

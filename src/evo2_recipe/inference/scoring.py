@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
-from evo2_recipe.models.hyena.config import HyenaConfig
+from evo2_recipe.models.hyena.config import HYENA
 from evo2_recipe.models.hyena.context_parallel import zigzag_split
 
 
@@ -20,7 +20,7 @@ def cp_min_length(cp: int) -> int:
     widest causal-conv halo (the 7-tap hcs filter needs 6 samples of left context from its neighbour)."""
     if cp <= 1:
         return 1
-    hc = HyenaConfig()
+    hc = HYENA
     return 2 * cp * (max(hc.hyena_short_conv_len, hc.short_conv_L) - 1)
 
 

@@ -17,6 +17,9 @@ class HyenaConfig:
     lowercase_loss_reweighting: float = 0.1
 
 
+HYENA = HyenaConfig()  # the one instance every module uses unless a model is built with its own
+
+
 # Layer-type letters of ``hybrid_override_pattern``.
 HYENA_SHORT, HYENA_MEDIUM, HYENA_LONG, ATTENTION = "S", "D", "H", "*"
 

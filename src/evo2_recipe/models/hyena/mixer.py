@@ -32,7 +32,7 @@ from torch import nn
 from evo2_recipe.models.hyena import context_parallel as cp_comm
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
-from evo2_recipe.models.hyena.config import HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
+from evo2_recipe.models.hyena.config import HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
 from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update
 
@@ -316,7 +316,7 @@ class HyenaMixer(MegatronModule):
     def __init__(self, config, submodules: HyenaMixerSubmodules, operator_type: str, layer_number: int,
                  hyena: HyenaConfig | None = None):
         super().__init__(config)
-        hyena = hyena or HyenaConfig()
+        hyena = hyena or HYENA
         _, tp = _tp_rank_world()
         H = config.hidden_size
         for name in ("num_groups_hyena", "num_groups_hyena_medium", "num_groups_hyena_short"):

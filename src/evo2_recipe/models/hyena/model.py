@@ -17,7 +17,7 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.transformer.enums import ModelType
 
 from evo2_recipe.models.hyena.block import HyenaStack
-from evo2_recipe.models.hyena.config import HyenaConfig
+from evo2_recipe.models.hyena.config import HYENA, HyenaConfig
 from evo2_recipe.models.hyena.specs import HyenaStackSpec
 
 _LOWER_A, _LOWER_Z = ord("a"), ord("z")
@@ -36,7 +36,7 @@ class HyenaModel(LanguageModule):
                  hyena: HyenaConfig | None = None):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder
-        self.hyena = hyena or HyenaConfig()
+        self.hyena = hyena or HYENA
         self.vocab_size = vocab_size
         self.max_sequence_length = max_sequence_length
         self.pre_process, self.post_process = pre_process, post_process
