@@ -81,3 +81,21 @@ def test_embeddings_head_example(tmp_path):
     saved = torch.load(out / "embeddings.pt", weights_only=True)
     assert saved["embeddings"].shape == (48, summary["embedding_dim"]) and saved["labels"].sum() == 24
     assert "Traceback" not in r.stderr
+
+
+def test_finetune_tutorial(tmp_path):
+    """Random tiny Savanna stand-in -> convert -> fine-tune on the phage genomes (stopped and resumed) -> curves."""
+    work = tmp_path / "ft"
+    r = subprocess.run([sys.executable, str(ROOT / "examples/finetune_tutorial.py"), "--work-dir", str(work),
+                        "--steps", "8", "--seq-length", "256", "--micro-batch-size", "2"], capture_output=True,
+                       text=True, timeout=900, env={"EVO2_CPU": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+                                                    "HOME": str(tmp_path), "WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((work / "summary.json").read_text())
+    assert s["final_checkpoint_iteration"] == 8
+    assert [step for step, _ in s["train_loss"]] == list(range(1, 9))  # both halves of the run are in the curves
+    assert len(s["validation_loss"]) >= 2 and s["train_loss"][-1][1] < s["train_loss"][0][1]
+    # a random model scores about -ln(vocab); after fine-tuning on phage genomes phiX174 is far more likely
+    assert s["mean_log_likelihood_before"] < -4 < s["mean_log_likelihood_after"] < 0
+    assert (work / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "$ train_evo2 -d" in r.stderr and "--early-stop-on-step 4" in r.stderr
