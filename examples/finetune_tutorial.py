@@ -46,10 +46,12 @@ def random_savanna(path: Path, model_size: str) -> None:
     import torch
 
     from evo2_recipe.checkpoint.savanna import mbridge_to_savanna
+    from evo2_recipe.compat import cpu, megatron_fixes
     from evo2_recipe.models.providers import get_provider
     from evo2_recipe.utils.distributed import init_distributed, teardown
 
-    init_distributed(seed=0)
+    megatron_fixes.apply()
+    init_distributed(seed=0, cpu=cpu.maybe_enable(None))  # CPU mode (gloo) when no GPU is present
     p = get_provider(model_size, vocab_size=512, params_dtype=torch.float32, bf16=False)
     p.finalize()
     state = {k: v.detach().to(torch.bfloat16) for k, v in p.provide().state_dict().items()
