@@ -99,3 +99,19 @@ def test_finetune_tutorial(tmp_path):
     assert s["mean_log_likelihood_before"] < -4 < s["mean_log_likelihood_after"] < 0
     assert (work / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "$ train_evo2 -d" in r.stderr and "--early-stop-on-step 4" in r.stderr
+
+
+def test_lora_classifier_example(tmp_path):
+    out = tmp_path / "lc"
+    r = subprocess.run([sys.executable, str(ROOT / "examples/lora_classifier.py"), "--out-dir", str(out),
+                        "--per-class", "16", "--steps", "12"], capture_output=True, text=True, timeout=600,
+                       env={"EVO2_CPU": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    head, lora = s["head_only"], s["lora"]
+    assert s["n_windows"] == 32 and s["n_test"] == 8
+    assert head["backbone_parameters"] == lora["backbone_parameters"] > lora["trainable_parameters"]
+    assert lora["trainable_parameters"] > head["trainable_parameters"] > 0  # adapters on top of the same head
+    for run in (head, lora):
+        assert 0 <= run["accuracy"] <= 1 and 0 <= run["auroc"] <= 1 and math.isfinite(run["final_train_loss"])
+    assert "LoRA: " in r.stderr and "trainable parameters of" in r.stderr and "Traceback" not in r.stderr
