@@ -22,7 +22,11 @@ import argparse
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plots import pyplot, roc_png  # noqa: E402  (examples/plots.py)
 
 DATA = Path(__file__).resolve().parent / "data"
 logger = logging.getLogger("brca1")
@@ -59,19 +63,8 @@ def windows(variants: list[dict], chrom: str, offset: int, size: int) -> tuple[l
 
 
 def plot(variants: list[dict], deltas: list[float], fpr, tpr, auroc: float, out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(fpr, tpr, lw=2, label=f"-delta log-likelihood (AUROC {auroc:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="BRCA1 SNVs: LOF vs FUNC/INT")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "roc.png", dpi=120)
-    plt.close(fig)
+    roc_png(fpr, tpr, auroc, "-delta log-likelihood", "BRCA1 SNVs: LOF vs FUNC/INT", out_dir / "roc.png")
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     classes = sorted({v["func_class"] for v in variants})
     ax.boxplot([[d for v, d in zip(variants, deltas) if v["func_class"] == c] for c in classes], tick_labels=classes)

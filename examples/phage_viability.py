@@ -17,7 +17,11 @@ import argparse
 import json
 import logging
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plots import pyplot, roc_png  # noqa: E402  (examples/plots.py)
 
 DATA = Path(__file__).resolve().parent / "data"
 logger = logging.getLogger("phage_viability")
@@ -36,19 +40,8 @@ def read_labelled(viable: Path, nonviable: Path, max_per_class: int | None, seed
 
 
 def plot(scores, labels, fpr, tpr, auroc: float, out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(fpr, tpr, lw=2, label=f"mean log-likelihood (AUROC {auroc:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Phage viability, zero-shot")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "roc.png", dpi=120)
-    plt.close(fig)
+    roc_png(fpr, tpr, auroc, "mean log-likelihood", "Phage viability, zero-shot", out_dir / "roc.png")
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, name in ((0, "non-viable"), (1, "viable")):
         ax.hist([s for s, y in zip(scores, labels) if y == label], bins=30, alpha=0.6, density=True,
