@@ -10,11 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_example(script: str, *args, home: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``examples/<script>`` as a user would: CPU mode, a clean environment, the venv's tools on PATH."""
+    env = {"EVO2_CPU": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(home),
+           "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
 def test_phage_viability_example(tmp_path):
     out = tmp_path / "pv"
-    r = subprocess.run([sys.executable, str(ROOT / "examples/phage_viability.py"), "--out-dir", str(out),
-                        "--max-per-class", "8"], capture_output=True, text=True, timeout=600,
-                       env={"EVO2_CPU": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    r = run_example("phage_viability.py", "--out-dir", out, "--max-per-class", "8", home=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_viable"] == 8 and summary["n_nonviable"] == 8 and 0.0 <= summary["auroc"] <= 1.0
@@ -46,11 +52,9 @@ def test_brca1_example_pipeline_on_a_synthetic_reference(tmp_path):
         region[int(r["position_hg19"]) - 1 - offset] = r["reference"]
     (tmp_path / "chr17_region.fa").write_text(">chr17\n" + "".join(region) + "\n")
     out = tmp_path / "brca1"
-    cmd = [sys.executable, str(ROOT / "examples/brca1_variant_effects.py"), "--ckpt-dir", str(selftest.CHECKPOINT),
-           "--reference", str(tmp_path / "chr17_region.fa"), "--reference-offset", str(offset), "--variants",
-           str(variants), "--window-size", "64", "--out-dir", str(out)]
-    env = {"EVO2_CPU": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    args = ["--ckpt-dir", selftest.CHECKPOINT, "--reference", tmp_path / "chr17_region.fa", "--variants", variants,
+            "--window-size", "64"]
+    r = run_example("brca1_variant_effects.py", *args, "--reference-offset", offset, "--out-dir", out, home=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_variants"] == 10 and summary["n_lof"] == 5 and 0.0 <= summary["auroc"] <= 1.0
@@ -59,8 +63,8 @@ def test_brca1_example_pipeline_on_a_synthetic_reference(tmp_path):
     assert any(float(s["delta"]) != 0 for s in scores)  # the alternative base changes the window's score
     for png in ("roc.png", "delta_by_class.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = subprocess.run(cmd[:-2] + ["--reference-offset", str(offset + 1), "--out-dir", str(tmp_path / "x")],
-                         capture_output=True, text=True, timeout=600, env=env)
+    bad = run_example("brca1_variant_effects.py", *args, "--reference-offset", offset + 1, "--out-dir",
+                      tmp_path / "x", home=tmp_path)
     assert bad.returncode != 0 and "is not GRCh37 chr17 or --reference-offset is wrong" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -69,9 +73,7 @@ def test_embeddings_head_example(tmp_path):
     import torch
 
     out = tmp_path / "eh"
-    r = subprocess.run([sys.executable, str(ROOT / "examples/embeddings_head.py"), "--out-dir", str(out),
-                        "--per-class", "24", "--steps", "60"], capture_output=True, text=True, timeout=600,
-                       env={"EVO2_CPU": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    r = run_example("embeddings_head.py", "--out-dir", out, "--per-class", "24", "--steps", "60", home=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_windows"] == 48 and summary["n_test"] == 12 and summary["embedding_dim"] > 0
@@ -86,10 +88,8 @@ def test_embeddings_head_example(tmp_path):
 def test_finetune_tutorial(tmp_path):
     """Random tiny Savanna stand-in -> convert -> fine-tune on the phage genomes (stopped and resumed) -> curves."""
     work = tmp_path / "ft"
-    r = subprocess.run([sys.executable, str(ROOT / "examples/finetune_tutorial.py"), "--work-dir", str(work),
-                        "--steps", "8", "--seq-length", "256", "--micro-batch-size", "2"], capture_output=True,
-                       text=True, timeout=900, env={"EVO2_CPU": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-                                                    "HOME": str(tmp_path), "WANDB_MODE": "offline"})
+    r = run_example("finetune_tutorial.py", "--work-dir", work, "--steps", "8", "--seq-length", "256",
+                    "--micro-batch-size", "2", home=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((work / "summary.json").read_text())
     assert s["final_checkpoint_iteration"] == 8
@@ -103,9 +103,7 @@ def test_finetune_tutorial(tmp_path):
 
 def test_lora_classifier_example(tmp_path):
     out = tmp_path / "lc"
-    r = subprocess.run([sys.executable, str(ROOT / "examples/lora_classifier.py"), "--out-dir", str(out),
-                        "--per-class", "16", "--steps", "12"], capture_output=True, text=True, timeout=600,
-                       env={"EVO2_CPU": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    r = run_example("lora_classifier.py", "--out-dir", out, "--per-class", "16", "--steps", "12", home=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     head, lora = s["head_only"], s["lora"]
