@@ -71,6 +71,8 @@ def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False) 
         rows.append(dict(impl=tag, workload="forward", size=size, seq=L, batch=B, s=round(dt, 4),
                          tok_s=round(B * L / dt), peak_gb=_peak_gb()))
         print(rows[-1], flush=True)
+        if profile and (size, L, B) == SCORE[0]:
+            _profile(lambda: model(x), "forward of evo2_1b_base, 8,192 tokens")
         model = None  # free before the next size
     for size, B, n in DECODE if "decode" in what else []:
         torch.cuda.empty_cache()
@@ -90,20 +92,21 @@ def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False) 
                          ms_per_step=round(1000 * (t_all - t_prefill) / (n - 1), 2), peak_gb=_peak_gb()))
         print(rows[-1], flush=True)
         if profile and B == 1 and size == DECODE[0][0]:
-            _profile_decode(lambda: run(17))
+            _profile(lambda: run(17), "16 decode steps plus the prefill of one 512-token prompt")
         model = None  # free before the next size
     return rows
 
 
-def _profile_decode(run) -> None:
-    """Torch-profiler summary of 16 decode steps (plus the prefill of one 512-token prompt), by GPU and CPU time."""
+def _profile(run, what: str) -> None:
+    """Torch-profiler summary of one call of ``run`` (after a warm-up), by GPU and CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    print(f"profile: {what}", flush=True)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
     table = prof.key_averages()
-    print(table.table(sort_by="self_cuda_time_total", row_limit=20), flush=True)
+    print(table.table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
     print(table.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
 
 
@@ -189,7 +192,7 @@ def main() -> None:
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="our decode with CUDA-graph replay (default; --no-cuda-graph: eager)")
     ap.add_argument("--fused", action="store_true", help="also measure ours with the fused Triton kernels")
-    ap.add_argument("--profile", action="store_true", help="torch-profiler tables of 16 decode steps (1b, batch 1)")
+    ap.add_argument("--profile", action="store_true", help="torch-profiler tables of one 1b forward (score) and 16 decode steps (1b, batch 1)")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--_vortex-child", dest="child", choices=["stock", "kernels"], help=argparse.SUPPRESS)
     args = ap.parse_args()

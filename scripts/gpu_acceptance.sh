@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
-#   bash scripts/gpu_acceptance.sh [tests] [fp8] [lora] [decode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
+#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [lora] [decode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
 # Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
 # /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
 set -uo pipefail
@@ -26,6 +26,15 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 if [[ " $what " == *" parity "* ]]; then  # the Vortex parity test alone
   NVIDIA_TF32_OVERRIDE=0 python3 -m pytest -q -s tests/test_gpu.py -k vortex_parity 2>&1 | tail -5
+fi
+
+if [[ " $what " == *" selftest "* ]]; then  # issue 14: the installation check on the GPU (fp32, TF32 off)
+  NVIDIA_TF32_OVERRIDE=0 evo2_selftest 2>&1 | tee "$OUT/selftest.log" | tail -15; echo "selftest rc=${PIPESTATUS[0]}"
+fi
+
+if [[ " $what " == *" profile "* ]]; then  # issue 16: where the 1b forward's GPU time goes
+  python3 benchmarks/side_by_side.py score --profile --json "$OUT/score_profile.json" 2>&1 | tee "$OUT/score_profile.log" \
+    | grep -E "^\{|failed|Error"
 fi
 
 if [[ " $what " == *" tests "* ]]; then  # fp32 TE-vs-local parity needs TF32 off (TE runs fp32 GEMMs in TF32)
