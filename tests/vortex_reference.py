@@ -16,6 +16,7 @@ requested dtype instead (and cast before loading: its projection weights are cre
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import types
 
@@ -95,10 +96,18 @@ def load_vortex_model(config_path, checkpoint_path, dtype=torch.float32, device=
     # load_state_dict would round fp32 weights into them.
     model = vortex_model.StripedHyena(dotdict(cfg)).to(device=device, dtype=torch.float32)
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    # With Transformer Engine installed Vortex's projections are TE linears; for FP8 metadata missing from the file
-    # TE 2.20 substitutes a pickled placeholder it then refuses to load. Give them their own (fresh) metadata.
-    state.update({k: v for k, v in model.state_dict().items() if k.endswith("_extra_state") and k not in state})
-    model.custom_load_state_dict(state, strict=True)
+    # With Transformer Engine installed Vortex's projections are TE linears, and custom_load_state_dict re-packs
+    # their FP8 metadata as an in-memory pickle (a default recipe it builds itself), which TE >= 2.20 refuses unless
+    # allowed. Nothing here comes from an untrusted file: allow it for this call only.
+    previous = os.environ.get("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE")
+    os.environ["NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"] = "1"
+    try:
+        model.custom_load_state_dict(state, strict=True)
+    finally:
+        if previous is None:
+            del os.environ["NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"]
+        else:
+            os.environ["NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"] = previous
     model.float()  # its Wqkv permutation assigns the file's tensor (dtype included) to .data
     if dtype == torch.bfloat16:
         model.to_bfloat16_except_pr_lc()

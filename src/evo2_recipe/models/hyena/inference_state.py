@@ -36,6 +36,7 @@ class _Storage:
         self.positions: torch.Tensor | None = None  # (B,) next position of each slot, on the model's device
         self.rope_table: torch.Tensor | None = None  # (max_len, d) RoPE angles
         self.rope_config = None
+        self.constants: dict[tuple, object] = {}  # per-layer decode constants derived from the weights
 
     def get(self, key: tuple, shape: tuple, like: torch.Tensor, dtype=None) -> torch.Tensor:
         t = self.tensors.get(key)
@@ -62,8 +63,38 @@ class HyenaLayerState:
         buf.copy_(torch.cat([ctx, x_BCL.to(buf.dtype)], dim=-1)[..., -width:])
         return ctx.to(x_BCL.dtype)
 
+    def fir_step(self, name: str, x_BC1: torch.Tensor, taps_CK: torch.Tensor) -> torch.Tensor:
+        """One token of a causal FIR whose last tap is the current token, against the stored window of the previous
+        ``K-1`` inputs (the same window :meth:`take_window` keeps): ``sum_k taps[c, k] window[c, k]`` (B, C, 1) fp32.
+
+        Few kernels, no FFT: the decode step's unit of work (``taps`` fp32, prepared once, see :meth:`constant`).
+        """
+        buf = self._storage.get((self._layer, name), (x_BC1.shape[1], taps_CK.shape[-1] - 1), x_BC1)[self._rows]
+        window = torch.cat([buf, x_BC1.to(buf.dtype)], dim=-1)  # (B, C, K)
+        buf.copy_(window[..., 1:])
+        return (window.float() * taps_CK).sum(-1, keepdim=True)
+
+    def constant(self, name: str, build):
+        """``build()`` once per generation and layer (weights do not change while decoding), then the cached value:
+        keeps filter construction out of every decode step (and out of its CUDA graph)."""
+        key = (self._layer, name)
+        if key not in self._storage.constants:
+            with torch.no_grad():
+                self._storage.constants[key] = build()
+        return self._storage.constants[key]
+
     def modal_state(self, channels: int, order: int, like: torch.Tensor) -> torch.Tensor:
         return self._storage.get((self._layer, "modal"), (channels, order), like, torch.float32)[self._rows]
+
+
+def modal_step(state: HyenaLayerState, u_BC1: torch.Tensor, poles_CO: torch.Tensor,
+               residue_poles_CO: torch.Tensor) -> torch.Tensor:
+    """:func:`modal_chunk_update` for one token: ``y_carry = sum_o R_o lambda_o s_o``, ``s <- lambda s + u`` in place."""
+    s = state.modal_state(u_BC1.shape[1], poles_CO.shape[-1], u_BC1)
+    u = u_BC1.float()
+    y_carry = (s * residue_poles_CO).sum(-1, keepdim=True)
+    s.mul_(poles_CO).add_(u)
+    return y_carry
 
 
 def modal_chunk_update(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_CO: torch.Tensor,
@@ -172,4 +203,5 @@ class HyenaInferenceContext:
 
     def reset(self) -> None:
         self._storage.tensors.clear()
+        self._storage.constants.clear()
         self._storage.positions = None

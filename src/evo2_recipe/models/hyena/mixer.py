@@ -34,7 +34,7 @@ from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
 from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
-from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update
+from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update, modal_step
 
 
 # Inference-mode long convolutions process channels in chunks of about this many (channel x position) elements.
@@ -232,6 +232,8 @@ class HyenaOperator(_ShardedDim0):
         w = self.short_conv.weight_CK(self.channels)
         halo = w.shape[-1] - 1
         group = _cp_group()
+        if state is not None and u.shape[-1] == 1:
+            return self._short_step(u, state)
         if state is not None:
             y = ops.causal_depthwise_conv(u, w, state.take_window("short", u, halo))
         elif group is not None:
@@ -243,6 +245,15 @@ class HyenaOperator(_ShardedDim0):
         if self.conv_bias is not None:  # NV models: learnable per-group skip term
             y = y + u * ops.expand_groups(self.conv_bias, self.channels).to(u.dtype)[:, None]
         return y
+
+    def _short_step(self, u, state: HyenaLayerState):
+        """One decode token of :meth:`_short`; the NV skip term ``b * u`` is folded into the current-token tap."""
+        def taps():
+            w = self.short_conv.weight_CK(self.channels).float().clone()
+            if self.conv_bias is not None:
+                w[:, -1] += ops.expand_groups(self.conv_bias, self.channels).float()
+            return w
+        return state.fir_step("short", u, state.constant("short_taps", taps)).to(u.dtype)
 
     @property
     def filter_groups(self) -> int:
@@ -292,6 +303,8 @@ class HyenaOperator(_ShardedDim0):
         return y
 
     def _long_with_state(self, u, state: HyenaLayerState):
+        if u.shape[-1] == 1:
+            return self._long_step(u, state)
         D = self.conv_bias.float()[:, None]
         if self.operator_type == HYENA_MEDIUM:
             h = self._filter_CK(u.shape[-1])
@@ -302,6 +315,28 @@ class HyenaOperator(_ShardedDim0):
         residues = ops.expand_groups(self.filter.R.float(), self.channels)
         y = ops.fft_causal_conv(u, self._filter_CK(u.shape[-1])) + u.float() * D
         return y + modal_chunk_update(state, u, log_poles, residues)
+
+    def _long_step(self, u, state: HyenaLayerState):
+        """One decode token of :meth:`_long_with_state`, with every filter-derived constant built once.
+
+        hcm: ``y = sum_k h[k] u[t-k] + D u`` is a 128-tap dot product with the stored window (filter flipped, ``D``
+        folded into the current-token tap). hcl: ``h[0] = sum_o R_o``, so ``y = (sum_o R_o + D) u + sum_o R_o
+        lambda_o s_o`` and ``s <- lambda s + u``.
+        """
+        D = self.conv_bias.float()
+        if self.operator_type == HYENA_MEDIUM:
+            def taps():
+                h = self._filter_CK(1).flip(-1).contiguous()  # the medium filter has a fixed length
+                h[:, -1] += D
+                return h
+            return state.fir_step("medium", u, state.constant("medium_taps", taps))
+
+        def modal():
+            poles = torch.exp(ops.expand_groups(self.filter.log_poles(), self.channels))  # (Hp, O)
+            residues = ops.expand_groups(self.filter.R.float(), self.channels)
+            return poles, residues * poles, (residues.sum(-1) + D)[:, None]
+        poles, residue_poles, direct = state.constant("modal", modal)
+        return modal_step(state, u, poles, residue_poles) + direct * u.float()
 
 
 @dataclass
@@ -358,7 +393,10 @@ class HyenaMixer(MegatronModule):
         features = features.permute(1, 2, 0)  # (B, 3Hp, L)
         halo = self.hyena_proj_conv.kernel_size - 1
         group = _cp_group()
-        if state is not None:
+        if state is not None and features.shape[-1] == 1:  # one decode token
+            taps = state.constant("proj_taps", lambda: self.hyena_proj_conv.short_conv_weight.float())
+            features = state.fir_step("proj", features, taps).to(features.dtype)
+        elif state is not None:
             features = self.hyena_proj_conv(features, state.take_window("proj", features, halo))
         elif group is not None:
             left_a, left_b = cp_comm.halo_left_context(features, halo, group)
