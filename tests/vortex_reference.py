@@ -16,7 +16,6 @@ requested dtype instead (and cast before loading: its projection weights are cre
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import types
 
@@ -97,17 +96,17 @@ def load_vortex_model(config_path, checkpoint_path, dtype=torch.float32, device=
     model = vortex_model.StripedHyena(dotdict(cfg)).to(device=device, dtype=torch.float32)
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     # With Transformer Engine installed Vortex's projections are TE linears, and custom_load_state_dict re-packs
-    # their FP8 metadata as an in-memory pickle (a default recipe it builds itself), which TE >= 2.20 refuses unless
-    # allowed. Nothing here comes from an untrusted file: allow it for this call only.
-    previous = os.environ.get("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE")
-    os.environ["NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"] = "1"
+    # their FP8 metadata in a pre-2.x layout that TE 2.20 refuses (a pickle, then a missing `extra_fp8_variables`).
+    # Hand them TE's own fresh metadata and switch that re-packing off for this call.
+    import vortex.model.model as vortex_module
+
+    state.update({k: v for k, v in model.state_dict().items() if k.endswith("_extra_state") and k not in state})
+    has_te = getattr(vortex_module, "HAS_TE", False)
+    vortex_module.HAS_TE = False
     try:
         model.custom_load_state_dict(state, strict=True)
     finally:
-        if previous is None:
-            del os.environ["NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"]
-        else:
-            os.environ["NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"] = previous
+        vortex_module.HAS_TE = has_te
     model.float()  # its Wqkv permutation assigns the file's tensor (dtype included) to .data
     if dtype == torch.bfloat16:
         model.to_bfloat16_except_pr_lc()
