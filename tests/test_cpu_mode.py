@@ -1,5 +1,7 @@
 """CPU mode runs real megatron-core code: 2-process gloo tensor parallelism and dist_checkpointing."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,3 +145,27 @@ def test_compat_patch_targets_exist_in_the_installed_versions(module, attribute)
         f"{module}.{attribute} is gone: update evo2_recipe.compat for this megatron / Megatron-Bridge version"
     if module.endswith("distrib_optimizer") and attribute == "DistributedOptimizer":
         assert hasattr(importlib.import_module(module).DistributedOptimizer, "state_dict")
+
+
+def test_importing_library_modules_patches_nothing():
+    """Importing providers / recipe / lora leaves megatron as installed; an entry point (``apply``) patches it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import megatron.core.datasets.utils as du\n"
+        "original = du.compile_helpers\n"
+        "import evo2_recipe.models.providers, evo2_recipe.training.recipe, evo2_recipe.models.lora\n"
+        "from megatron.core.optimizer import distrib_optimizer as dopt\n"
+        "import torch\n"
+        "assert du.compile_helpers is original, 'compile_helpers patched at import'\n"
+        "assert not getattr(dopt.DistributedOptimizer.state_dict, '_evo2', False), 'optimizer patched at import'\n"
+        "assert torch.cuda.is_available.__module__.startswith('torch'), 'torch.cuda patched at import'\n"
+        "from evo2_recipe.compat import megatron_fixes\n"
+        "megatron_fixes.apply()\n"
+        "assert du.compile_helpers is not original\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "EVO2_CPU"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

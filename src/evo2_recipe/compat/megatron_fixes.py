@@ -15,7 +15,10 @@
    TE/Apex's ``init_state_fn`` does). Even so, that code path does not restore the Adam moments exactly, which is
    why ``train_evo2`` defaults to the plain optimizer when neither TE nor Apex is installed.
 
-:func:`apply` is idempotent and is called by every CLI and by :mod:`evo2_recipe.compat.cpu`.
+:func:`install_import_guard` (fix 1 alone) is what importing :mod:`evo2_recipe.models.providers`,
+:mod:`evo2_recipe.training.recipe` or :mod:`evo2_recipe.models.lora` does: it changes no megatron code, it only lets
+Megatron-Bridge import without TE. :func:`apply` (all three, idempotent) is called at the entry points only: every
+CLI, :mod:`evo2_recipe.compat.cpu`, ``Evo2.from_checkpoint`` and the test conftest.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ _TE_NAMES = ("transformer_engine", "transformer_engine.pytorch")
 # Modules whose module-level TE import must not break the package import.
 _GUARDED_IMPORTERS = ("megatron.bridge.peft.lora_layers", "megatron.bridge.peft.lora")
 _APPLIED = False
+_GUARD_INSTALLED = False
 
 
 def _inert_attribute(owner, name: str, module_name: str):
@@ -124,13 +128,20 @@ def _patch_distributed_optimizer_state() -> None:
     dopt.DistributedOptimizer.state_dict = state_dict
 
 
+def install_import_guard() -> None:
+    """Fix 1 only (idempotent): without TE, the guarded Bridge modules get the inert stub for their TE import."""
+    global _GUARD_INSTALLED
+    if not _GUARD_INSTALLED and importlib.util.find_spec("transformer_engine") is None:
+        sys.meta_path.insert(0, _TEImportGuard())
+    _GUARD_INSTALLED = True
+
+
 def apply() -> None:
-    """Install both fixes (idempotent)."""
+    """Install all three fixes (idempotent)."""
     global _APPLIED
     if _APPLIED:
         return
-    if importlib.util.find_spec("transformer_engine") is None:
-        sys.meta_path.insert(0, _TEImportGuard())
+    install_import_guard()
     import megatron.core.datasets.utils as dataset_utils
 
     dataset_utils.compile_helpers = _compile_helpers_prebuilt

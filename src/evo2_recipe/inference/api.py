@@ -44,8 +44,10 @@ class Evo2:
         ``seq_len_interpolation_factor``); the checkpoint must still cover the model exactly.
         """
         from evo2_recipe.compat import cpu as cpu_mode
+        from evo2_recipe.compat import megatron_fixes
         from evo2_recipe.utils.distributed import init_distributed
 
+        megatron_fixes.apply()  # an entry point: library imports patch nothing
         cpu = cpu_mode.maybe_enable(None)
         init_distributed(tp=tp, cp=cp, seed=seed, cpu=cpu)
         parallel = dict(tp=tp, cp=cp, sequence_parallel=sequence_parallel,

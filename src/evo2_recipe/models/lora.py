@@ -22,7 +22,7 @@ import torch
 
 from evo2_recipe.compat import megatron_fixes
 
-megatron_fixes.apply()  # Bridge's LoRA layers import Transformer Engine unconditionally (see megatron_fixes)
+megatron_fixes.install_import_guard()  # Bridge's LoRA layers import TE unconditionally (see megatron_fixes)
 
 from megatron.bridge.peft.lora import LoRA  # noqa: E402
 from megatron.bridge.peft.lora_layers import LoRALinear  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 
 from evo2_recipe.compat import megatron_fixes
 
-megatron_fixes.apply()  # Megatron-Bridge imports need the TE import guard when TE is absent
+megatron_fixes.install_import_guard()  # Megatron-Bridge imports need it when TE is absent; patches nothing
 
 from megatron.bridge.models.model_provider import ModelProviderMixin  # noqa: E402
 from megatron.bridge.models.transformer_config import TransformerConfig  # noqa: E402

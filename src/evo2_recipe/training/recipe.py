@@ -14,7 +14,7 @@ import torch
 
 from evo2_recipe.compat import megatron_fixes
 
-megatron_fixes.apply()
+megatron_fixes.install_import_guard()  # Bridge imports without TE; the megatron fixes are applied by entry points
 
 from megatron.bridge.training.config import (  # noqa: E402
     CheckpointConfig,
