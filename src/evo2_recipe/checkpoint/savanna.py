@@ -1,24 +1,9 @@
-"""Savanna (Arc's DeepSpeed training format) -> Megatron-Bridge - spec sections 5.1 and 5.2.
+"""Savanna (Arc's DeepSpeed training format) <-> Megatron-Bridge - spec sections 5.1 and 5.2.
 
 Layout: ``sequential.0`` embedding, ``sequential.{i+2}`` layer ``i``, final norm at ``sequential.{N+3}`` (or
-``N+2`` for 20b). Key map, per layer ``i`` (``s = i + 2``):
-
-    sequential.0.word_embeddings.weight            -> embedding.word_embeddings.weight
-    sequential.{N+3|N+2}.norm.weight               -> decoder.final_norm.weight
-    sequential.s.pre_mlp_layernorm.weight          -> decoder.layers.i.mlp.linear_fc1.layer_norm_weight
-    sequential.s.mlp.w1.weight + mlp.w2.weight     -> decoder.layers.i.mlp.linear_fc1.weight  (cat, dim 0)
-    sequential.s.mlp.w3.weight                     -> decoder.layers.i.mlp.linear_fc2.weight
-    S/D/H sequential.s.input_layernorm.weight      -> ...mixer.dense_projection.layer_norm_weight
-    S/D/H ...mixer.dense_projection.weight         -> ...mixer.dense_projection.weight          (same layout)
-    S/D/H ...mixer.hyena_proj_conv.short_conv_weight -> same
-    S/D/H ...mixer.dense.weight / .bias            -> same
-    S ...mixer.mixer.short_conv.short_conv_weight  -> same
-    D ...mixer.mixer.filter.h / .decay             -> same, first 128 taps
-    D/H ...mixer.mixer.conv_bias                   -> same
-    H ...mixer.mixer.filter.{gamma,R,p}            -> same
-    * sequential.s.input_layernorm.weight          -> ...self_attention.linear_qkv.layer_norm_weight
-    * ...mixer.dense_projection.weight             -> ...self_attention.linear_qkv.weight  (per-head q,k,v kept)
-    * ...mixer.dense.weight / .bias                -> ...self_attention.linear_proj.weight / .bias
+``N+2`` for 20b). The key map is :data:`LAYER_RULES` (read in both directions) plus the MLP's ``w1``/``w2`` ->
+``linear_fc1`` concatenation; the only value transforms are named in :data:`TRANSFORMS` (hcm filters keep their
+first 128 taps, filter parameters are fp32).
 
 Ignored (by design): ``*._extra_state``, ``filter.t``, ``rotary_emb.inv_freq``, ``post_attention_layernorm``,
 ``outer_mlp_layernorm``. Any other unmapped key is an error, not a warning.
@@ -89,70 +74,74 @@ def load_savanna_state(path: str | Path, revision: str | None = None) -> dict[st
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+# Per-layer rules: (Savanna key under ``sequential.{i+2}.``, Megatron-Bridge key under ``decoder.layers.{i}.``,
+# transform Savanna -> Bridge). "mlp" applies to every layer, "hyena" to S/D/H layers. Keys in OPTIONAL may be absent.
+LAYER_RULES: dict[str, list[tuple[str, str, str]]] = {
+    "mlp": [("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight", ""),
+            ("mlp.w3.weight", "mlp.linear_fc2.weight", "")],
+    ATTENTION: [("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight", ""),
+                ("mixer.dense_projection.weight", "self_attention.linear_qkv.weight", ""),  # per-head q,k,v kept
+                ("mixer.dense.weight", "self_attention.linear_proj.weight", ""),
+                ("mixer.dense.bias", "self_attention.linear_proj.bias", "")],
+    "hyena": [("input_layernorm.weight", "mixer.dense_projection.layer_norm_weight", ""),
+              ("mixer.dense_projection.weight", "mixer.dense_projection.weight", ""),
+              ("mixer.hyena_proj_conv.short_conv_weight", "mixer.hyena_proj_conv.short_conv_weight", ""),
+              ("mixer.dense.weight", "mixer.dense.weight", ""),
+              ("mixer.dense.bias", "mixer.dense.bias", "")],
+    HYENA_SHORT: [("mixer.mixer.short_conv.short_conv_weight", "mixer.mixer.short_conv.short_conv_weight", ""),
+                  ("mixer.mixer.conv_bias", "mixer.mixer.conv_bias", "")],  # NV-style short-conv bias
+    HYENA_MEDIUM: [("mixer.mixer.filter.h", "mixer.mixer.filter.h", "medium_taps"),
+                   ("mixer.mixer.filter.decay", "mixer.mixer.filter.decay", "medium_taps"),
+                   ("mixer.mixer.conv_bias", "mixer.mixer.conv_bias", "")],
+    HYENA_LONG: [(f"mixer.mixer.filter.{n}", f"mixer.mixer.filter.{n}", "fp32") for n in ("gamma", "R", "p")]
+                + [("mixer.mixer.conv_bias", "mixer.mixer.conv_bias", "")],
+}
+OPTIONAL = {(ATTENTION, "mixer.dense.bias"), (HYENA_SHORT, "mixer.mixer.conv_bias")}
+FC1_PARTS, FC1 = ("mlp.w1.weight", "mlp.w2.weight"), "mlp.linear_fc1.weight"  # cat on dim 0 <-> split at ffn size
+TRANSFORMS = {  # Savanna -> Bridge; the way back is the identity (Bridge values are valid Savanna values)
+    "": lambda v: v,
+    "medium_taps": lambda v: v[:, :MEDIUM_TAPS].float(),
+    "fp32": lambda v: v.float(),
+}
+
+
+def _layer_rules(kind: str):
+    groups = ("mlp", ATTENTION) if kind == ATTENTION else ("mlp", "hyena", kind)
+    for group in groups:
+        for savanna_key, bridge_key, transform in LAYER_RULES[group]:
+            yield savanna_key, bridge_key, transform, (group, savanna_key) in OPTIONAL
+
+
 def savanna_to_mbridge(state: dict[str, torch.Tensor], pattern: str) -> dict[str, torch.Tensor]:
     """Map a Savanna state dict to Megatron-Bridge keys; raises on unmapped keys."""
     N = len(pattern)
     norm_idx = N + 3 if f"sequential.{N + 3}.norm.weight" in state else N + 2
     src = StrictSource(state, what="Savanna checkpoint", ignored=IGNORED,
                        hint=f" (pattern {pattern!r}); is --model-size right?")
-    take, out = src.take, {}
-
-    out["embedding.word_embeddings.weight"] = take("sequential.0.word_embeddings.weight")
-    out["decoder.final_norm.weight"] = take(f"sequential.{norm_idx}.norm.weight")
+    out = {"embedding.word_embeddings.weight": src.take("sequential.0.word_embeddings.weight"),
+           "decoder.final_norm.weight": src.take(f"sequential.{norm_idx}.norm.weight")}
     for i, kind in enumerate(pattern):
         s, m = f"sequential.{i + 2}.", f"decoder.layers.{i}."
-        out[m + "mlp.linear_fc1.layer_norm_weight"] = take(s + "pre_mlp_layernorm.weight")
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([take(s + "mlp.w1.weight"), take(s + "mlp.w2.weight")], dim=0)
-        out[m + "mlp.linear_fc2.weight"] = take(s + "mlp.w3.weight")
-        if kind == ATTENTION:
-            a = m + "self_attention."
-            out[a + "linear_qkv.layer_norm_weight"] = take(s + "input_layernorm.weight")
-            out[a + "linear_qkv.weight"] = take(s + "mixer.dense_projection.weight")
-            out[a + "linear_proj.weight"] = take(s + "mixer.dense.weight")
-            if s + "mixer.dense.bias" in src:
-                out[a + "linear_proj.bias"] = take(s + "mixer.dense.bias")
-            continue
-        x = m + "mixer."
-        out[x + "dense_projection.layer_norm_weight"] = take(s + "input_layernorm.weight")
-        for name in ("dense_projection.weight", "hyena_proj_conv.short_conv_weight", "dense.weight", "dense.bias"):
-            out[x + name] = take(s + "mixer." + name)
-        if kind == HYENA_SHORT:
-            out[x + "mixer.short_conv.short_conv_weight"] = take(s + "mixer.mixer.short_conv.short_conv_weight")
-            if s + "mixer.mixer.conv_bias" in src:  # NV-style short-conv bias
-                out[x + "mixer.conv_bias"] = take(s + "mixer.mixer.conv_bias")
-        elif kind == HYENA_MEDIUM:
-            out[x + "mixer.filter.h"] = take(s + "mixer.mixer.filter.h")[:, :MEDIUM_TAPS].float()
-            out[x + "mixer.filter.decay"] = take(s + "mixer.mixer.filter.decay")[:, :MEDIUM_TAPS].float()
-            out[x + "mixer.conv_bias"] = take(s + "mixer.mixer.conv_bias")
-        elif kind == HYENA_LONG:
-            for name in ("gamma", "R", "p"):
-                out[x + f"mixer.filter.{name}"] = take(s + f"mixer.mixer.filter.{name}").float()
-            out[x + "mixer.conv_bias"] = take(s + "mixer.mixer.conv_bias")
+        out[m + FC1] = torch.cat([src.take(s + part) for part in FC1_PARTS], dim=0)
+        for savanna_key, bridge_key, transform, optional in _layer_rules(kind):
+            if optional and s + savanna_key not in src:
+                continue
+            out[m + bridge_key] = TRANSFORMS[transform](src.take(s + savanna_key))
     src.finish()
     return out
 
 
 def mbridge_to_savanna(t: dict[str, torch.Tensor], pattern: str, ffn_hidden_size: int) -> dict[str, torch.Tensor]:
-    """Inverse map (used to build test fixtures from a model's own weights)."""
-    N, F = len(pattern), ffn_hidden_size
+    """The same rules read backwards (used to build Savanna files from a model's own weights)."""
+    N = len(pattern)
     out = {"sequential.0.word_embeddings.weight": t["embedding.word_embeddings.weight"],
            f"sequential.{N + 3}.norm.weight": t["decoder.final_norm.weight"]}
     for i, kind in enumerate(pattern):
         s, m = f"sequential.{i + 2}.", f"decoder.layers.{i}."
-        out[s + "pre_mlp_layernorm.weight"] = t[m + "mlp.linear_fc1.layer_norm_weight"]
-        fc1 = t[m + "mlp.linear_fc1.weight"]
-        out[s + "mlp.w1.weight"], out[s + "mlp.w2.weight"] = fc1[:F].clone(), fc1[F:].clone()
-        out[s + "mlp.w3.weight"] = t[m + "mlp.linear_fc2.weight"]
-        src = m + ("self_attention." if kind == ATTENTION else "mixer.")
-        if kind == ATTENTION:
-            out[s + "input_layernorm.weight"] = t[src + "linear_qkv.layer_norm_weight"]
-            out[s + "mixer.dense_projection.weight"] = t[src + "linear_qkv.weight"]
-            out[s + "mixer.dense.weight"] = t[src + "linear_proj.weight"]
-            if src + "linear_proj.bias" in t:
-                out[s + "mixer.dense.bias"] = t[src + "linear_proj.bias"]
-            continue
-        out[s + "input_layernorm.weight"] = t[src + "dense_projection.layer_norm_weight"]
-        for k, v in t.items():
-            if k.startswith(src) and not k.endswith("layer_norm_weight"):
-                out[s + "mixer." + k[len(src):]] = v
+        fc1 = t[m + FC1]
+        out[s + FC1_PARTS[0]], out[s + FC1_PARTS[1]] = fc1[:ffn_hidden_size].clone(), fc1[ffn_hidden_size:].clone()
+        for savanna_key, bridge_key, _, optional in _layer_rules(kind):
+            if optional and m + bridge_key not in t:
+                continue
+            out[s + savanna_key] = t[m + bridge_key]
     return out

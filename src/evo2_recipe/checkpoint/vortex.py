@@ -1,25 +1,15 @@
 """Megatron-Bridge <-> Vortex (Arc's inference format, a flat ``torch.save`` dict) - spec section 5.6.
 
-Key map (``i`` = layer, pattern letter S/D/H/*):
+Renames are :data:`LAYER_RULES` (Bridge key under ``decoder.layers.{i}.``, Vortex key under ``blocks.{i}.``), read in
+both directions. The real transforms are named functions, one per tensor that changes form:
 
-    embedding.word_embeddings.weight              -> embedding_layer.weight (+ copy as unembed.weight)
-    decoder.final_norm.weight                     -> norm.scale
-    ...mlp.linear_fc1.layer_norm_weight           -> blocks.i.post_norm.scale
-    ...mlp.linear_fc1.weight [2F,H]               -> blocks.i.mlp.l1.weight [:F], blocks.i.mlp.l2.weight [F:]
-    ...mlp.linear_fc2.weight                      -> blocks.i.mlp.l3.weight
-    S/D/H ...mixer.dense_projection.layer_norm_weight -> blocks.i.pre_norm.scale
-    S/D/H ...mixer.dense_projection.weight        -> blocks.i.projections.weight      (same interleaved layout)
-    S/D/H ...mixer.hyena_proj_conv.short_conv_weight [3H,3] -> blocks.i.filter.short_filter_weight [3H,1,3]
-    S/D/H ...mixer.dense.weight / .bias           -> blocks.i.out_filter_dense.weight / .bias
-    S ...mixer.mixer.short_conv.short_conv_weight -> blocks.i.filter.h   (NV conv_bias folded into the last tap)
-    D ...mixer.mixer.filter.h * filter.decay      -> blocks.i.filter.h [G,1,128] fp32
-    D/H ...mixer.mixer.conv_bias                  -> blocks.i.filter.D
-    H -exp(filter.p)*exp(filter.gamma)            -> blocks.i.filter.log_poles [G,16,1] fp32
-    H ...mixer.mixer.filter.R                     -> blocks.i.filter.residues fp32
-    * ...self_attention.linear_qkv.layer_norm_weight -> blocks.i.pre_norm.scale
-    * ...self_attention.linear_qkv.weight         -> blocks.i.inner_mha_cls.Wqkv.weight  (per-head layout kept)
-    * ...self_attention.linear_proj.weight / .bias -> blocks.i.inner_mha_cls.out_proj.weight / .bias
-    * (computed)                                  -> blocks.i.inner_mha_cls.rotary_emb.inv_freq
+* MLP ``linear_fc1`` [2F, H] <-> ``mlp.l1`` [:F] and ``mlp.l2`` [F:] (as for Savanna);
+* the 3-tap projection conv [3H, 3] <-> ``filter.short_filter_weight`` [3H, 1, 3];
+* hcs ``short_conv_weight`` -> ``filter.h``, an NV ``conv_bias`` folded into the current-token tap;
+* hcm ``h * decay`` -> ``filter.h`` [G, 1, 128] fp32;
+* hcl ``-exp(p) exp(gamma)`` -> ``filter.log_poles`` [G, 16, 1] fp32 (and back, :func:`_p_gamma_for_log_poles`);
+* attention: ``rotary_emb.inv_freq`` computed from ``rotary_base`` (checked on import); embedding copied as
+  ``unembed.weight`` when tied.
 
 The import direction (users ask for it; the reference has none) recovers what Vortex keeps: ``p`` and ``gamma`` are
 not separable, so ``p = log(-log_poles)`` with a tiny ``gamma`` chosen so that re-exporting gives bit-identical
@@ -91,6 +81,29 @@ def unfaithful_export_reasons(provider) -> list[str]:
     return []
 
 
+# (Bridge key under decoder.layers.{i}., Vortex key under blocks.{i}.) - plain renames, by layer group; "mlp" applies
+# to every layer, "hyena" to S/D/H. Keys in OPTIONAL may be absent. Everything else is a named transform below.
+LAYER_RULES: dict[str, list[tuple[str, str]]] = {
+    "mlp": [("mlp.linear_fc1.layer_norm_weight", "post_norm.scale"), ("mlp.linear_fc2.weight", "mlp.l3.weight")],
+    ATTENTION: [("self_attention.linear_qkv.layer_norm_weight", "pre_norm.scale"),
+                ("self_attention.linear_qkv.weight", "inner_mha_cls.Wqkv.weight"),  # per-head layout kept
+                ("self_attention.linear_proj.weight", "inner_mha_cls.out_proj.weight"),
+                ("self_attention.linear_proj.bias", "inner_mha_cls.out_proj.bias")],
+    "hyena": [("mixer.dense_projection.layer_norm_weight", "pre_norm.scale"),
+              ("mixer.dense_projection.weight", "projections.weight"),  # same interleaved layout
+              ("mixer.dense.weight", "out_filter_dense.weight"), ("mixer.dense.bias", "out_filter_dense.bias")],
+    HYENA_SHORT: [],
+    HYENA_MEDIUM: [("mixer.mixer.conv_bias", "filter.D")],
+    HYENA_LONG: [("mixer.mixer.conv_bias", "filter.D")],
+}
+OPTIONAL = {"self_attention.linear_proj.bias"}
+
+
+def _renames(kind: str):
+    for group in ("mlp", ATTENTION) if kind == ATTENTION else ("mlp", "hyena", kind):
+        yield from LAYER_RULES[group]
+
+
 def export_to_vortex(t: dict[str, torch.Tensor], pattern: str, *, rotary_base: float, num_heads: int,
                      ffn_hidden_size: int) -> dict[str, torch.Tensor]:
     out = {"embedding_layer.weight": t["embedding.word_embeddings.weight"],
@@ -100,26 +113,18 @@ def export_to_vortex(t: dict[str, torch.Tensor], pattern: str, *, rotary_base: f
     F = ffn_hidden_size
     for i, kind in enumerate(pattern):
         m, b = f"{L}.{i}.", f"blocks.{i}."
+        for bridge_key, vortex_key in _renames(kind):
+            if bridge_key in OPTIONAL and m + bridge_key not in t:
+                continue
+            out[b + vortex_key] = t[m + bridge_key]
         fc1 = t[m + "mlp.linear_fc1.weight"]
-        out[b + "post_norm.scale"] = t[m + "mlp.linear_fc1.layer_norm_weight"]
         out[b + "mlp.l1.weight"], out[b + "mlp.l2.weight"] = fc1[:F].clone(), fc1[F:].clone()
-        out[b + "mlp.l3.weight"] = t[m + "mlp.linear_fc2.weight"]
         if kind == ATTENTION:
-            a = m + "self_attention."
-            out[b + "pre_norm.scale"] = t[a + "linear_qkv.layer_norm_weight"]
-            out[b + "inner_mha_cls.Wqkv.weight"] = t[a + "linear_qkv.weight"]
-            out[b + "inner_mha_cls.out_proj.weight"] = t[a + "linear_proj.weight"]
-            if a + "linear_proj.bias" in t:
-                out[b + "inner_mha_cls.out_proj.bias"] = t[a + "linear_proj.bias"]
             out[b + "inner_mha_cls.rotary_emb.inv_freq"] = rotary_inv_freq(rotary_base, H // num_heads)
             continue
         x = m + "mixer."
-        out[b + "pre_norm.scale"] = t[x + "dense_projection.layer_norm_weight"]
-        out[b + "projections.weight"] = t[x + "dense_projection.weight"]
         conv = t[x + "hyena_proj_conv.short_conv_weight"]
         out[b + "filter.short_filter_weight"] = conv[:, None] if conv.dim() == 2 else conv
-        out[b + "out_filter_dense.weight"] = t[x + "dense.weight"]
-        out[b + "out_filter_dense.bias"] = t[x + "dense.bias"]
         if kind == HYENA_SHORT:
             h = t[x + "mixer.short_conv.short_conv_weight"]
             if x + "mixer.conv_bias" in t:  # NV: y = h*u + b*u, so b folds exactly into the current-token tap
@@ -131,12 +136,10 @@ def export_to_vortex(t: dict[str, torch.Tensor], pattern: str, *, rotary_base: f
             h, decay = t[x + "mixer.filter.h"].float(), t[x + "mixer.filter.decay"].float()
             k = min(128, h.shape[1])
             out[b + "filter.h"] = (h[:, :k] * decay[:, :k]).unsqueeze(1)
-            out[b + "filter.D"] = t[x + "mixer.conv_bias"]
         elif kind == HYENA_LONG:
             p, gamma = t[x + "mixer.filter.p"].float(), t[x + "mixer.filter.gamma"].float()
             out[b + "filter.log_poles"] = (-torch.exp(p) * torch.exp(gamma))[..., None]
             out[b + "filter.residues"] = t[x + "mixer.filter.R"].float()
-            out[b + "filter.D"] = t[x + "mixer.conv_bias"]
     return out
 
 
@@ -191,16 +194,12 @@ def import_from_vortex(state: dict[str, torch.Tensor], pattern: str, *, ffn_hidd
     H = out["embedding.word_embeddings.weight"].shape[1]
     for i, kind in enumerate(pattern):
         m, b = f"{L}.{i}.", f"blocks.{i}."
-        out[m + "mlp.linear_fc1.layer_norm_weight"] = v.take(b + "post_norm.scale")
+        for bridge_key, vortex_key in _renames(kind):
+            if bridge_key in OPTIONAL and b + vortex_key not in v:
+                continue
+            out[m + bridge_key] = v.take(b + vortex_key)
         out[m + "mlp.linear_fc1.weight"] = torch.cat([v.take(b + "mlp.l1.weight"), v.take(b + "mlp.l2.weight")], dim=0)
-        out[m + "mlp.linear_fc2.weight"] = v.take(b + "mlp.l3.weight")
         if kind == ATTENTION:
-            a = m + "self_attention."
-            out[a + "linear_qkv.layer_norm_weight"] = v.take(b + "pre_norm.scale")
-            out[a + "linear_qkv.weight"] = v.take(b + "inner_mha_cls.Wqkv.weight")
-            out[a + "linear_proj.weight"] = v.take(b + "inner_mha_cls.out_proj.weight")
-            if b + "inner_mha_cls.out_proj.bias" in v:
-                out[a + "linear_proj.bias"] = v.take(b + "inner_mha_cls.out_proj.bias")
             key = b + "inner_mha_cls.rotary_emb.inv_freq"
             if key in v:
                 raw, expected = v.take(key), rotary_inv_freq(rotary_base, H // num_heads)
@@ -210,11 +209,7 @@ def import_from_vortex(state: dict[str, torch.Tensor], pattern: str, *, ffn_hidd
                                      f"rotary_base={rotary_base:g} with {num_heads} heads; is --model-size right?")
             continue
         x = m + "mixer."
-        out[x + "dense_projection.layer_norm_weight"] = v.take(b + "pre_norm.scale")
-        out[x + "dense_projection.weight"] = v.take(b + "projections.weight")
         out[x + "hyena_proj_conv.short_conv_weight"] = v.take(b + "filter.short_filter_weight")[:, 0]
-        out[x + "dense.weight"] = v.take(b + "out_filter_dense.weight")
-        out[x + "dense.bias"] = v.take(b + "out_filter_dense.bias")
         if kind == HYENA_SHORT:
             h = v.take(b + "filter.h")
             out[x + "mixer.short_conv.short_conv_weight"] = h
@@ -224,11 +219,9 @@ def import_from_vortex(state: dict[str, torch.Tensor], pattern: str, *, ffn_hidd
             h = v.take(b + "filter.h")[:, 0].float()
             out[x + "mixer.filter.h"] = h
             out[x + "mixer.filter.decay"] = torch.ones_like(h)
-            out[x + "mixer.conv_bias"] = v.take(b + "filter.D")
         elif kind == HYENA_LONG:
             lp = v.take(b + "filter.log_poles")[..., 0]
             out[x + "mixer.filter.p"], out[x + "mixer.filter.gamma"] = _p_gamma_for_log_poles(lp)
             out[x + "mixer.filter.R"] = v.take(b + "filter.residues").float()
-            out[x + "mixer.conv_bias"] = v.take(b + "filter.D")
     v.finish()
     return out
