@@ -32,12 +32,17 @@ def _randomised_model(name, **overrides):
 
 
 def _our_logits(rank, world, name, ckpt_dir, prompt_len):
-    from evo2_recipe.checkpoint.mbridge import write_model_checkpoint
+    from evo2_recipe.checkpoint.mbridge import checkpoint_tokenizer_dir, write_model_checkpoint
+    from evo2_recipe.training.recipe import converted_checkpoint_config
     from evo2_recipe.models.hyena.inference_state import HyenaInferenceContext
 
     model = _randomised_model(name)
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    write_model_checkpoint(tensors, ckpt_dir, model_size=name, params_dtype=torch.float32)
+    tok = checkpoint_tokenizer_dir(tensors)
+    cfg = converted_checkpoint_config(name, vocab_size=tensors["embedding.word_embeddings.weight"].shape[0],
+                                      tokenizer_dir=tok)
+    write_model_checkpoint(tensors, ckpt_dir, model_size=name, run_config=cfg, tokenizer_dir=tok,
+                           params_dtype=torch.float32)
     tokens, _ = dna_batch(2, 40, seed=4)
     with torch.no_grad():
         full = model(tokens)

@@ -76,22 +76,10 @@ def read_model_tensors(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], Path]
     return load_tensors(iter_dir, keep=lambda k: not k.startswith(_NON_MODEL)), iter_dir
 
 
-def write_model_checkpoint(tensors: dict[str, torch.Tensor], out_dir: str | Path, *, model_size: str,
-                           params_dtype: torch.dtype | None = None, seq_length: int | None = None,
-                           mixed_precision_recipe: str | None = "bf16_mixed", vortex_style_fp8: bool = False,
-                           tokenizer_path: str | Path | None = None) -> Path:
-    """Write a weights-only Megatron-Bridge checkpoint at ``out_dir`` (must not exist) from full TP=1 tensors.
-
-    megatron's ``dist_checkpointing.save`` writes the tensors from the sharded state dict of a meta-device model of
-    ``model_size`` (so names, shapes and sharding metadata are exactly what training writes and loading expects;
-    coverage is checked first). Each tensor keeps its source dtype unless ``params_dtype`` is given; the Hyena filters
-    the model keeps in fp32 (``filter.h/decay/p/gamma/R``) are always written in fp32. ``run_config.yaml`` carries the
-    provider (``seq_length`` - the provider's unless given -, precision recipe, ``vortex_style_fp8``) that later
-    runs inherit.
-    """
+def checkpoint_tokenizer_dir(tensors: dict[str, torch.Tensor], tokenizer_path: str | Path | None = None) -> Path:
+    """The tokenizer a checkpoint of ``tensors`` ships: ``tokenizer_path`` or the bundled one of the embedding's
+    vocabulary size, checked against the embedding."""
     from evo2_recipe.data.tokenizer import NucleotideTokenizer
-    from evo2_recipe.models.providers import get_provider
-    from evo2_recipe.training.recipe import TrainSettings, build_config
 
     vocab = tensors["embedding.word_embeddings.weight"].shape[0]
     if vocab not in (256, 512):
@@ -101,16 +89,26 @@ def write_model_checkpoint(tensors: dict[str, torch.Tensor], out_dir: str | Path
     if tok_vocab != vocab:
         raise ValueError(f"tokenizer {tokenizer_dir} has {tok_vocab} tokens but the embedding has {vocab} rows; use "
                          f"the matching tokenizer (nucleotide_fast_tokenizer_{vocab})")
-    settings = TrainSettings(model_size=model_size, mock_data=True, max_steps=10, warmup_steps=1, constant_steps=0,
-                             mixed_precision_recipe=mixed_precision_recipe, vortex_style_fp8=vortex_style_fp8,
-                             hf_tokenizer_model_path=str(tokenizer_dir))
-    settings.seq_length = seq_length or get_provider(model_size).seq_length
-    cfg = build_config(settings)
-    cfg.model.vocab_size = vocab
+    return tokenizer_dir
+
+
+def write_model_checkpoint(tensors: dict[str, torch.Tensor], out_dir: str | Path, *, model_size: str, run_config,
+                           tokenizer_dir: str | Path, params_dtype: torch.dtype | None = None) -> Path:
+    """Write a weights-only Megatron-Bridge checkpoint at ``out_dir`` (must not exist) from full TP=1 tensors.
+
+    megatron's ``dist_checkpointing.save`` writes the tensors from the sharded state dict of a meta-device model of
+    ``model_size`` (so names, shapes and sharding metadata are exactly what training writes and loading expects;
+    coverage is checked first). Each tensor keeps its source dtype unless ``params_dtype`` is given; the Hyena filters
+    the model keeps in fp32 (``filter.h/decay/p/gamma/R``) are always written in fp32. ``run_config`` (a
+    ``ConfigContainer``, built by the caller - see ``training.recipe.converted_checkpoint_config``) is written as
+    ``run_config.yaml``: the provider later runs inherit. ``tokenizer_dir`` is copied beside the weights.
+    """
+    vocab = tensors["embedding.word_embeddings.weight"].shape[0]
+    tokenizer_dir = Path(tokenizer_dir)
     with atomic_output_dir(out_dir) as tmp:
         iter_dir = tmp / "iter_0000001"
         _save_with_megatron(tensors, iter_dir, model_size, vocab, params_dtype)
-        cfg.to_yaml(str(iter_dir / "run_config.yaml"))
+        run_config.to_yaml(str(iter_dir / "run_config.yaml"))
         shutil.copytree(tokenizer_dir, iter_dir / "tokenizer")
         from megatron.bridge.training.state import TrainState
 

@@ -66,14 +66,17 @@ def _run(p, fn) -> int:
 
 
 def _write(tensors, a, *, vortex_style_fp8: bool = False) -> None:
-    from evo2_recipe.checkpoint.mbridge import write_model_checkpoint
+    from evo2_recipe.checkpoint.mbridge import checkpoint_tokenizer_dir, write_model_checkpoint
+    from evo2_recipe.training.recipe import converted_checkpoint_config
 
     if a.params_dtype:
         log.info("casting weights to %s as asked by --params-dtype (Hyena filters stay fp32)", a.params_dtype)
-    write_model_checkpoint(tensors, a.output_dir, model_size=a.model_size,
-                           params_dtype=_DTYPES[a.params_dtype] if a.params_dtype else None,
-                           seq_length=a.seq_length, mixed_precision_recipe=a.mixed_precision_recipe,
-                           vortex_style_fp8=vortex_style_fp8, tokenizer_path=a.tokenizer_path)
+    tokenizer_dir = checkpoint_tokenizer_dir(tensors, a.tokenizer_path)
+    run_config = converted_checkpoint_config(
+        a.model_size, vocab_size=tensors["embedding.word_embeddings.weight"].shape[0], tokenizer_dir=tokenizer_dir,
+        seq_length=a.seq_length, mixed_precision_recipe=a.mixed_precision_recipe, vortex_style_fp8=vortex_style_fp8)
+    write_model_checkpoint(tensors, a.output_dir, model_size=a.model_size, run_config=run_config,
+                           tokenizer_dir=tokenizer_dir, params_dtype=_DTYPES[a.params_dtype] if a.params_dtype else None)
 
 
 def _provider(model_size: str):

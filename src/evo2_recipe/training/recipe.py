@@ -359,6 +359,22 @@ def build_config(s: TrainSettings) -> ConfigContainer:
     )
 
 
+def converted_checkpoint_config(model_size: str, *, vocab_size: int, tokenizer_dir: str | Path,
+                                seq_length: int | None = None, mixed_precision_recipe: str | None = "bf16_mixed",
+                                vortex_style_fp8: bool = False) -> ConfigContainer:
+    """``run_config.yaml`` of a converted, weights-only checkpoint: the provider (``seq_length`` - the model size's
+    unless given -, precision recipe, ``vortex_style_fp8``, tokenizer) that later runs inherit."""
+    from evo2_recipe.models.providers import get_provider
+
+    settings = TrainSettings(model_size=model_size, mock_data=True, max_steps=10, warmup_steps=1, constant_steps=0,
+                             mixed_precision_recipe=mixed_precision_recipe, vortex_style_fp8=vortex_style_fp8,
+                             hf_tokenizer_model_path=str(tokenizer_dir))
+    settings.seq_length = seq_length or get_provider(model_size).seq_length
+    cfg = build_config(settings)
+    cfg.model.vocab_size = vocab_size
+    return cfg
+
+
 def apply_overrides(cfg: ConfigContainer, overrides: list[str]) -> ConfigContainer:
     """Hydra-style ``section.key=value`` overrides, then one sequence length for model and data.
 

@@ -51,6 +51,20 @@ def _cp_group():
     return None
 
 
+def causal_conv_with_context(x_BCL: torch.Tensor, conv, halo: int, state: HyenaLayerState | None,
+                             name: str) -> torch.Tensor:
+    """``conv(x, left_context)`` with the left context each mode needs: the decode state's window ``name``, the
+    previous context-parallel chunk's last ``halo`` values (per zigzag half), or none (zero padding)."""
+    if state is not None:
+        return conv(x_BCL, state.take_window(name, x_BCL, halo))
+    group = _cp_group()
+    if group is None:
+        return conv(x_BCL, None)
+    left_a, left_b = cp_comm.halo_left_context(x_BCL, halo, group)
+    x_a, x_b = x_BCL.chunk(2, dim=-1)
+    return torch.cat([conv(x_a, left_a), conv(x_b, left_b)], dim=-1)
+
+
 def _sharded_param(full: torch.Tensor, config, *, fp32: bool = False) -> nn.Parameter:
     """This TP rank's dim-0 slice of a full, rank-independently initialised tensor, as a TP-sharded parameter."""
     rank, world = _tp_rank_world()
@@ -229,19 +243,11 @@ class HyenaOperator(_ShardedDim0):
         return x1 * y.to(v.dtype)
 
     def _short(self, u, state):
-        w = self.short_conv.weight_CK(self.channels)
-        halo = w.shape[-1] - 1
-        group = _cp_group()
         if state is not None and u.shape[-1] == 1:
             return self._short_step(u, state)
-        if state is not None:
-            y = ops.causal_depthwise_conv(u, w, state.take_window("short", u, halo))
-        elif group is not None:
-            left_a, left_b = cp_comm.halo_left_context(u, halo, group)
-            u_a, u_b = u.chunk(2, dim=-1)
-            y = torch.cat([ops.causal_depthwise_conv(u_a, w, left_a), ops.causal_depthwise_conv(u_b, w, left_b)], -1)
-        else:
-            y = ops.causal_depthwise_conv(u, w)
+        w = self.short_conv.weight_CK(self.channels)
+        y = causal_conv_with_context(u, lambda x, left: ops.causal_depthwise_conv(x, w, left), w.shape[-1] - 1,
+                                     state, "short")
         if self.conv_bias is not None:  # NV models: learnable per-group skip term
             y = y + u * ops.expand_groups(self.conv_bias, self.channels).to(u.dtype)[:, None]
         return y
@@ -391,19 +397,12 @@ class HyenaMixer(MegatronModule):
         if state is None and _cp_group() is None and fused_kernels_enabled(self.config, features):
             return self.dense(self._fused_operator(features))
         features = features.permute(1, 2, 0)  # (B, 3Hp, L)
-        halo = self.hyena_proj_conv.kernel_size - 1
-        group = _cp_group()
         if state is not None and features.shape[-1] == 1:  # one decode token
             taps = state.constant("proj_taps", lambda: self.hyena_proj_conv.short_conv_weight.float())
             features = state.fir_step("proj", features, taps).to(features.dtype)
-        elif state is not None:
-            features = self.hyena_proj_conv(features, state.take_window("proj", features, halo))
-        elif group is not None:
-            left_a, left_b = cp_comm.halo_left_context(features, halo, group)
-            f_a, f_b = features.chunk(2, dim=-1)
-            features = torch.cat([self.hyena_proj_conv(f_a, left_a), self.hyena_proj_conv(f_b, left_b)], dim=-1)
         else:
-            features = self.hyena_proj_conv(features)
+            features = causal_conv_with_context(features, self.hyena_proj_conv, self.hyena_proj_conv.kernel_size - 1,
+                                                state, "proj")
         x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]  # channel-interleaved (spec 2.3)
         z = self.mixer(x1, x2, v, state)  # (B, Hp, L)
         return self.dense(z.permute(2, 0, 1).contiguous())  # (y, bias), (L, B, H)
