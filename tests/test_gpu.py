@@ -75,7 +75,7 @@ def vortex_parity_metrics(name, tmp_path, seq_len=2048, decode_tokens=32):
     from evo2_recipe.inference.api import Evo2
     from evo2_recipe.models.providers import get_provider
     from hyena_helpers import randomise_weights_
-    from vortex_reference import load_vortex_model, vortex_prefill_then_decode
+    from vortex_reference import vortex_logits_without_te
 
     bin_dir, device = Path(sys.executable).parent, "cuda" if torch.cuda.is_available() else "cpu"
     p = get_provider(name, vocab_size=512, params_dtype=torch.float32, bf16=False)
@@ -106,14 +106,11 @@ def vortex_parity_metrics(name, tmp_path, seq_len=2048, decode_tokens=32):
             results["ours", label] = scoring.forward_full(ours, tokens).cpu()
         results["ours_dec", label] = _our_decode(ours, dec, prompt_len).cpu()
         del ours
-        vx = load_vortex_model(tmp_path / f"{name}.yml", tmp_path / f"{name}.pt",
-                               dtype=torch.bfloat16 if bf16 else torch.float32)
-        with torch.no_grad():
-            results["vx", label] = vx(tokens)[0].float().cpu()
-        results["vx_dec", label] = vortex_prefill_then_decode(vx, dec, prompt_len).float().cpu()
-        del vx
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    vx = vortex_logits_without_te(tmp_path / f"{name}.yml", tmp_path / f"{name}.pt", tokens, dec, prompt_len, tmp_path)
+    for label in ("fp32", "bf16"):
+        results["vx", label], results["vx_dec", label] = vx[f"vx_{label}"], vx[f"vx_dec_{label}"]
     o32, v32, o16, v16 = (results[k] for k in (("ours", "fp32"), ("vx", "fp32"), ("ours", "bf16"), ("vx", "bf16")))
     m = {"logit_std": o32.std().item(),
          "fp32_max_abs": (o32 - v32).abs().max().item(), "fp32_rel_l2": _rel_l2(o32, v32),

@@ -16,6 +16,7 @@ requested dtype instead (and cast before loading: its projection weights are cre
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import types
 
@@ -95,18 +96,7 @@ def load_vortex_model(config_path, checkpoint_path, dtype=torch.float32, device=
     # load_state_dict would round fp32 weights into them.
     model = vortex_model.StripedHyena(dotdict(cfg)).to(device=device, dtype=torch.float32)
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    # With Transformer Engine installed Vortex's projections are TE linears, and custom_load_state_dict re-packs
-    # their FP8 metadata in a pre-2.x layout that TE 2.20 refuses (a pickle, then a missing `extra_fp8_variables`).
-    # Hand them TE's own fresh metadata and switch that re-packing off for this call.
-    import vortex.model.model as vortex_module
-
-    state.update({k: v for k, v in model.state_dict().items() if k.endswith("_extra_state") and k not in state})
-    has_te = getattr(vortex_module, "HAS_TE", False)
-    vortex_module.HAS_TE = False
-    try:
-        model.custom_load_state_dict(state, strict=True)
-    finally:
-        vortex_module.HAS_TE = has_te
+    model.custom_load_state_dict(state, strict=True)
     model.float()  # its Wqkv permutation assigns the file's tensor (dtype included) to .data
     if dtype == torch.bfloat16:
         model.to_bfloat16_except_pr_lc()
@@ -131,3 +121,38 @@ def vortex_prefill_then_decode(model, tokens: torch.Tensor, prompt_len: int) -> 
         logits, params = model(tokens[:, pos:pos + 1], inference_params_dict=params)
         out.append(logits)
     return torch.cat(out, dim=1)
+
+
+def vortex_logits_without_te(config_path, checkpoint_path, tokens: torch.Tensor, decode_tokens: torch.Tensor,
+                              prompt_len: int, work_dir) -> dict[str, torch.Tensor]:
+    """Vortex's logits in fp32 and bf16 - ``vx_{fp32,bf16}`` full forward of ``tokens``, ``vx_dec_{fp32,bf16}``
+    prefill of ``decode_tokens[:, :prompt_len]`` then one token at a time - computed in a child process that cannot
+    import Transformer Engine. Vortex then builds plain torch linears (the path the CPU tests check) instead of TE
+    linears whose FP8 metadata Vortex 1.1.0 re-packs in a layout TE 2.20 refuses."""
+    import subprocess
+    from pathlib import Path
+
+    inputs, out_path = Path(work_dir) / "vortex_inputs.pt", Path(work_dir) / "vortex_logits.pt"
+    torch.save({"tokens": tokens.cpu(), "decode_tokens": decode_tokens.cpu()}, inputs)
+    code = ("import sys; sys.modules['transformer_engine'] = None; sys.modules['transformer_engine.pytorch'] = None; "
+            "import vortex_reference as v; v._child(*sys.argv[1:])")
+    here = str(Path(__file__).resolve().parent)  # so the child imports this module
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-c", code, str(config_path), str(checkpoint_path), str(inputs),
+                        str(prompt_len), str(out_path)], capture_output=True, text=True, timeout=1800, env=env)
+    if r.returncode:
+        raise RuntimeError(f"Vortex reference process failed:\n{r.stderr[-4000:]}")
+    return torch.load(out_path, weights_only=True)
+
+
+def _child(config_path, checkpoint_path, inputs_path, prompt_len, out_path) -> None:
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    inputs = {k: v.to(device) for k, v in torch.load(inputs_path, weights_only=True).items()}
+    out = {}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = load_vortex_model(config_path, checkpoint_path, dtype=dtype, device=device)
+        with torch.no_grad():
+            out[f"vx_{label}"] = model(inputs["tokens"])[0].float().cpu()
+        out[f"vx_dec_{label}"] = vortex_prefill_then_decode(model, inputs["decode_tokens"], int(prompt_len)).float().cpu()
+        del model
+    torch.save(out, out_path)
