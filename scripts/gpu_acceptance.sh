@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
-#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [lora] [decode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
+#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [lora] [decode] [prefill] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
 # Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
 # /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
 set -uo pipefail
@@ -104,6 +104,14 @@ if [[ " $what " == *" decode "* ]]; then  # issue 11: eager vs CUDA graph vs sto
     | tee "$OUT/decode_eager.log" | grep -E "^\{|failed|Error"
   python3 benchmarks/side_by_side.py decode --profile --json "$OUT/decode_graph.json" 2>&1 \
     | tee "$OUT/decode_graph.log" | grep -E "^\{|failed|Error|warn"
+fi
+
+if [[ " $what " == *" prefill "* ]]; then  # issue 11: 8,192-token prefill beside the scoring forward, same run
+  python3 benchmarks/side_by_side.py score prefill --json "$OUT/prefill.json" 2>&1 | grep -E "^\{|failed|Error"
+fi
+
+if [[ " $what " == *" longdecode "* ]]; then  # issue 11: 7b, 100,000 new tokens (EVO2_LONG_DECODE_TOKENS), ~12 min
+  python3 benchmarks/side_by_side.py long_decode --json "$OUT/long_decode.json" 2>&1 | grep -E "^\{|failed|Error"
 fi
 
 if [[ " $what " == *" bench "* ]]; then
