@@ -329,18 +329,17 @@ class HyenaOperator(_ShardedDim0):
         folded into the current-token tap). hcl: ``h[0] = sum_o R_o``, so ``y = (sum_o R_o + D) u + sum_o R_o
         lambda_o s_o`` and ``s <- lambda s + u``.
         """
-        D = self.conv_bias.float()
         if self.operator_type == HYENA_MEDIUM:
             def taps():
                 h = self._filter_CK(1).flip(-1).contiguous()  # the medium filter has a fixed length
-                h[:, -1] += D
+                h[:, -1] += self.conv_bias.float()
                 return h
             return state.fir_step("medium", u, state.constant("medium_taps", taps))
 
         def modal():
             poles = torch.exp(ops.expand_groups(self.filter.log_poles(), self.channels))  # (Hp, O)
             residues = ops.expand_groups(self.filter.R.float(), self.channels)
-            return poles, residues * poles, (residues.sum(-1) + D)[:, None]
+            return poles, residues * poles, (residues.sum(-1) + self.conv_bias.float())[:, None]
         poles, residue_poles, direct = state.constant("modal", modal)
         return modal_step(state, u, poles, residue_poles) + direct * u.float()
 
