@@ -24,6 +24,16 @@ class KeyCoverageError(ValueError):
     """Converted tensors do not cover the model exactly; the message lists missing/unexpected/mis-shaped keys."""
 
 
+def split_fc1(fc1: torch.Tensor, ffn_hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bridge's fused MLP input ``linear_fc1`` [2F, H] -> the two projections [F, H] every other format stores."""
+    return fc1[:ffn_hidden_size].clone(), fc1[ffn_hidden_size:].clone()
+
+
+def join_fc1(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`split_fc1`."""
+    return torch.cat([first, second], dim=0)
+
+
 def expected_shapes(model_size: str, vocab_size: int = 512) -> dict[str, tuple[int, ...]]:
     """Global tensor shapes of a model size (built on the meta device; includes the ``decay`` buffers)."""
     return expected_shapes_many([model_size], vocab_size)[model_size]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from evo2_recipe.checkpoint.mbridge import join_fc1, split_fc1
 from evo2_recipe.checkpoint.strict import StrictSource
 from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT
 
@@ -122,7 +123,7 @@ def savanna_to_mbridge(state: dict[str, torch.Tensor], pattern: str) -> dict[str
            "decoder.final_norm.weight": src.take(f"sequential.{norm_idx}.norm.weight")}
     for i, kind in enumerate(pattern):
         s, m = f"sequential.{i + 2}.", f"decoder.layers.{i}."
-        out[m + FC1] = torch.cat([src.take(s + part) for part in FC1_PARTS], dim=0)
+        out[m + FC1] = join_fc1(*(src.take(s + part) for part in FC1_PARTS))
         for savanna_key, bridge_key, transform, optional in _layer_rules(kind):
             if optional and s + savanna_key not in src:
                 continue
@@ -138,8 +139,7 @@ def mbridge_to_savanna(t: dict[str, torch.Tensor], pattern: str, ffn_hidden_size
            f"sequential.{N + 3}.norm.weight": t["decoder.final_norm.weight"]}
     for i, kind in enumerate(pattern):
         s, m = f"sequential.{i + 2}.", f"decoder.layers.{i}."
-        fc1 = t[m + FC1]
-        out[s + FC1_PARTS[0]], out[s + FC1_PARTS[1]] = fc1[:ffn_hidden_size].clone(), fc1[ffn_hidden_size:].clone()
+        out[s + FC1_PARTS[0]], out[s + FC1_PARTS[1]] = split_fc1(t[m + FC1], ffn_hidden_size)
         for savanna_key, bridge_key, _, optional in _layer_rules(kind):
             if optional and m + bridge_key not in t:
                 continue

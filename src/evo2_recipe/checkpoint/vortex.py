@@ -29,6 +29,7 @@ import re
 
 import torch
 
+from evo2_recipe.checkpoint.mbridge import join_fc1, split_fc1
 from evo2_recipe.checkpoint.strict import StrictSource
 from evo2_recipe.models.hyena.config import ATTENTION, HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT
 
@@ -117,8 +118,7 @@ def export_to_vortex(t: dict[str, torch.Tensor], pattern: str, *, rotary_base: f
             if bridge_key in OPTIONAL and m + bridge_key not in t:
                 continue
             out[b + vortex_key] = t[m + bridge_key]
-        fc1 = t[m + "mlp.linear_fc1.weight"]
-        out[b + "mlp.l1.weight"], out[b + "mlp.l2.weight"] = fc1[:F].clone(), fc1[F:].clone()
+        out[b + "mlp.l1.weight"], out[b + "mlp.l2.weight"] = split_fc1(t[m + "mlp.linear_fc1.weight"], F)
         if kind == ATTENTION:
             out[b + "inner_mha_cls.rotary_emb.inv_freq"] = rotary_inv_freq(rotary_base, H // num_heads)
             continue
@@ -198,7 +198,7 @@ def import_from_vortex(state: dict[str, torch.Tensor], pattern: str, *, ffn_hidd
             if bridge_key in OPTIONAL and b + vortex_key not in v:
                 continue
             out[m + bridge_key] = v.take(b + vortex_key)
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([v.take(b + "mlp.l1.weight"), v.take(b + "mlp.l2.weight")], dim=0)
+        out[m + "mlp.linear_fc1.weight"] = join_fc1(v.take(b + "mlp.l1.weight"), v.take(b + "mlp.l2.weight"))
         if kind == ATTENTION:
             key = b + "inner_mha_cls.rotary_emb.inv_freq"
             if key in v:
