@@ -1,5 +1,7 @@
 """Cached decoding (Hyena recurrent state + attention KV cache) equals the full forward pass (fp32)."""
 
+import os
+
 import pytest
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -9,7 +11,7 @@ from evo2_recipe.utils.spawn import run_on_ranks
 from hyena_helpers import dna_batch, tiny_provider
 
 
-def _decode_vs_full(rank, world, name, prompt_len, total, chunks):
+def _decode_vs_full(rank, world, name, prompt_len, total, chunks, fused_step=False):
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(5)
     torch.manual_seed(5)
@@ -17,6 +19,8 @@ def _decode_vs_full(rank, world, name, prompt_len, total, chunks):
     tokens, _ = dna_batch(2, total, seed=9)
     with torch.no_grad():
         full = model(tokens)
+        if fused_step:  # the one-token steps through the Triton kernel (interpreter on CPU); full forward stays plain
+            os.environ["EVO2_FUSED_KERNELS"] = "1"
         ctx = HyenaInferenceContext(max_batch_size=2, max_sequence_length=total)
         pieces, pos = [], 0
         for size in [prompt_len] + chunks:
@@ -26,11 +30,12 @@ def _decode_vs_full(rank, world, name, prompt_len, total, chunks):
     return full, torch.cat(pieces, dim=1)
 
 
-@pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
-@pytest.mark.parametrize("prompt_len", [3, 40])  # shorter and longer than the 7-tap hcs filter window
-def test_cached_decode_equals_full_forward(name, prompt_len):
+@pytest.mark.parametrize("name,prompt_len,fused_step", [  # 3: shorter than the 7-tap hcs window
+    ("striped_hyena_tiny", 3, False), ("striped_hyena_tiny", 40, False), ("striped_hyena_tiny_nv", 3, False),
+    ("striped_hyena_tiny_nv", 40, False), ("striped_hyena_tiny_nv", 40, True)])  # NV: hcs bias folded in the kernel
+def test_cached_decode_equals_full_forward(name, prompt_len, fused_step):
     total = 72
     chunks = [1] * (total - prompt_len - 5) + [5]  # token by token, then one multi-token chunk
-    ((full, cached),) = run_on_ranks(_decode_vs_full, 1, name, prompt_len, total, chunks)
+    ((full, cached),) = run_on_ranks(_decode_vs_full, 1, name, prompt_len, total, chunks, fused_step)
     assert cached.shape == full.shape
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)

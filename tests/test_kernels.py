@@ -112,3 +112,66 @@ def test_fused_prologue_and_epilogue_equal_plain(L, B, C):
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, [x1, y], g), torch.autograd.grad(ref, [x1, y], g)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _eager_decode_step(f, proj_window, proj_taps, window=None, taps=None, modal_state=None, poles=None,
+                       residue_poles=None, direct=None):
+    """The eager one-token step (HyenaLayerState.fir_step / modal_step on the same buffers) as the kernel's oracle."""
+    from evo2_recipe.models.hyena.inference_state import HyenaLayerState, _Storage, modal_step
+
+    B, C3 = f.shape[1], f.shape[2]
+    st = _Storage(B, 16)
+    st.tensors[(0, "proj")] = proj_window
+    if window is not None:
+        st.tensors[(0, "op")] = window
+    else:
+        st.tensors[(0, "modal")] = modal_state
+    state = HyenaLayerState(st, 0, slice(None))
+    feats = state.fir_step("proj", f.permute(1, 2, 0), proj_taps).to(f.dtype)
+    x1, x2, v = feats[:, 0::3], feats[:, 1::3], feats[:, 2::3]
+    u = x2 * v
+    if window is not None:
+        y = state.fir_step("op", u, taps)
+    else:
+        y = modal_step(state, u, poles, residue_poles) + direct * u.float()
+    return (x1 * y.to(v.dtype)).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,C,B", [("fir7", 12, 2), ("fir128", 40, 1), ("modal", 70, 3)])
+def test_fused_decode_step_equals_eager_step(kind, C, B, dtype):
+    """Three consecutive tokens: outputs and every updated window/state equal the eager step's (fp32 1e-5; bf16:
+    the same roundings, so within one bf16 ulp of the output scale)."""
+    from evo2_recipe.models.hyena.kernels.hyena_decode import hyena_decode_step
+
+    g = torch.Generator().manual_seed(11)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    proj_window, proj_taps = rnd(B, 3 * C, 2).to(DEVICE, dtype), (rnd(3 * C, 3) / 2).to(DEVICE)
+    op = {}
+    if kind == "modal":
+        poles = torch.rand(C, 16, generator=g).to(DEVICE) * 0.9
+        op = dict(modal_state=rnd(B, C, 16).to(DEVICE), poles=poles, residue_poles=(rnd(C, 16) / 4).to(DEVICE) * poles,
+                  direct=rnd(C, 1).to(DEVICE))
+    else:
+        K = 7 if kind == "fir7" else 128
+        op = dict(window=rnd(B, C, K - 1).to(DEVICE, dtype), taps=(rnd(C, K) / K ** 0.5).to(DEVICE))
+    mine = {k: v.clone() for k, v in op.items()}
+    ref_pw, my_pw = proj_window.clone(), proj_window.clone()
+    bf16 = dtype == torch.bfloat16
+    tol = dict(rtol=1.6e-2, atol=1e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
+    for _ in range(3):
+        f = rnd(1, B, 3 * C).to(DEVICE, dtype)
+        ref = _eager_decode_step(f, ref_pw, proj_taps, **op)
+        out = hyena_decode_step(f, my_pw, proj_taps, **mine)
+        assert out.shape == (1, B, C) and out.dtype == dtype
+        if bf16:  # five bf16 roundings (x1, x2, v, u, y): an fp32 sum landing on the other side of a rounding boundary
+            # moves a value by an ulp, so a few elements differ by a few ulps of the output scale; most are identical
+            assert (out == ref).float().mean() >= 0.75
+            torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2 ** -5 * ref.float().abs().max())
+        else:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(my_pw, ref_pw, rtol=0, atol=0)  # shifted windows are copies: exact
+        for name in ("window", "modal_state"):
+            if name in op:
+                exact = name == "window" and dtype == torch.float32
+                torch.testing.assert_close(mine[name], op[name], **(dict(rtol=0, atol=0) if exact else tol))

@@ -58,10 +58,14 @@ class HyenaLayerState:
 
     def take_window(self, name: str, x_BCL: torch.Tensor, width: int) -> torch.Tensor:
         """Return the stored left context ``(B, C, width)`` for ``x`` and store the new one (its last ``width``)."""
-        buf = self._storage.get((self._layer, name), (x_BCL.shape[1], width), x_BCL)[self._rows]
+        buf = self.window(name, x_BCL.shape[1], width, x_BCL)
         ctx = buf.clone()
         buf.copy_(torch.cat([ctx, x_BCL.to(buf.dtype)], dim=-1)[..., -width:])
         return ctx.to(x_BCL.dtype)
+
+    def window(self, name: str, channels: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """The stored window ``name`` of this view's slots, (b, channels, width) in ``like``'s dtype, in place."""
+        return self._storage.get((self._layer, name), (channels, width), like)[self._rows]
 
     def fir_step(self, name: str, x_BC1: torch.Tensor, taps_CK: torch.Tensor) -> torch.Tensor:
         """One token of a causal FIR whose last tap is the current token, against the stored window of the previous
@@ -69,7 +73,7 @@ class HyenaLayerState:
 
         Few kernels, no FFT: the decode step's unit of work (``taps`` fp32, prepared once, see :meth:`constant`).
         """
-        buf = self._storage.get((self._layer, name), (x_BC1.shape[1], taps_CK.shape[-1] - 1), x_BC1)[self._rows]
+        buf = self.window(name, x_BC1.shape[1], taps_CK.shape[-1] - 1, x_BC1)
         window = torch.cat([buf, x_BC1.to(buf.dtype)], dim=-1)  # (B, C, K)
         buf.copy_(window[..., 1:])
         return (window.float() * taps_CK).sum(-1, keepdim=True)

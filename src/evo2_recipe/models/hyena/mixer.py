@@ -33,7 +33,7 @@ from evo2_recipe.models.hyena import context_parallel as cp_comm
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
-from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
+from evo2_recipe.models.hyena.kernels import fused_decode_enabled, fused_kernels_enabled
 from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update, modal_step
 
 
@@ -242,24 +242,54 @@ class HyenaOperator(_ShardedDim0):
             y = self._long(u, state)
         return x1 * y.to(v.dtype)
 
+    def step(self, x1, x2, v, state: HyenaLayerState) -> torch.Tensor:
+        """:meth:`forward` for one decode token (B, Hp, 1), from the constants of :meth:`step_constants`: a FIR is a
+        dot product with the stored window, hcl the 16-mode recurrence (the fused kernel's oracle)."""
+        u = x2 * v
+        kind, *const = self.step_constants(state)
+        if kind == "modal":
+            poles, residue_poles, direct = const
+            y = modal_step(state, u, poles, residue_poles) + direct * u.float()
+        else:
+            y = state.fir_step(kind, u, const[0])
+        return x1 * y.to(v.dtype)
+
+    def step_constants(self, state: HyenaLayerState) -> tuple:
+        """fp32 constants of the one-token step, built once per generation: ``(window_name, taps (Hp, K))`` for
+        hcs/hcm or ``("modal", poles, R*poles, direct)`` for hcl.
+
+        hcs: the NV skip term ``b u`` folds into the current-token tap. hcm: ``y = sum_k h[k] u[t-k] + D u``, the
+        filter flipped with ``D`` folded into the current tap. hcl: ``h[0] = sum_o R_o``, so ``y = (sum_o R_o + D) u
+        + sum_o R_o lambda_o s_o`` and ``s <- lambda s + u``.
+        """
+        if self.operator_type == HYENA_SHORT:
+            def taps():
+                w = self.short_conv.weight_CK(self.channels).float().clone()
+                if self.conv_bias is not None:
+                    w[:, -1] += ops.expand_groups(self.conv_bias, self.channels).float()
+                return w.contiguous()
+            return "short", state.constant("short_taps", taps)
+        if self.operator_type == HYENA_MEDIUM:
+            def taps():
+                h = self._filter_CK(1).flip(-1).contiguous()  # the medium filter has a fixed length
+                h[:, -1] += self.conv_bias.float()
+                return h
+            return "medium", state.constant("medium_taps", taps)
+
+        def modal():
+            poles = torch.exp(ops.expand_groups(self.filter.log_poles(), self.channels))  # (Hp, O)
+            residues = ops.expand_groups(self.filter.R.float(), self.channels)
+            return (poles.contiguous(), (residues * poles).contiguous(),
+                    (residues.sum(-1) + self.conv_bias.float())[:, None].contiguous())
+        return ("modal", *state.constant("modal", modal))
+
     def _short(self, u, state):
-        if state is not None and u.shape[-1] == 1:
-            return self._short_step(u, state)
         w = self.short_conv.weight_CK(self.channels)
         y = causal_conv_with_context(u, lambda x, left: ops.causal_depthwise_conv(x, w, left), w.shape[-1] - 1,
                                      state, "short")
         if self.conv_bias is not None:  # NV models: learnable per-group skip term
             y = y + u * ops.expand_groups(self.conv_bias, self.channels).to(u.dtype)[:, None]
         return y
-
-    def _short_step(self, u, state: HyenaLayerState):
-        """One decode token of :meth:`_short`; the NV skip term ``b * u`` is folded into the current-token tap."""
-        def taps():
-            w = self.short_conv.weight_CK(self.channels).float().clone()
-            if self.conv_bias is not None:
-                w[:, -1] += ops.expand_groups(self.conv_bias, self.channels).float()
-            return w
-        return state.fir_step("short", u, state.constant("short_taps", taps)).to(u.dtype)
 
     @property
     def filter_groups(self) -> int:
@@ -309,8 +339,6 @@ class HyenaOperator(_ShardedDim0):
         return y
 
     def _long_with_state(self, u, state: HyenaLayerState):
-        if u.shape[-1] == 1:
-            return self._long_step(u, state)
         D = self.conv_bias.float()[:, None]
         if self.operator_type == HYENA_MEDIUM:
             h = self._filter_CK(u.shape[-1])
@@ -321,27 +349,6 @@ class HyenaOperator(_ShardedDim0):
         residues = ops.expand_groups(self.filter.R.float(), self.channels)
         y = ops.fft_causal_conv(u, self._filter_CK(u.shape[-1])) + u.float() * D
         return y + modal_chunk_update(state, u, log_poles, residues)
-
-    def _long_step(self, u, state: HyenaLayerState):
-        """One decode token of :meth:`_long_with_state`, with every filter-derived constant built once.
-
-        hcm: ``y = sum_k h[k] u[t-k] + D u`` is a 128-tap dot product with the stored window (filter flipped, ``D``
-        folded into the current-token tap). hcl: ``h[0] = sum_o R_o``, so ``y = (sum_o R_o + D) u + sum_o R_o
-        lambda_o s_o`` and ``s <- lambda s + u``.
-        """
-        if self.operator_type == HYENA_MEDIUM:
-            def taps():
-                h = self._filter_CK(1).flip(-1).contiguous()  # the medium filter has a fixed length
-                h[:, -1] += self.conv_bias.float()
-                return h
-            return state.fir_step("medium", u, state.constant("medium_taps", taps))
-
-        def modal():
-            poles = torch.exp(ops.expand_groups(self.filter.log_poles(), self.channels))  # (Hp, O)
-            residues = ops.expand_groups(self.filter.R.float(), self.channels)
-            return poles, residues * poles, (residues.sum(-1) + self.conv_bias.float())[:, None]
-        poles, residue_poles, direct = state.constant("modal", modal)
-        return modal_step(state, u, poles, residue_poles) + direct * u.float()
 
 
 @dataclass
@@ -395,13 +402,33 @@ class HyenaMixer(MegatronModule):
         features, _ = quantization.hyena_input_projection(self.config, self.dense_projection, x_LBH)  # (L, B, 3Hp)
         if state is None and _cp_group() is None and fused_kernels_enabled(self.config, features):
             return self.dense(self._fused_operator(features))
+        if state is not None and features.shape[0] == 1:  # one decode token
+            return self.dense(self._decode_step(features, state))
         features = features.permute(1, 2, 0)  # (B, 3Hp, L)
-        if state is not None and features.shape[-1] == 1:  # one decode token
-            taps = state.constant("proj_taps", lambda: self.hyena_proj_conv.short_conv_weight.float())
-            features = state.fir_step("proj", features, taps).to(features.dtype)
-        else:
-            features = causal_conv_with_context(features, self.hyena_proj_conv, self.hyena_proj_conv.kernel_size - 1,
-                                                state, "proj")
+        features = causal_conv_with_context(features, self.hyena_proj_conv, self.hyena_proj_conv.kernel_size - 1,
+                                            state, "proj")
         x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]  # channel-interleaved (spec 2.3)
         z = self.mixer(x1, x2, v, state)  # (B, Hp, L)
         return self.dense(z.permute(2, 0, 1).contiguous())  # (y, bias), (L, B, H)
+
+    def _decode_step(self, features_1BC3: torch.Tensor, state: HyenaLayerState) -> torch.Tensor:
+        """z (1, B, Hp) of one token: the fused kernel on CUDA (one launch instead of ~20), else the eager step."""
+        proj_taps = state.constant("proj_taps", lambda: self.hyena_proj_conv.short_conv_weight.float().contiguous())
+        if not fused_decode_enabled(self.config, features_1BC3):
+            features = state.fir_step("proj", features_1BC3.permute(1, 2, 0), proj_taps).to(features_1BC3.dtype)
+            x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]
+            return self.mixer.step(x1, x2, v, state).permute(2, 0, 1).contiguous()
+        from evo2_recipe.models.hyena.kernels.hyena_decode import hyena_decode_step
+
+        op = self.mixer
+        C = op.channels
+        proj_window = state.window("proj", 3 * C, self.hyena_proj_conv.kernel_size - 1, features_1BC3)
+        kind, *const = op.step_constants(state)
+        if kind == "modal":
+            poles, residue_poles, direct = const
+            return hyena_decode_step(features_1BC3.contiguous(), proj_window, proj_taps,
+                                     modal_state=state.modal_state(C, poles.shape[-1], features_1BC3),
+                                     poles=poles, residue_poles=residue_poles, direct=direct)
+        taps = const[0]
+        return hyena_decode_step(features_1BC3.contiguous(), proj_window, proj_taps,
+                                 window=state.window(kind, C, taps.shape[-1] - 1, features_1BC3), taps=taps)

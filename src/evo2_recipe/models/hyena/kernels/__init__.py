@@ -1,8 +1,9 @@
 """Fused Triton kernels for the Hyena operators; each has its plain-PyTorch twin in ``operators.py`` as test oracle.
 
-Opt-in until they are measured on a GPU against the plain path and Vortex: ``use_fused_hyena_kernels=True`` on the
-provider, ``--use-subquadratic-ops`` on the tools, or ``EVO2_FUSED_KERNELS=1``; ``EVO2_FUSED_KERNELS=0`` always
-turns them off. (The intended end state is on by default on CUDA.) On CPU the tests run the kernels under Triton's
+The one-token decode kernel is on by default on CUDA (:func:`fused_decode_enabled`). The prefill/training kernels
+are opt-in until they beat the plain path on a GPU (they are 9-10 % slower on an H200 today):
+``use_fused_hyena_kernels=True`` on the provider, ``--use-subquadratic-ops`` on the tools, or
+``EVO2_FUSED_KERNELS=1``; ``EVO2_FUSED_KERNELS=0`` always turns every kernel off. On CPU the tests run the kernels under Triton's
 interpreter (``TRITON_INTERPRET=1``).
 """
 
@@ -22,6 +23,19 @@ def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_decode_enabled(config, x: torch.Tensor) -> bool:
+    """The one-token decode kernel (``hyena_decode.py``): on by default on CUDA (measured faster than the eager step,
+    see benchmarks/RESULTS.md); off with ``use_fused_hyena_kernels=False`` or ``EVO2_FUSED_KERNELS=0``. On the CPU
+    only when asked for under the Triton interpreter (tests)."""
+    choice = getattr(config, "use_fused_hyena_kernels", None)
+    env = os.environ.get("EVO2_FUSED_KERNELS")
+    if choice is False or env == "0" or importlib.util.find_spec("triton") is None:
+        return False
+    if x.is_cuda:
+        return True
+    return bool(choice or env == "1") and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def describe_subquadratic_request() -> str:
