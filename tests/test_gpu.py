@@ -146,10 +146,31 @@ def test_cuda_graph_decode_equals_eager(one_gpu_process_group):
     g = torch.Generator().manual_seed(1)
     prompts = [[65 + int(x) for x in torch.randint(0, 20, (n,), generator=g)] for n in (40, 7, 129, 64, 3)]
     params = SamplingParams(max_new_tokens=48, top_k=1, stop_at_eod=False)
-    eager = generate(model, prompts, params, vocab_size=512, max_batch_size=3)
+    eager = generate(model, prompts, params, vocab_size=512, max_batch_size=3, cuda_graph=False)
     graphed = generate(model, prompts, params, vocab_size=512, max_batch_size=3, cuda_graph=True)
     assert [r["tokens"] for r in graphed] == [r["tokens"] for r in eager]
     sampled = SamplingParams(max_new_tokens=32, temperature=0.9, top_k=4, seed=7, stop_at_eod=False)
     a = generate(model, prompts, sampled, vocab_size=512, max_batch_size=5, cuda_graph=True)
     b = generate(model, prompts, sampled, vocab_size=512, max_batch_size=5, cuda_graph=True)
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]  # seeded sampling is reproducible
+
+
+@pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
+def test_fused_decode_step_fp32_equals_full_forward_and_eager_step(name, one_gpu_process_group, monkeypatch):
+    """fp32, TF32 off: token-by-token decode through the fused kernel == the full forward (1e-4) and == the eager
+    step (``EVO2_FUSED_KERNELS=0``, 1e-5)."""
+    from evo2_recipe.models.providers import get_provider
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    p = get_provider(name, vocab_size=512, params_dtype=torch.float32)
+    p.finalize()
+    model = p.provide().cuda().eval()
+    tokens = torch.randint(65, 90, (2, 160), device="cuda")
+    with torch.no_grad():
+        full = model(tokens).float()
+    fused = _our_decode(model, tokens, 20)
+    monkeypatch.setenv("EVO2_FUSED_KERNELS", "0")
+    eager = _our_decode(model, tokens, 20)
+    torch.testing.assert_close(fused, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)

@@ -138,7 +138,13 @@ def _eager_decode_step(f, proj_window, proj_taps, window=None, taps=None, modal_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind,C,B", [("fir7", 12, 2), ("fir128", 40, 1), ("modal", 70, 3)])
+_REAL = pytest.mark.skipif(DEVICE != "cuda", reason="real widths: GPU only")
+
+
+@pytest.mark.parametrize("kind,C,B", [("fir7", 12, 2), ("fir128", 40, 1), ("modal", 70, 3),
+                                      pytest.param("fir7", 1920, 4, marks=_REAL),  # evo2_1b_base width
+                                      pytest.param("fir128", 4096, 2, marks=_REAL),  # evo2_7b_base width
+                                      pytest.param("modal", 4096, 1, marks=_REAL)])
 def test_fused_decode_step_equals_eager_step(kind, C, B, dtype):
     """Three consecutive tokens: outputs and every updated window/state equal the eager step's (fp32 1e-5; bf16:
     the same roundings, so within one bf16 ulp of the output scale)."""
