@@ -65,6 +65,7 @@ def vortex_parity_metrics(name, tmp_path, seq_len=2048, decode_tokens=32):
     """Random ``name`` weights: Savanna .pt -> evo2_convert_savanna_to_mbridge -> evo2_export_mbridge_to_vortex,
     then our model (loaded from the MBridge checkpoint) vs Arc's Vortex (``vtx``, loaded from the export) at real
     width: fp32 logits, and bf16 (Vortex's own recipe: poles/residues fp32) for a full forward and cached decode."""
+    import os
     import shutil
     import subprocess
     import sys
@@ -105,6 +106,11 @@ def vortex_parity_metrics(name, tmp_path, seq_len=2048, decode_tokens=32):
         with torch.no_grad():
             results["ours", label] = scoring.forward_full(ours, tokens).cpu()
         results["ours_dec", label] = _our_decode(ours, dec, prompt_len).cpu()
+        os.environ["EVO2_FUSED_KERNELS"] = "0"  # the eager decode step too, to tell kernel from model differences
+        try:
+            results["ours_dec_eager", label] = _our_decode(ours, dec, prompt_len).cpu()
+        finally:
+            del os.environ["EVO2_FUSED_KERNELS"]
         del ours
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -118,6 +124,10 @@ def vortex_parity_metrics(name, tmp_path, seq_len=2048, decode_tokens=32):
          "bf16_rel_l2_ours_vs_fp32": _rel_l2(o16, o32), "bf16_rel_l2_vortex_vs_fp32": _rel_l2(v16, v32),
          "bf16_top1_agreement": (o16.argmax(-1) == v16.argmax(-1)).float().mean().item(),
          "fp32_decode_max_abs": (results["ours_dec", "fp32"] - results["vx_dec", "fp32"]).abs().max().item(),
+         "fp32_decode_max_abs_eager_step": (results["ours_dec_eager", "fp32"]
+                                            - results["vx_dec", "fp32"]).abs().max().item(),
+         "fp32_decode_max_abs_fused_vs_eager_step": (results["ours_dec", "fp32"]
+                                                     - results["ours_dec_eager", "fp32"]).abs().max().item(),
          "bf16_decode_rel_l2": _rel_l2(results["ours_dec", "bf16"], results["vx_dec", "bf16"])}
     return m
 

@@ -36,7 +36,7 @@ def _round(x, dtype: tl.constexpr):
 
 @triton.jit
 def _proj_lane(f_row, pw_row, pt_ptr, c, lane: tl.constexpr, cmask):
-    """One interleaved lane (0: x1, 1: x2, 2: v) of the 3-tap projection FIR; shifts its 2-value window."""
+    """One interleaved lane (0: x1, 1: x2, 2: v) of the 3-tap projection FIR: (output, window after the shift)."""
     j = 3 * c + lane
     w0 = tl.load(pw_row + 2 * j, mask=cmask, other=0.0)
     w1 = tl.load(pw_row + 2 * j + 1, mask=cmask, other=0.0)
@@ -44,9 +44,7 @@ def _proj_lane(f_row, pw_row, pt_ptr, c, lane: tl.constexpr, cmask):
     out = (tl.load(pt_ptr + 3 * j, mask=cmask, other=0.0) * w0.to(tl.float32)
            + tl.load(pt_ptr + 3 * j + 1, mask=cmask, other=0.0) * w1.to(tl.float32)
            + tl.load(pt_ptr + 3 * j + 2, mask=cmask, other=0.0) * cur.to(tl.float32))
-    tl.store(pw_row + 2 * j, w1, mask=cmask)  # same thread loaded both: no race
-    tl.store(pw_row + 2 * j + 1, cur, mask=cmask)
-    return _round(out, cur.dtype)
+    return _round(out, cur.dtype), w1, cur
 
 
 @triton.jit
@@ -54,14 +52,16 @@ def _hyena_decode_kernel(f_ptr, pw_ptr, pt_ptr, ow_ptr, ot_ptr, s_ptr, poles_ptr
                          stride_fb, stride_pwb, stride_owb, stride_sb, stride_zb,
                          MODAL: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, ORDER: tl.constexpr,
                          BLOCK_C: tl.constexpr):
+    # Every state read happens before the barrier and every state write after it: Triton may give one element to
+    # several threads (replicas), and a replica must not overwrite a window value another has yet to read.
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     f_row = f_ptr + b * stride_fb
     pw_row = pw_ptr + b * stride_pwb
-    x1 = _proj_lane(f_row, pw_row, pt_ptr, c, 0, cmask)
-    x2 = _proj_lane(f_row, pw_row, pt_ptr, c, 1, cmask)
-    v = _proj_lane(f_row, pw_row, pt_ptr, c, 2, cmask)
+    x1, x1_w1, x1_cur = _proj_lane(f_row, pw_row, pt_ptr, c, 0, cmask)
+    x2, x2_w1, x2_cur = _proj_lane(f_row, pw_row, pt_ptr, c, 1, cmask)
+    v, v_w1, v_cur = _proj_lane(f_row, pw_row, pt_ptr, c, 2, cmask)
     dtype = f_ptr.dtype.element_ty
     u = _round(x2 * v, dtype)
     if MODAL:
@@ -71,8 +71,7 @@ def _hyena_decode_kernel(f_ptr, pw_ptr, pt_ptr, ow_ptr, ot_ptr, s_ptr, poles_ptr
         s = tl.load(s_at, mask=cmask[:, None], other=0.0)
         rp = tl.load(rp_ptr + co, mask=cmask[:, None], other=0.0)
         y = tl.sum(rp * s, axis=1) + tl.load(direct_ptr + c, mask=cmask, other=0.0) * u
-        poles = tl.load(poles_ptr + co, mask=cmask[:, None], other=0.0)
-        tl.store(s_at, poles * s + u[:, None], mask=cmask[:, None])
+        s_new = tl.load(poles_ptr + co, mask=cmask[:, None], other=0.0) * s + u[:, None]
     else:
         k = tl.arange(0, KP)
         row = ow_ptr + b * stride_owb + c[:, None] * (K - 1)
@@ -83,9 +82,19 @@ def _hyena_decode_kernel(f_ptr, pw_ptr, pt_ptr, ow_ptr, ot_ptr, s_ptr, poles_ptr
         y = tl.sum(window * taps, axis=1)
         shifted = tl.load(row + k[None, :] + 1, mask=cmask[:, None] & (k < K - 2)[None, :], other=0.0)
         shifted = tl.where((k == K - 2)[None, :], u[:, None].to(dtype), shifted)
-        tl.debug_barrier()  # every thread has read the window before any thread overwrites it
-        tl.store(row + k[None, :], shifted, mask=in_window)
     z = _round(x1 * _round(y, dtype), dtype)  # exactly representable: the store's cast does not round
+    tl.debug_barrier()
+    j = 3 * c
+    tl.store(pw_row + 2 * j, x1_w1, mask=cmask)
+    tl.store(pw_row + 2 * j + 1, x1_cur, mask=cmask)
+    tl.store(pw_row + 2 * (j + 1), x2_w1, mask=cmask)
+    tl.store(pw_row + 2 * (j + 1) + 1, x2_cur, mask=cmask)
+    tl.store(pw_row + 2 * (j + 2), v_w1, mask=cmask)
+    tl.store(pw_row + 2 * (j + 2) + 1, v_cur, mask=cmask)
+    if MODAL:
+        tl.store(s_at, s_new, mask=cmask[:, None])
+    else:
+        tl.store(row + k[None, :], shifted, mask=in_window)
     tl.store(z_ptr + b * stride_zb + c, z.to(dtype), mask=cmask)
 
 
