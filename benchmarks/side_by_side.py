@@ -57,7 +57,8 @@ def _our_model(size: str, seq_len: int, fused: bool):
     from evo2_recipe.models.providers import get_provider
 
     p = get_provider(size, vocab_size=512, seq_length=max(seq_len, 8192), recompute_granularity=None,
-                     recompute_method=None, recompute_num_layers=None, use_fused_hyena_kernels=fused)
+                     recompute_method=None, recompute_num_layers=None,
+                     use_fused_hyena_kernels=True if fused else None)  # None: the decode kernel on CUDA
     p.finalize()
     return Float16Module(p, keep_hyena_filters_fp32(p.provide().cuda())).eval()
 
