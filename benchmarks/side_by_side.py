@@ -92,6 +92,9 @@ def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False) 
         rows.append(dict(impl=tag, workload="prefill", size=size, prompt=L, s=round(dt, 4), tok_s=round(L / dt),
                          peak_gb=_peak_gb()))
         print(rows[-1], flush=True)
+        if profile and size == PREFILL[0][0]:
+            _profile(lambda: generate(model, prompt, SamplingParams(max_new_tokens=1, top_k=1, stop_at_eod=False),
+                                      vocab_size=512, max_batch_size=1), f"prefill of one {L}-token prompt")
         model = None
     if "long_decode" in what:
         size, n = LONG_DECODE
