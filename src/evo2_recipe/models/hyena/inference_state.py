@@ -37,6 +37,7 @@ class _Storage:
         self.rope_table: torch.Tensor | None = None  # (max_len, d) RoPE angles
         self.rope_config = None
         self.constants: dict[tuple, object] = {}  # per-layer decode constants derived from the weights
+        self.fresh = [True] * batch  # host-side: slot holds no tokens yet (prefill may skip the carried state)
 
     def get(self, key: tuple, shape: tuple, like: torch.Tensor, dtype=None) -> torch.Tensor:
         t = self.tensors.get(key)
@@ -56,11 +57,19 @@ class HyenaLayerState:
     def __init__(self, storage: _Storage, layer_number: int, rows: slice):
         self._storage, self._layer, self._rows = storage, layer_number, rows
 
+    @property
+    def fresh(self) -> bool:
+        """No slot of this view holds tokens yet: windows and modal state are zeros, known without a device sync."""
+        return all(self._storage.fresh[self._rows])
+
     def take_window(self, name: str, x_BCL: torch.Tensor, width: int) -> torch.Tensor:
         """Return the stored left context ``(B, C, width)`` for ``x`` and store the new one (its last ``width``)."""
         buf = self.window(name, x_BCL.shape[1], width, x_BCL)
         ctx = buf.clone()
-        buf.copy_(torch.cat([ctx, x_BCL.to(buf.dtype)], dim=-1)[..., -width:])
+        if x_BCL.shape[-1] >= width:  # a long chunk: its own tail (no concatenation of the whole chunk)
+            buf.copy_(x_BCL[..., -width:])
+        else:
+            buf.copy_(torch.cat([ctx, x_BCL.to(buf.dtype)], dim=-1)[..., -width:])
         return ctx.to(x_BCL.dtype)
 
     def window(self, name: str, channels: int, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -106,15 +115,19 @@ def modal_chunk_update(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_CO
     """Contribution of the carried modal state to this chunk's output, and advance the state past the chunk.
 
     With poles ``lambda = exp(log_poles)`` and carried state ``s``: ``y_carry[t] = sum_o R_o lambda_o^(t+1) s_o`` and
-    ``s <- lambda^T s + sum_k lambda^(T-1-k) u[k]`` for a chunk of length ``T``. Returns ``y_carry`` (B, C, T) fp32.
+    ``s <- lambda^T s + sum_k lambda^(T-1-k) u[k]`` for a chunk of length ``T``. Returns ``y_carry`` (B, C, T) fp32,
+    or None for a fresh state (``s = 0``: no carry, and no (C, O, T) power table).
     """
     B, C, T = u_BCL.shape
     u = u_BCL.float()
     s_buf = state.modal_state(C, log_poles_CO.shape[-1], u)
-    s = s_buf.clone()
-    t = torch.arange(1, T + 1, device=u.device, dtype=torch.float32)
-    y_carry = torch.einsum("bco,co,cot->bct", s, residues_CO, torch.exp(log_poles_CO[..., None] * t))
-    s_new = s * torch.exp(log_poles_CO * T)
+    if state.fresh:
+        y_carry, s_new = None, torch.zeros_like(s_buf)
+    else:
+        s = s_buf.clone()
+        t = torch.arange(1, T + 1, device=u.device, dtype=torch.float32)
+        y_carry = torch.einsum("bco,co,cot->bct", s, residues_CO, torch.exp(log_poles_CO[..., None] * t))
+        s_new = s * torch.exp(log_poles_CO * T)
     for start in range(0, T, _MODAL_CHUNK):  # sum_k lambda^(T-1-k) u[k], in chunks
         k = torch.arange(start, min(start + _MODAL_CHUNK, T), device=u.device, dtype=torch.float32)
         powers = torch.exp(log_poles_CO[..., None] * (T - 1 - k))  # (C, O, chunk)
@@ -145,12 +158,15 @@ class KVCache:
         slot = torch.arange(b, device=query.device)[:, None]
         k_cache[slot, :, pos] = key.permute(1, 0, 2, 3).to(k_cache.dtype)  # (b, L, heads, d) at (slot, pos)
         v_cache[slot, :, pos] = value.permute(1, 0, 2, 3).to(v_cache.dtype)
-        k, v = k_cache, v_cache
+        q = query.permute(1, 2, 0, 3)  # (b, heads, L, d)
+        if all(self._storage.fresh[self._rows]):  # prefill of new prompts: plain causal attention over the chunk
+            k, v, mask = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), None
+        else:  # the whole fixed-size cache, positions past each slot's own masked out (static shapes)
+            k, v = k_cache, v_cache
+            mask = (torch.arange(max_len, device=query.device)[None, None, :] <= pos[:, :, None])[:, None]
         if k.shape[1] != nh:  # GQA: repeat key/value groups
             k, v = k.repeat_interleave(nh // k.shape[1], dim=1), v.repeat_interleave(nh // v.shape[1], dim=1)
-        mask = torch.arange(max_len, device=query.device)[None, None, :] <= pos[:, :, None]  # (b, L, max_len)
-        q = query.permute(1, 2, 0, 3)  # (b, heads, L, d)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
                                              scale=softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(L, b, nh * d)
 
@@ -196,6 +212,7 @@ class HyenaInferenceContext:
     def reset_slot(self, index: int) -> None:
         for t in self._storage.tensors.values():
             t[index].zero_()
+        self._storage.fresh[index] = True
         if self._storage.positions is not None:
             self._storage.positions[index] = 0
 
@@ -204,8 +221,11 @@ class HyenaInferenceContext:
         lengths are not checked here; :func:`~evo2_recipe.inference.generation.generate` checks them up front)."""
         if self._storage.positions is not None:
             self._storage.positions[self._rows] += num_tokens
+        for i in range(self._storage.batch)[self._rows]:
+            self._storage.fresh[i] = False
 
     def reset(self) -> None:
+        self._storage.fresh = [True] * self._storage.batch
         self._storage.tensors.clear()
         self._storage.constants.clear()
         self._storage.positions = None

@@ -348,7 +348,8 @@ class HyenaOperator(_ShardedDim0):
         log_poles = ops.expand_groups(self.filter.log_poles(), self.channels)  # (Hp, O)
         residues = ops.expand_groups(self.filter.R.float(), self.channels)
         y = ops.fft_causal_conv(u, self._filter_CK(u.shape[-1])) + u.float() * D
-        return y + modal_chunk_update(state, u, log_poles, residues)
+        carry = modal_chunk_update(state, u, log_poles, residues)
+        return y if carry is None else y + carry
 
 
 @dataclass
