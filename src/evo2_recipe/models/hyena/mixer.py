@@ -343,6 +343,8 @@ class HyenaOperator(_ShardedDim0):
         if self.operator_type == HYENA_MEDIUM:
             h = self._filter_CK(u.shape[-1])
             ctx = state.take_window("medium", u, h.shape[-1] - 1)
+            if state.fresh:  # zero left context: no (B, C, L+127) concatenation
+                return ops.fft_causal_conv(u, h) + u.float() * D
             u_ext = torch.cat([ctx.to(u.dtype), u], dim=-1)
             return ops.fft_causal_conv(u_ext, h)[..., ctx.shape[-1]:] + u.float() * D
         log_poles = ops.expand_groups(self.filter.log_poles(), self.channels)  # (Hp, O)
