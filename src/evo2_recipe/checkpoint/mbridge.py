@@ -40,7 +40,21 @@ def expected_shapes(model_size: str, vocab_size: int = 512) -> dict[str, tuple[i
 
 
 def expected_shapes_many(model_sizes: list[str], vocab_size: int = 512) -> dict[str, dict[str, tuple[int, ...]]]:
-    """:func:`expected_shapes` for several sizes in one helper process (megatron needs a process group)."""
+    """:func:`expected_shapes` for several sizes. Megatron builds models only inside a process group: a process in
+    CPU mode without one (the converter CLIs) gets a private single-rank group for the build; anywhere else (a
+    running job's ranks, whose TP layout would shard the shapes) the build runs in a helper process."""
+    import torch.distributed as dist
+
+    from evo2_recipe.compat import cpu as cpu_mode
+
+    if cpu_mode.is_enabled() and not dist.is_initialized():  # no second interpreter start (~20 s on 2 cores)
+        from evo2_recipe.utils.distributed import init_distributed, teardown
+
+        init_distributed(cpu=True, seed=0)
+        try:
+            return _layout_shapes(model_sizes, vocab_size)
+        finally:
+            teardown()
     from evo2_recipe.utils.spawn import run_on_ranks
 
     (shapes,) = run_on_ranks(_meta_shapes, 1, list(model_sizes), vocab_size, cpu=True)
@@ -56,10 +70,14 @@ META_BUILD = dict(use_te=False, use_cpu_initialization=True, perform_initializat
 def _meta_shapes(rank, world, model_sizes, vocab_size):
     from megatron.core import parallel_state, tensor_parallel
 
-    from evo2_recipe.models.providers import get_provider
-
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(0)
+    return _layout_shapes(model_sizes, vocab_size)
+
+
+def _layout_shapes(model_sizes, vocab_size) -> dict[str, dict[str, tuple[int, ...]]]:
+    from evo2_recipe.models.providers import get_provider
+
     out = {}
     for name in model_sizes:
         p = get_provider(name, vocab_size=vocab_size, **META_BUILD)

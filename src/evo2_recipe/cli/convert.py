@@ -88,6 +88,9 @@ def _provider(model_size: str):
 def _parse(p, argv):
     a = p.parse_args(argv)
     setup_logging(a.verbose)
+    from evo2_recipe.compat import cpu
+
+    cpu.enable()  # the converters never touch a GPU; megatron builds layout-only models on the CPU
     return a
 
 
