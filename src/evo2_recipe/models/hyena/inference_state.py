@@ -45,6 +45,10 @@ class _Storage:
             t = self.tensors[key] = like.new_zeros((self.batch, *shape), dtype=dtype or like.dtype)
         return t
 
+    def all_fresh(self, rows: slice) -> bool:
+        """No slot in ``rows`` holds tokens yet (windows, modal state and cache are empty), known on the host."""
+        return all(self.fresh[rows])
+
     def positions_on(self, device) -> torch.Tensor:
         if self.positions is None:
             self.positions = torch.zeros(self.batch, dtype=torch.long, device=device)
@@ -60,7 +64,7 @@ class HyenaLayerState:
     @property
     def fresh(self) -> bool:
         """No slot of this view holds tokens yet: windows and modal state are zeros, known without a device sync."""
-        return all(self._storage.fresh[self._rows])
+        return self._storage.all_fresh(self._rows)
 
     def take_window(self, name: str, x_BCL: torch.Tensor, width: int) -> torch.Tensor:
         """Return the stored left context ``(B, C, width)`` for ``x`` and store the new one (its last ``width``)."""
@@ -159,7 +163,7 @@ class KVCache:
         k_cache[slot, :, pos] = key.permute(1, 0, 2, 3).to(k_cache.dtype)  # (b, L, heads, d) at (slot, pos)
         v_cache[slot, :, pos] = value.permute(1, 0, 2, 3).to(v_cache.dtype)
         q = query.permute(1, 2, 0, 3)  # (b, heads, L, d)
-        if all(self._storage.fresh[self._rows]):  # prefill of new prompts: plain causal attention over the chunk
+        if self._storage.all_fresh(self._rows):  # prefill of new prompts: plain causal attention over the chunk
             k, v, mask = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), None
         else:  # the whole fixed-size cache, positions past each slot's own masked out (static shapes)
             k, v = k_cache, v_cache

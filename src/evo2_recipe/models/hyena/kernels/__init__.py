@@ -15,12 +15,19 @@ import os
 import torch
 
 
-def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
+def _asked(config) -> bool | None:
+    """The user's kernel choice: False (provider flag False or ``EVO2_FUSED_KERNELS=0``), True (flag True or
+    ``EVO2_FUSED_KERNELS=1``), or None (no choice)."""
     choice = getattr(config, "use_fused_hyena_kernels", None)
     env = os.environ.get("EVO2_FUSED_KERNELS")
-    if choice is False or env == "0" or not (choice or env == "1"):
+    if choice is False or env == "0":
         return False
-    if importlib.util.find_spec("triton") is None:
+    return True if (choice or env == "1") else None
+
+
+def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
+    asked = _asked(config)
+    if not asked or importlib.util.find_spec("triton") is None:
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -29,13 +36,12 @@ def fused_decode_enabled(config, x: torch.Tensor) -> bool:
     """The one-token decode kernel (``hyena_decode.py``): on by default on CUDA (measured faster than the eager step,
     see benchmarks/RESULTS.md); off with ``use_fused_hyena_kernels=False`` or ``EVO2_FUSED_KERNELS=0``. On the CPU
     only when asked for under the Triton interpreter (tests)."""
-    choice = getattr(config, "use_fused_hyena_kernels", None)
-    env = os.environ.get("EVO2_FUSED_KERNELS")
-    if choice is False or env == "0" or importlib.util.find_spec("triton") is None:
+    asked = _asked(config)
+    if asked is False or importlib.util.find_spec("triton") is None:
         return False
     if x.is_cuda:
         return True
-    return bool(choice or env == "1") and os.environ.get("TRITON_INTERPRET") == "1"
+    return bool(asked) and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def describe_subquadratic_request() -> str:

@@ -1,6 +1,6 @@
 """Fused one-token Hyena decode step: projection FIR + de-interleave + ``u = x2*v`` + operator + gate, one kernel.
 
-The eager step (``HyenaMixer._decode_step_eager``) is the oracle: per layer and token it runs ~20 tiny kernels
+The eager step (``HyenaOperator.step`` behind ``HyenaMixer._decode_step``) is the oracle: per layer and token it runs ~20 tiny kernels
 (window concatenations and shifts, casts, products, reductions), which at batch 1 cost more than the layer's GEMVs.
 Here each program owns a block of channels of one sequence and does, with the same roundings as the eager step:
 
