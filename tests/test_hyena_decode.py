@@ -11,7 +11,7 @@ from evo2_recipe.utils.spawn import run_on_ranks
 from hyena_helpers import dna_batch, tiny_provider
 
 
-def _decode_vs_full(rank, world, name, prompt_len, total, chunks, fused_step=False):
+def _decode_vs_full(rank, world, name, prompt_len, total, chunks, fused_step=False, bounded=False):
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(5)
     torch.manual_seed(5)
@@ -24,18 +24,21 @@ def _decode_vs_full(rank, world, name, prompt_len, total, chunks, fused_step=Fal
         ctx = HyenaInferenceContext(max_batch_size=2, max_sequence_length=total)
         pieces, pos = [], 0
         for size in [prompt_len] + chunks:
+            if bounded:  # attention reads only the cache positions below a power-of-two bound (8, 16, 32, 64, 72)
+                ctx.limit_attention(pos + size, minimum=8)
             pieces.append(model(tokens[:, pos:pos + size], inference_context=ctx))
             ctx.advance(size)
             pos += size
     return full, torch.cat(pieces, dim=1)
 
 
-@pytest.mark.parametrize("name,prompt_len,fused_step", [  # 3: shorter than the 7-tap hcs window
-    ("striped_hyena_tiny", 3, False), ("striped_hyena_tiny", 40, False), ("striped_hyena_tiny_nv", 3, False),
-    ("striped_hyena_tiny_nv", 40, False), ("striped_hyena_tiny_nv", 40, True)])  # NV: hcs bias folded in the kernel
-def test_cached_decode_equals_full_forward(name, prompt_len, fused_step):
+@pytest.mark.parametrize("name,prompt_len,fused_step,bounded", [  # 3: shorter than the 7-tap hcs window
+    ("striped_hyena_tiny", 3, False, True), ("striped_hyena_tiny", 40, False, False),
+    ("striped_hyena_tiny_nv", 3, False, False), ("striped_hyena_tiny_nv", 40, False, True),
+    ("striped_hyena_tiny_nv", 40, True, False)])  # NV: hcs bias folded in the kernel
+def test_cached_decode_equals_full_forward(name, prompt_len, fused_step, bounded):
     total = 72
     chunks = [1] * (total - prompt_len - 5) + [5]  # token by token, then one multi-token chunk
-    ((full, cached),) = run_on_ranks(_decode_vs_full, 1, name, prompt_len, total, chunks, fused_step)
+    ((full, cached),) = run_on_ranks(_decode_vs_full, 1, name, prompt_len, total, chunks, fused_step, bounded)
     assert cached.shape == full.shape
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ import io
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,11 +50,20 @@ def stored_keys(iter_dir: Path) -> set[str]:
     return {k.split("/shard_")[0] for k in md.state_dict_metadata}
 
 
+@contextlib.contextmanager
+def _single_process():
+    """``no_dist=True`` is the intent here; torch warns about it on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def load_tensors(iter_dir: Path, keep=lambda key: True) -> dict[str, torch.Tensor]:
     """Load full (unsharded) tensors of ``iter_dir`` whose key passes ``keep``, without a process group."""
     meta = tensor_keys(iter_dir)
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if keep(k)}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(iter_dir)), no_dist=True)
+    with _single_process():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(iter_dir)), no_dist=True)
     return state
 
 
@@ -66,15 +76,17 @@ def load_entries(iter_dir: Path, keep=lambda key: True) -> dict:
             continue
         state[k] = torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) \
             else io.BytesIO()
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(iter_dir)), no_dist=True)
+    with _single_process():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(iter_dir)), no_dist=True)
     return state
 
 
 def save_tensors(state: dict[str, torch.Tensor], iter_dir: Path) -> None:
     iter_dir.mkdir(parents=True, exist_ok=True)
     # flatten_state_dict=False: container values (megatron's ShardedObject payloads) stay single bytes entries.
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(iter_dir), single_file_per_rank=True), no_dist=True,
-             planner=DefaultSavePlanner(flatten_state_dict=False))
+    with _single_process():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(iter_dir), single_file_per_rank=True), no_dist=True,
+                 planner=DefaultSavePlanner(flatten_state_dict=False))
 
 
 @contextlib.contextmanager

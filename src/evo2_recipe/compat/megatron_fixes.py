@@ -1,4 +1,4 @@
-"""Three fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
+"""Four fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
 
 1. ``megatron.bridge.peft.lora_layers`` runs ``import transformer_engine.pytorch as te`` unconditionally, so without
    Transformer Engine every ``megatron.bridge`` import fails. A ``sys.meta_path`` finder hands an inert stub to that
@@ -14,10 +14,12 @@
    still empty, so resuming crashes (``assert len(steps) == 1``). The fresh state is filled with zeros first (what
    TE/Apex's ``init_state_fn`` does). Even so, that code path does not restore the Adam moments exactly, which is
    why ``train_evo2`` defaults to the plain optimizer when neither TE nor Apex is installed.
+4. Neither the plain nor the distributed mixed-precision optimizer can checkpoint a bf16 model holding fp32 parameters (the Hyena filters):
+   see :mod:`evo2_recipe.compat.mixed_dtype_optimizer`.
 
 :func:`install_import_guard` (fix 1 alone) is what importing :mod:`evo2_recipe.models.providers`,
 :mod:`evo2_recipe.training.recipe` or :mod:`evo2_recipe.models.lora` does: it changes no megatron code, it only lets
-Megatron-Bridge import without TE. :func:`apply` (all three, idempotent) is called at the entry points only: every
+Megatron-Bridge import without TE. :func:`apply` (all four, idempotent) is called at the entry points only: every
 CLI, :mod:`evo2_recipe.compat.cpu`, ``Evo2.from_checkpoint`` and the test conftest.
 """
 
@@ -137,7 +139,7 @@ def install_import_guard() -> None:
 
 
 def apply() -> None:
-    """Install all three fixes (idempotent)."""
+    """Install all four fixes (idempotent)."""
     global _APPLIED
     if _APPLIED:
         return
@@ -146,6 +148,9 @@ def apply() -> None:
 
     dataset_utils.compile_helpers = _compile_helpers_prebuilt
     _patch_distributed_optimizer_state()
+    from evo2_recipe.compat.mixed_dtype_optimizer import patch_optimizers
+
+    patch_optimizers()
     if "megatron.bridge.training.initialize" in sys.modules:  # bound by name at its import
         sys.modules["megatron.bridge.training.initialize"].compile_helpers = _compile_helpers_prebuilt
     _APPLIED = True

@@ -130,6 +130,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         ctx.reset_slot(slot)
         count[slot], done[slot] = 0, False
         view = ctx.slot(slot)
+        ctx.limit_attention(ctx.max_sequence_length)  # the prompt's positions are past the decode loop's bound
         prompt = torch.tensor([prompts[i]], device=device)
         # Prompt segmentation (the reference's PST): prefill the first `pst` tokens in one forward, then feed the
         # rest one per step through the cache, bounding prefill activation memory for long prompts.
@@ -172,8 +173,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         ctx.advance(1)
         record(rows, logits)
 
-    run_step = step
     use_graph = cuda_graph and device.type == "cuda" and parallel_state.get_tensor_model_parallel_world_size() == 1
+    graphs: dict[int, Callable[[], None]] = {}  # one captured step per attention read bound
     since_sync = 0
     while True:
         # a slot admitted `age` steps ago has count == age + 1 tokens: certainly done once age >= n - 1
@@ -182,31 +183,36 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
             since_sync = 0
             if all(o is None for o in owner):
                 break
-        run_step()
+        # Cache attention reads only up to the furthest live position (slot s is at len(prompt) + age[s]).
+        bound = ctx.limit_attention(1 + max(len(prompts[o]) + age[s] for s, o in enumerate(owner) if o is not None))
+        if bound in graphs:
+            graphs[bound]()
+        else:
+            step()
+            if use_graph:  # after one eager step at this bound has allocated every buffer
+                graphs[bound] = _capture(step, generator, graphs)
         since_sync += 1
         age = [a + 1 for a in age]
-        if use_graph and run_step is step:
-            run_step = _capture(step, generator)  # after one eager step has allocated every buffer
     return results
 
 
-def _capture(step: Callable[[], None], generator: torch.Generator) -> Callable[[], None]:
-    """One decode step captured in a CUDA graph (one launch per token); the eager step if capture fails.
+def _capture(step: Callable[[], None], generator: torch.Generator, others: dict) -> Callable[[], None]:
+    """A decode step captured as a CUDA graph (one launch per token); the eager step if capture fails.
 
-    Capture records the step without running it, so the graph is replayed once right away: the captured call is a
-    real decode step and the caller's bookkeeping stays right.
+    The graphs of the other attention bounds (``others``) share one memory pool: only one runs at a time. Capture
+    records without running, so the caller's eager step just before it did this step's work.
     """
     graph = torch.cuda.CUDAGraph()
+    pool = next((g.__self__.pool() for g in others.values() if hasattr(g, "__self__")), None)
     try:
         graph.register_generator_state(generator)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side, pool=pool):
             step()
         torch.cuda.current_stream().wait_stream(side)
     except Exception as e:  # noqa: BLE001 - any capture failure leaves the (correct) eager path
         logger.warning("CUDA graph capture of the decode step failed (%s: %s); decoding eagerly",
                        type(e).__name__, str(e)[:200])
         return step
-    graph.replay()  # the captured run did not execute the work: do this step now
     return graph.replay

@@ -15,7 +15,6 @@ import yaml
 
 from evo2_recipe.checkpoint.dcp_utils import resolve_iteration_dir
 from evo2_recipe.data.tokenizer import NucleotideTokenizer, default_tokenizer_path
-from evo2_recipe.models.hyena.mixer import keep_hyena_filters_fp32
 from evo2_recipe.models.precision import apply_precision_recipe
 
 logger = logging.getLogger(__name__)
@@ -179,7 +178,7 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     if (provider.bf16 or provider.fp16) and torch.cuda.is_available():
         from megatron.core.transformer.module import Float16Module
 
-        model = Float16Module(provider, keep_hyena_filters_fp32(model))  # bf16/fp16 weights, fp32 filters/outputs
+        model = Float16Module(provider, model)  # bf16/fp16 weights; provide() keeps the filters fp32
     if provider.fp8 or provider.fp4:
         from megatron.core.fp8_utils import prepare_model_for_fp8_inference
 

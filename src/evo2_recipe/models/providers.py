@@ -32,6 +32,7 @@ from evo2_recipe.compat.megatron_fixes import transformer_engine_available  # no
 from evo2_recipe.models.hyena import quantization  # noqa: E402
 from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT  # noqa: E402
 from evo2_recipe.models.hyena.model import HyenaModel  # noqa: E402
+from evo2_recipe.models.hyena.mixer import keep_hyena_filters_fp32  # noqa: E402
 from evo2_recipe.models.hyena.specs import get_hyena_stack_spec  # noqa: E402
 
 # run_config.yaml names our classes in `_target_`; Bridge only instantiates allow-listed prefixes.
@@ -143,10 +144,12 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
             pre_process = parallel_state.is_pipeline_first_stage()
         if post_process is None:
             post_process = parallel_state.is_pipeline_last_stage()
-        return HyenaModel(self, get_hyena_stack_spec(self.use_te), vocab_size=vocab,
-                          max_sequence_length=self.seq_length, pre_process=pre_process, post_process=post_process,
-                          share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
-                          to_upper=self.to_upper)
+        model = HyenaModel(self, get_hyena_stack_spec(self.use_te), vocab_size=vocab,
+                           max_sequence_length=self.seq_length, pre_process=pre_process, post_process=post_process,
+                           share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
+                           to_upper=self.to_upper)
+        # Long/medium filters stay fp32 through the Float16Module cast, in training as in inference.
+        return keep_hyena_filters_fp32(model)
 
     def _get_num_floating_point_operations(self, batch_size: int) -> float:
         """Hook read by Megatron-Bridge's throughput logging (TFLOP/s/GPU)."""

@@ -24,8 +24,6 @@ import copy
 import torch
 import torch.nn.functional as F
 
-_MODAL_CHUNK = 1024  # bounds the (C, O, chunk) power table of the modal state update
-
 
 class _Storage:
     """Buffers shared by a context and its slot views: name -> tensor with the slot dimension first."""
@@ -38,6 +36,7 @@ class _Storage:
         self.rope_config = None
         self.constants: dict[tuple, object] = {}  # per-layer decode constants derived from the weights
         self.fresh = [True] * batch  # host-side: slot holds no tokens yet (prefill may skip the carried state)
+        self.attend_len = max_len  # cache positions a decode step reads (host-side bound, see limit_attention)
 
     def get(self, key: tuple, shape: tuple, like: torch.Tensor, dtype=None) -> torch.Tensor:
         t = self.tensors.get(key)
@@ -132,12 +131,22 @@ def modal_chunk_update(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_CO
         t = torch.arange(1, T + 1, device=u.device, dtype=torch.float32)
         y_carry = torch.einsum("bco,co,cot->bct", s, residues_CO, torch.exp(log_poles_CO[..., None] * t))
         s_new = s * torch.exp(log_poles_CO * T)
-    for start in range(0, T, _MODAL_CHUNK):  # sum_k lambda^(T-1-k) u[k], in chunks
-        k = torch.arange(start, min(start + _MODAL_CHUNK, T), device=u.device, dtype=torch.float32)
-        powers = torch.exp(log_poles_CO[..., None] * (T - 1 - k))  # (C, O, chunk)
-        s_new = s_new + torch.einsum("bck,cok->bco", u[..., start:start + k.numel()], powers)
-    s_buf.copy_(s_new)
+    s_buf.copy_(s_new + _decayed_sum(u, log_poles_CO))
     return y_carry
+
+
+def _decayed_sum(u_BCT: torch.Tensor, log_poles_CO: torch.Tensor) -> torch.Tensor:
+    """``sum_k lambda^(T-1-k) u[k]`` (B, C, O) in two levels, so no (C, O, T) power table is built: within blocks of
+    ``K ~ sqrt(T)`` positions against one shared (C, O, K) table, then the per-block sums decayed by
+    ``lambda^(K * blocks after)``. The left zero padding to a multiple of ``K`` adds nothing."""
+    B, C, T = u_BCT.shape
+    K = 1 << (max(T - 1, 1).bit_length() + 1) // 2
+    n = -(-T // K)
+    u = F.pad(u_BCT, (n * K - T, 0)).view(B, C, n, K)
+    j = torch.arange(K - 1, -1, -1, device=u.device, dtype=torch.float32)  # K-1-j for in-block offset j
+    per_block = torch.einsum("bcnk,cok->bcno", u, torch.exp(log_poles_CO[..., None] * j))
+    after = torch.arange(n - 1, -1, -1, device=u.device, dtype=torch.float32) * K  # positions after block c's end
+    return torch.einsum("bcno,con->bco", per_block, torch.exp(log_poles_CO[..., None] * after))
 
 
 class KVCache:
@@ -165,9 +174,10 @@ class KVCache:
         q = query.permute(1, 2, 0, 3)  # (b, heads, L, d)
         if self._storage.all_fresh(self._rows):  # prefill of new prompts: plain causal attention over the chunk
             k, v, mask = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), None
-        else:  # the whole fixed-size cache, positions past each slot's own masked out (static shapes)
-            k, v = k_cache, v_cache
-            mask = (torch.arange(max_len, device=query.device)[None, None, :] <= pos[:, :, None])[:, None]
+        else:  # the first attend_len cache positions, those past each slot's own masked out (static shapes)
+            n = self._storage.attend_len
+            k, v = k_cache[:, :, :n], v_cache[:, :, :n]
+            mask = (torch.arange(n, device=query.device)[None, None, :] <= pos[:, :, None])[:, None]
         if k.shape[1] != nh:  # GQA: repeat key/value groups
             k, v = k.repeat_interleave(nh // k.shape[1], dim=1), v.repeat_interleave(nh // v.shape[1], dim=1)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
@@ -205,6 +215,14 @@ class HyenaInferenceContext:
     def kv_cache(self, layer_number: int) -> KVCache:
         return KVCache(self._storage, layer_number, self._rows)
 
+    def limit_attention(self, length: int, minimum: int = 2048) -> int:
+        """Let cache attention read only positions ``< length`` (every live slot's position must be below it; the
+        caller knows this on the host). Rounded up to a power of two (at least ``minimum``) so a CUDA graph per
+        bound serves many steps; returns the bound in effect."""
+        bound = min(self.max_sequence_length, max(minimum, 1 << (max(length, 1) - 1).bit_length()))
+        self._storage.attend_len = bound
+        return bound
+
     def positions(self) -> torch.Tensor:
         """Next position of each slot of this view, ``(b,)`` on the device."""
         return self._storage.positions[self._rows]
@@ -230,6 +248,7 @@ class HyenaInferenceContext:
 
     def reset(self) -> None:
         self._storage.fresh = [True] * self._storage.batch
+        self._storage.attend_len = self._storage.max_len
         self._storage.tensors.clear()
         self._storage.constants.clear()
         self._storage.positions = None

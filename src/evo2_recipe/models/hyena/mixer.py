@@ -133,7 +133,7 @@ class GroupedShortConv(_ShardedDim0):
 class _Fp32Filter(_ShardedDim0):
     """Filter parameters/buffers created in fp32 (the StripedHyena authors keep long/medium filters in fp32).
 
-    With ``keep_fp32`` set (inference, see :func:`keep_hyena_filters_fp32`) dtype casts of the whole model such as
+    With ``keep_fp32`` set (see :func:`keep_hyena_filters_fp32`) dtype casts of the whole model such as
     ``Float16Module``'s ``.bfloat16()`` leave them untouched (exactly: the fp32 values are kept, not re-widened).
     """
 
@@ -156,11 +156,9 @@ class _Fp32Filter(_ShardedDim0):
 def keep_hyena_filters_fp32(model: torch.nn.Module) -> torch.nn.Module:
     """Keep the long/medium filter parameters and ``decay`` in fp32 through later dtype casts of ``model``.
 
-    Call before wrapping in ``Float16Module``. For inference, where bf16 poles and residues visibly change the
-    filter (Vortex keeps them fp32 too). Not for
-    training: megatron-core 0.19's optimizers cannot checkpoint a bf16 model holding fp32 parameters (their sharded
-    optimizer state maps parameters by position within one dtype), so training keeps the model's dtype and the fp32
-    master copy in the optimizer.
+    ``HyenaModelProvider.provide`` calls it, so training and inference both keep them fp32 inside a bf16/fp16 model,
+    as the StripedHyena authors (and Vortex) do: bf16 poles and residues visibly change the filter. Checkpointing the
+    optimizer of such a mixed-dtype model needs :mod:`evo2_recipe.compat.mixed_dtype_optimizer`.
     """
     for module in model.modules():
         if isinstance(module, _Fp32Filter):

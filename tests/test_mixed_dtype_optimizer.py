@@ -1,0 +1,62 @@
+"""megatron-core's optimizers on a bf16 Hyena model whose long/medium filters stay fp32 (compat.mixed_dtype_optimizer).
+
+Oracle: right after construction every optimizer parameter equals (fp32 main copy) or is (fp32 parameter) the model
+parameter the optimizer's own maps assign to it. Without the compat fix the distributed optimizer's map points at
+other parameters and its checkpoint state fails a shape assertion. (The plain optimizer's save/resume is covered
+bit-for-bit by ``test_train.py::test_kill_and_resume_reproduces_the_loss_curve``.)
+"""
+
+import torch
+
+from evo2_recipe.utils.spawn import run_on_ranks
+
+
+def _optimizer_maps(rank, world):
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from evo2_recipe.models.providers import get_provider
+
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(3)
+    provider = get_provider("striped_hyena_tiny", vocab_size=256, seq_length=64, bf16=True,
+                            params_dtype=torch.bfloat16, use_cpu_initialization=True)
+    provider.finalize()
+    results = {}
+    for distributed in (False, True):
+        (model,) = provider.provide_distributed_model(
+            ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed, grad_reduce_in_fp32=True),
+            bf16=True, use_cpu_initialization=True)
+        names = {id(p): n for n, p in model.named_parameters()}
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True,
+                                                     use_distributed_optimizer=distributed), [model])
+        opt = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
+        pairs = []  # (model name, model dtype, does the optimizer's parameter equal the model parameter)
+        if distributed:
+            for p, (g, i) in opt.model_param_group_index_map.items():
+                main = opt.optimizer.param_groups[g]["params"][i]
+                same = main.numel() == p.numel() and torch.equal(main.detach().view(-1), p.detach().float().view(-1))
+                pairs.append((names[id(p)], p.dtype, same))
+            for layout in ("dp_reshardable", "fully_reshardable"):  # Bridge's two layouts (--optim-full-reshardable)
+                opt.sharded_state_dict(model.sharded_state_dict(), metadata={"distrib_optim_sharding_type": layout})
+        else:
+            main_of = {id(main): m for ms, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups)
+                       for m, main in zip(ms, mains)}
+            for group in opt.optimizer.param_groups:
+                for main in group["params"]:
+                    p = main_of.get(id(main), main)
+                    pairs.append((names[id(p)], p.dtype, torch.equal(main.detach(), p.detach().float())))
+            opt.sharded_state_dict(model.sharded_state_dict())
+        results[distributed] = pairs
+    return results
+
+
+def test_both_optimizers_map_each_parameter_to_its_own_state_with_fp32_filters_in_a_bf16_model():
+    (results,) = run_on_ranks(_optimizer_maps, 1)
+    for distributed, pairs in results.items():
+        dtypes = {name.rsplit(".", 1)[1]: dtype for name, dtype, _ in pairs if ".filter." in name}
+        assert dtypes == {"h": torch.float32, "gamma": torch.float32, "R": torch.float32, "p": torch.float32}
+        assert any(dtype == torch.bfloat16 for _, dtype, _ in pairs)
+        wrong = [name for name, _, same in pairs if not same]
+        assert not wrong, (f"distributed={distributed}", wrong)
