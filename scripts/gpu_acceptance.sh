@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
-#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [lora] [decode] [prefill] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
+#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [resume] [lora] [decode] [prefill] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
 # Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
 # /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
 set -uo pipefail
@@ -66,6 +66,27 @@ if [[ " $what " == *" fp8 "* ]]; then
     infer_evo2 --ckpt-dir $ckpt --max-new-tokens 20 --top-k 1 $flags > "$OUT/infer.log" 2>&1
     echo "infer $flags rc=$? tracebacks=$(grep -c Traceback "$OUT/infer.log")"
   done
+fi
+
+if [[ " $what " == *" resume "* ]]; then  # issue 15 item 4: bf16 + fp32 filters, distributed optimizer, save/resume
+  common=(--mock-data --model-size evo2_1b_base --seq-length 2048 --micro-batch-size 1 --global-batch-size 1
+          --max-steps 6 --warmup-steps 1 --constant-steps 0 --eval-interval 3 --eval-iters 1 --log-interval 1
+          --workers 2 --disable-tensorboard-logger)
+  rm -rf /tmp/rs_full /tmp/rs_cut
+  train_evo2 "${common[@]}" --result-dir /tmp/rs_full > "$OUT/resume_full.log" 2>&1; echo "full rc=$?"
+  train_evo2 "${common[@]}" --result-dir /tmp/rs_cut train.exit_interval=3 > "$OUT/resume_cut.log" 2>&1
+  echo "cut at 3 rc=$?"
+  train_evo2 "${common[@]}" --result-dir /tmp/rs_cut > "$OUT/resume_resumed.log" 2>&1; echo "resumed rc=$?"
+  grep -hE "distributed optimizer|sharded state of type" "$OUT/resume_cut.log" | head -2
+  for f in full cut resumed; do echo "$f: $(grep -oE 'step [0-9]+ \| lm loss [0-9.]+' "$OUT/resume_$f.log" | tr '\n' ' ')"; done
+  grep -oE "iteration +[0-9]+/ +[0-9]+ \|.*lm loss: [0-9.E+-]+" "$OUT"/resume_{full,resumed}.log | sed -E 's/\|.*lm loss//'
+  python3 - <<'PY'
+from evo2_recipe.checkpoint.dcp_utils import tensor_keys
+m = tensor_keys(__import__("pathlib").Path("/tmp/rs_cut/evo2/checkpoints/iter_0000006"))
+model = {k: str(v.properties.dtype) for k, v in m.items() if not k.startswith("optimizer.")}
+print("filter dtypes:", sorted({(k.rsplit(".", 1)[1], d) for k, d in model.items() if ".filter." in k}))
+print("other dtypes:", sorted({d for k, d in model.items() if ".filter." not in k}))
+PY
 fi
 
 if [[ " $what " == *" lora "* ]]; then  # issue 12: LoRA vs full fine-tuning of a converted random evo2_1b_base

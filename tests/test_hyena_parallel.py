@@ -76,14 +76,47 @@ def _load_plain(rank, world, *dirs):
     return [load_plain_tensors(d) for d in dirs]
 
 
-def _compare(tmp_path, name, tp=1, cp=1, pp=1, sp=False):
-    for d in ("w", "g1", "g2"):
-        (tmp_path / d).mkdir()
-    (ref_logits,) = run_on_ranks(_logits_and_grads, 1, 1, 1, 1, False, str(tmp_path / "w"), str(tmp_path / "g1"),
-                                 name)
-    outs = run_on_ranks(_logits_and_grads, 2, tp, cp, pp, sp, str(tmp_path / "w"), str(tmp_path / "g2"), name)
-    torch.testing.assert_close(outs[-1], ref_logits, **TOL)
-    ((ref, par),) = run_on_ranks(_load_plain, 1, str(tmp_path / "g1"), str(tmp_path / "g2"))
+def _layouts(rank, world, cases, root):
+    """Every case in one spawned process group (3 spawns for the whole module instead of 3 per layout)."""
+    results = []
+    for i, (name, tp, cp, pp, sp) in enumerate(cases):
+        results.append(_logits_and_grads(rank, world, tp, cp, pp, sp, f"{root}/w_{name}", f"{root}/g{world}_{i}",
+                                         name))
+        parallel_state.destroy_model_parallel()
+    return results
+
+
+NAMES = ["striped_hyena_tiny", "striped_hyena_tiny_nv"]
+CASES = {  # (model, tp, cp, pp, sp)
+    "tp2": ("striped_hyena_tiny", 2, 1, 1, False),
+    "tp2_nv": ("striped_hyena_tiny_nv", 2, 1, 1, False),
+    "tp2_sp": ("striped_hyena_tiny", 2, 1, 1, True),
+    "cp2": ("striped_hyena_tiny", 1, 2, 1, False),
+    "pp2": ("striped_hyena_tiny", 1, 1, 2, False),
+}
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """Reference (1 process) and parallel (2 gloo processes) logits, and both gradient sets as plain tensors."""
+    root = tmp_path_factory.mktemp("layouts")
+    for d in [f"w_{n}" for n in NAMES] + [f"g1_{i}" for i in range(len(NAMES))] + \
+             [f"g2_{i}" for i in range(len(CASES))]:
+        (root / d).mkdir()
+    (ref_logits,) = run_on_ranks(_layouts, 1, [(n, 1, 1, 1, False) for n in NAMES], str(root))
+    par_logits = run_on_ranks(_layouts, 2, list(CASES.values()), str(root))[-1]  # rank 1: the last PP stage
+    ref_dirs = [str(root / f"g1_{NAMES.index(c[0])}") for c in CASES.values()]
+    par_dirs = [str(root / f"g2_{i}") for i in range(len(CASES))]
+    ((*grads,),) = run_on_ranks(_load_plain, 1, *ref_dirs, *par_dirs)
+    return {case: (ref_logits[NAMES.index(c[0])], par_logits[i], grads[i], grads[len(CASES) + i])
+            for i, (case, c) in enumerate(CASES.items())}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parallel_layout_equals_one_process(layouts, case):
+    """TP=2 (ARC and NV models), TP=2 with sequence parallelism, CP=2 and PP=2 against one process."""
+    ref_logits, par_logits, ref, par = layouts[case]
+    torch.testing.assert_close(par_logits, ref_logits, **TOL)
     keys = [k for k in ref if not k.endswith("decay") and isinstance(ref[k], torch.Tensor)]
     assert keys and set(keys) <= set(par)
     for k in keys:
@@ -92,20 +125,3 @@ def _compare(tmp_path, name, tp=1, cp=1, pp=1, sp=False):
         scale = ref[k].abs().max().clamp(min=1.0)
         torch.testing.assert_close(par[k], ref[k], rtol=1e-5, atol=2e-5 * scale, msg=lambda m, k=k: f"{k}: {m}")
         assert (par[k] - ref[k]).norm() <= 1e-5 * ref[k].norm() + 1e-7, k
-
-
-@pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
-def test_tensor_parallel_2(tmp_path, name):
-    _compare(tmp_path, name, tp=2)
-
-
-def test_tensor_parallel_2_sequence_parallel(tmp_path):
-    _compare(tmp_path, "striped_hyena_tiny", tp=2, sp=True)
-
-
-def test_context_parallel_2(tmp_path):
-    _compare(tmp_path, "striped_hyena_tiny", cp=2)
-
-
-def test_pipeline_parallel_2(tmp_path):
-    _compare(tmp_path, "striped_hyena_tiny", pp=2)
