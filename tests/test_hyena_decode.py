@@ -19,7 +19,7 @@ def _decode_vs_full(rank, world, name, prompt_len, total, chunks, fused_step=Fal
     tokens, _ = dna_batch(2, total, seed=9)
     with torch.no_grad():
         full = model(tokens)
-        if fused_step:  # the one-token steps through the Triton kernel (interpreter on CPU); full forward stays plain
+        if fused_step:  # one-token steps through the Triton kernels (interpreter on CPU); full forward stays plain
             os.environ["EVO2_FUSED_KERNELS"] = "1"
         ctx = HyenaInferenceContext(max_batch_size=2, max_sequence_length=total)
         pieces, pos = [], 0
@@ -35,7 +35,7 @@ def _decode_vs_full(rank, world, name, prompt_len, total, chunks, fused_step=Fal
 @pytest.mark.parametrize("name,prompt_len,fused_step,bounded", [  # 3: shorter than the 7-tap hcs window
     ("striped_hyena_tiny", 3, False, True), ("striped_hyena_tiny", 40, False, False),
     ("striped_hyena_tiny_nv", 3, False, False), ("striped_hyena_tiny_nv", 40, False, True),
-    ("striped_hyena_tiny_nv", 40, True, False)])  # NV: hcs bias folded in the kernel
+    ("striped_hyena_tiny_nv", 40, True, True)])  # NV: hcs bias folded in the kernel; fused: + split-KV attention
 def test_cached_decode_equals_full_forward(name, prompt_len, fused_step, bounded):
     total = 72
     chunks = [1] * (total - prompt_len - 5) + [5]  # token by token, then one multi-token chunk

@@ -180,3 +180,29 @@ def test_fused_decode_step_equals_eager_step(kind, C, B, dtype):
         for name in ("window", "modal_state"):  # hold u = x2*v (fp32: FMA vs separate rounding, ~1 ulp)
             if name in op:
                 torch.testing.assert_close(mine[name], op[name], **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,H,Hkv,N,D", [(2, 4, 4, 1100, 16), (3, 4, 2, 700, 16), (1, 2, 1, 5, 8),
+                                         pytest.param(1, 32, 32, 100_352, 128, marks=_REAL),  # 7b at ~100k
+                                         pytest.param(32, 15, 15, 4096, 128, marks=_REAL)])  # 1b, batch 32
+def test_split_kv_decode_attention_equals_masked_sdpa(b, H, Hkv, N, D, dtype):
+    """One query per sequence against a bounded view of a larger cache, each sequence at its own position (0, inside,
+    past the view): equals the masked SDPA of ``KVCache.attend`` in fp32 (1e-5 fp32; bf16 within output rounding)."""
+    from evo2_recipe.models.hyena.kernels.decode_attention import split_kv_decode_attention
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(b, H, 1, D, generator=g).to(DEVICE, dtype)
+    k_cache, v_cache = (torch.randn(b, Hkv, N + 37, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    k, v = k_cache[:, :, :N], v_cache[:, :, :N]  # the bounded read: a strided view, as in KVCache.attend
+    pos = torch.randint(0, N, (b,), generator=g)
+    pos[0] = 0
+    pos[-1] = N + 20 if b > 1 else pos[-1]
+    pos = pos.to(DEVICE)
+    mask = (torch.arange(N, device=DEVICE)[None, None, :] <= pos[:, None, None])[:, None]
+    kk, vv = k.repeat_interleave(H // Hkv, 1).float(), v.repeat_interleave(H // Hkv, 1).float()
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=mask)
+    got = split_kv_decode_attention(q, k, v, pos)
+    assert got.dtype == dtype and got.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8 * ref.abs().max().item()
+    torch.testing.assert_close(got.float(), ref, rtol=0, atol=tol)

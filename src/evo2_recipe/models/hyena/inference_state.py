@@ -24,6 +24,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
+
 
 class _Storage:
     """Buffers shared by a context and its slot views: name -> tensor with the slot dimension first."""
@@ -34,6 +36,7 @@ class _Storage:
         self.positions: torch.Tensor | None = None  # (B,) next position of each slot, on the model's device
         self.rope_table: torch.Tensor | None = None  # (max_len, d) RoPE angles
         self.rope_config = None
+        self.model_config = None  # the model's config: its kernel choice
         self.constants: dict[tuple, object] = {}  # per-layer decode constants derived from the weights
         self.fresh = [True] * batch  # host-side: slot holds no tokens yet (prefill may skip the carried state)
         self.attend_len = max_len  # cache positions a decode step reads (host-side bound, see limit_attention)
@@ -156,7 +159,10 @@ class KVCache:
         self._storage, self._layer, self._rows = storage, layer_number, rows
 
     def attend(self, query, key, value, softmax_scale=None) -> torch.Tensor:
-        """``(L, b, heads, d)`` q/k/v of new tokens (no RoPE yet) -> ``(L, b, heads*d)`` attention over the cache."""
+        """``(L, b, heads, d)`` q/k/v of new tokens (no RoPE yet) -> ``(L, b, heads*d)`` attention over the cache.
+
+        One-token steps take the split-KV kernel (``kernels/decode_attention.py``) when the fused kernels are asked
+        for; the masked SDPA below is its oracle and the default."""
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
         L, b, nh, d = query.shape
@@ -178,6 +184,11 @@ class KVCache:
             n = self._storage.attend_len
             k, v = k_cache[:, :, :n], v_cache[:, :, :n]
             mask = (torch.arange(n, device=query.device)[None, None, :] <= pos[:, :, None])[:, None]
+        if mask is not None and L == 1 and fused_kernels_enabled(self._storage.model_config, q):
+            from evo2_recipe.models.hyena.kernels.decode_attention import split_kv_decode_attention
+
+            out = split_kv_decode_attention(q, k, v, pos[:, 0], softmax_scale)  # (b, heads, 1, d)
+            return out.permute(2, 0, 1, 3).reshape(L, b, nh * d)
         if k.shape[1] != nh:  # GQA: repeat key/value groups
             k, v = k.repeat_interleave(nh // k.shape[1], dim=1), v.repeat_interleave(nh // v.shape[1], dim=1)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
@@ -207,6 +218,7 @@ class HyenaInferenceContext:
             st.rope_table = rotary(self.max_sequence_length)[:, 0, 0, :].float().to(device)  # (max_len, d)
             st.rope_config = copy.copy(config)
             st.rope_config.apply_rope_fusion = False  # per-slot positions: the unfused formula broadcasts
+            st.model_config = config
         st.positions_on(device)
 
     def hyena_state(self, layer_number: int) -> HyenaLayerState:

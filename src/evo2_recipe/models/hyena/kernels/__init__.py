@@ -1,7 +1,8 @@
 """Fused Triton kernels for the Hyena operators; each has its plain-PyTorch twin in ``operators.py`` as test oracle.
 
 The one-token decode kernel is on by default on CUDA (:func:`fused_decode_enabled`). The prefill/training kernels
-are opt-in until they beat the plain path on a GPU (they are 9-10 % slower on an H200 today):
+(9-10 % slower than the plain path on an H200 today) and the split-KV decode attention (``decode_attention.py``, not
+yet measured on a GPU) are opt-in until they beat the plain path there:
 ``use_fused_hyena_kernels=True`` on the provider, ``--use-subquadratic-ops`` on the tools, or
 ``EVO2_FUSED_KERNELS=1``; ``EVO2_FUSED_KERNELS=0`` always turns every kernel off. On CPU the tests run the kernels under Triton's
 interpreter (``TRITON_INTERPRET=1``).
