@@ -50,6 +50,15 @@ def _tp_column_row(rank, world, sequence_parallel):
             "w2_grad": row.weight.grad, "b2_grad": row.bias.grad}
 
 
+def _tp_column_row_without_and_with_sp(rank, world):
+    """Both sequence-parallel settings in one spawned group (one spawn instead of two)."""
+    results = []
+    for sp in (False, True):
+        results.append(_tp_column_row(rank, world, sp))
+        parallel_state.destroy_model_parallel()
+    return results
+
+
 def _reference():
     w1, b1, w2, b2, x = _full_weights()
     params = [t.clone().requires_grad_(True) for t in (w1, b1, w2, b2, x)]
@@ -64,8 +73,9 @@ def test_tensor_parallel_linear_matches_single_process():
     y_ref, (g_w1, g_b1, g_w2, g_b2, g_x) = _reference()
     # gradients: atol 1e-4 on values of magnitude ~5 - fp32 sums in another order (gloo reduction, CPU kernels)
     torch.testing.assert_close(one["y"], y_ref, rtol=1e-5, atol=1e-5)
-    for sp in (False, True):
-        ranks = run_on_ranks(_tp_column_row, 2, sp)
+    per_rank = run_on_ranks(_tp_column_row_without_and_with_sp, 2)
+    for i, sp in enumerate((False, True)):
+        ranks = [r[i] for r in per_rank]
         cat_seq = (lambda k: torch.cat([r[k] for r in ranks], dim=0)) if sp else (lambda k: ranks[0][k])
         torch.testing.assert_close(cat_seq("y"), one["y"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cat_seq("x_grad"), one["x_grad"], rtol=1e-5, atol=1e-4)
@@ -107,13 +117,19 @@ def _gpt_logits_and_checkpoint(rank, world, ckpt_dir, mode, seed):
     return logits
 
 
+def _fresh_then_loaded(rank, world, ckpt_dir, seed):
+    """One process: a model of another seed, then the same model with the checkpoint loaded."""
+    fresh = _gpt_logits_and_checkpoint(rank, world, ckpt_dir, "none", seed)
+    parallel_state.destroy_model_parallel()
+    return fresh, _gpt_logits_and_checkpoint(rank, world, ckpt_dir, "load", seed)
+
+
 def test_dist_checkpointing_round_trip_across_tp(tmp_path):
     saved = run_on_ranks(_gpt_logits_and_checkpoint, 2, str(tmp_path), "save", 7)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name == "metadata.json") == ["metadata.json"]
     torch.testing.assert_close(saved[0], saved[1])
-    (fresh,) = run_on_ranks(_gpt_logits_and_checkpoint, 1, str(tmp_path / "unused"), "none", 99)
+    ((fresh, loaded),) = run_on_ranks(_fresh_then_loaded, 1, str(tmp_path), 99)
     assert (fresh - saved[0]).abs().max() > 1e-3  # a different seed gives different weights ...
-    (loaded,) = run_on_ranks(_gpt_logits_and_checkpoint, 1, str(tmp_path), "load", 99)
     torch.testing.assert_close(loaded, saved[0], rtol=1e-5, atol=1e-5)  # ... until TP=2 weights are loaded at TP=1
 
 

@@ -73,19 +73,47 @@ def _vortex_logits(rank, world, pt, yml, tokens, prompt_len, tanh_gelu):
     return full, cached
 
 
-@pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
-def test_vortex_logits_match_ours(tmp_path, name):
+NAMES = ["striped_hyena_tiny", "striped_hyena_tiny_nv"]
+PROMPT_LEN = 12  # longer than the 7-tap hcs window; decode crosses the attention KV cache and all filters
+
+
+def _our_logits_of_each(rank, world, root):
+    from megatron.core import parallel_state
+
+    results = []
+    for name in NAMES:
+        results.append(_our_logits(rank, world, name, f"{root}/{name}/mb", PROMPT_LEN))
+        parallel_state.destroy_model_parallel()
+    return results
+
+
+def _vortex_logits_of_each(rank, world, root, tokens):
+    return [_vortex_logits(rank, world, f"{root}/{name}/vortex/tiny.pt", f"{root}/{name}/vortex/tiny.yml", t,
+                           PROMPT_LEN, name.endswith("_nv")) for name, t in zip(NAMES, tokens)]
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    """Both tiny models: ours (full and cached), the exporter CLI's stderr, Vortex on the exported files (full and
+    cached) - two spawns for the module instead of two per model."""
     pytest.importorskip("vortex", reason="vtx (Arc's Vortex) is not installed; pip install --no-deps vtx==1.1.0")
-    prompt_len = 12  # longer than the 7-tap hcs window; decode crosses the attention KV cache and all filters
-    ((tokens, ours_full, ours_cached),) = run_on_ranks(_our_logits, 1, name, tmp_path / "mb", prompt_len)
-    r = subprocess.run([str(BIN / "evo2_export_mbridge_to_vortex"), "--mbridge-ckpt-dir", str(tmp_path / "mb"),
-                        "--output-path", str(tmp_path / "vortex" / "tiny.pt"), "--model-size", name],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert ("tanh approximation" in r.stderr) == name.endswith("_nv")  # the one thing NV exports cannot carry
-    out = tmp_path / "vortex"  # created by the exporter
-    ((vx_full, vx_cached),) = run_on_ranks(_vortex_logits, 1, out / "tiny.pt", out / "tiny.yml", tokens, prompt_len,
-                                           name.endswith("_nv"))
+    root = tmp_path_factory.mktemp("parity")
+    (ours,) = run_on_ranks(_our_logits_of_each, 1, str(root))
+    stderr = {}
+    for name in NAMES:
+        r = subprocess.run([str(BIN / "evo2_export_mbridge_to_vortex"), "--mbridge-ckpt-dir", str(root / name / "mb"),
+                            "--output-path", str(root / name / "vortex" / "tiny.pt"), "--model-size", name],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        stderr[name] = r.stderr
+    (vortex,) = run_on_ranks(_vortex_logits_of_each, 1, str(root), [tokens for tokens, _, _ in ours])
+    return {name: (o, v, stderr[name]) for name, o, v in zip(NAMES, ours, vortex)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vortex_logits_match_ours(parity, name):
+    (tokens, ours_full, ours_cached), (vx_full, vx_cached), stderr = parity[name]
+    assert ("tanh approximation" in stderr) == name.endswith("_nv")  # the one thing NV exports cannot carry
     assert ours_full.std() > 0.5  # non-degenerate logits: a wrong tensor mapping would show
     assert (ours_full - vx_full).abs().max() < ATOL
     assert (ours_cached - vx_cached).abs().max() < ATOL
