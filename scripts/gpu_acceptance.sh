@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
-#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [resume] [lora] [decode] [prefill] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
+#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
 # Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
 # /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
 set -uo pipefail
@@ -129,6 +129,13 @@ fi
 
 if [[ " $what " == *" prefill "* ]]; then  # issue 11: 8,192-token prefill beside the scoring forward, same run
   python3 benchmarks/side_by_side.py score prefill --json "$OUT/prefill.json" 2>&1 | grep -E "^\{|failed|Error"
+fi
+
+if [[ " $what " == *" deepdecode "* ]]; then  # issue 11: 7b decode step cost at 16k/64k/98k cached positions
+  python3 benchmarks/side_by_side.py deep_decode --profile --json "$OUT/deep_decode.json" 2>&1 | tee "$OUT/deep.log" \
+    | grep -E "^\{|failed|Error"
+  python3 benchmarks/side_by_side.py deep_decode --fused --json "$OUT/deep_decode_fused.json" 2>&1 \
+    | grep -E "^\{|failed|Error"
 fi
 
 if [[ " $what " == *" longdecode "* ]]; then  # issue 11: 7b, 100,000 new tokens (EVO2_LONG_DECODE_TOKENS), ~12 min
