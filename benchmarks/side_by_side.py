@@ -260,7 +260,8 @@ def main() -> None:
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="our decode with CUDA-graph replay (default; --no-cuda-graph: eager)")
     ap.add_argument("--fused", action="store_true", help="also measure ours with the fused Triton kernels")
-    ap.add_argument("--profile", action="store_true", help="torch-profiler tables of one 1b forward (score) and 16 decode steps (1b, batch 1)")
+    ap.add_argument("--profile", action="store_true", help="torch-profiler tables of one 1b forward (score), 16 decode steps (1b, batch 1), the 1b "
+                    "prefill and 8 steps at a 64k-deep cache (deep_decode)")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--_vortex-child", dest="child", choices=["stock", "kernels"], help=argparse.SUPPRESS)
     args = ap.parse_args()
