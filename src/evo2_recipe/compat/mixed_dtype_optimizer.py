@@ -41,13 +41,13 @@ def _sharded_state_dict(original):
                     for model, main in zip(models, mains)}
         in_optimizer_order = [model_of.get(id(p), p) for g in self.optimizer.param_groups for p in g["params"]]
         id_to_sharded = get_param_id_to_sharded_param_map(model_sharded_state_dict, in_optimizer_order)
+        # torch numbers the optimizer's parameters across its groups; the main copies' numbers, group by group:
+        main_ids = [[i for i, p in zip(saved["params"], live["params"]) if id(p) in model_of]
+                    for saved, live in zip(state_dict["optimizer"]["param_groups"], self.optimizer.param_groups)]
         state_dict["fp32_from_fp16_params"] = [
-            [make_sharded_optimizer_tensor(id_to_sharded[param_id], main, prefix="optimizer.state.fp32_param")
-             for param_id, main in zip([i for i, p in zip(saved["params"], live["params"]) if id(p) in model_of],
-                                       mains)]
-            for mains, saved, live in zip(state_dict["fp32_from_fp16_params"],
-                                          state_dict["optimizer"]["param_groups"], self.optimizer.param_groups)
-        ]
+            [make_sharded_optimizer_tensor(id_to_sharded[i], main, prefix="optimizer.state.fp32_param")
+             for i, main in zip(ids, mains)]
+            for ids, mains in zip(main_ids, state_dict["fp32_from_fp16_params"])]
         step = self._extract_common_per_param_step(state_dict["optimizer"])
         optim_state_to_sharding_state(state_dict["optimizer"], id_to_sharded, exclude_keys="step")
         if step:

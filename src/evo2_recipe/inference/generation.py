@@ -175,6 +175,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
 
     use_graph = cuda_graph and device.type == "cuda" and parallel_state.get_tensor_model_parallel_world_size() == 1
     graphs: dict[int, Callable[[], None]] = {}  # one captured step per attention read bound
+    pool = torch.cuda.graph_pool_handle() if use_graph else None  # shared by those graphs: one runs at a time
     since_sync = 0
     while True:
         # a slot admitted `age` steps ago has count == age + 1 tokens: certainly done once age >= n - 1
@@ -190,20 +191,17 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         else:
             step()
             if use_graph:  # after one eager step at this bound has allocated every buffer
-                graphs[bound] = _capture(step, generator, graphs)
+                graphs[bound] = _capture(step, generator, pool)
         since_sync += 1
         age = [a + 1 for a in age]
     return results
 
 
-def _capture(step: Callable[[], None], generator: torch.Generator, others: dict) -> Callable[[], None]:
-    """A decode step captured as a CUDA graph (one launch per token); the eager step if capture fails.
-
-    The graphs of the other attention bounds (``others``) share one memory pool: only one runs at a time. Capture
-    records without running, so the caller's eager step just before it did this step's work.
+def _capture(step: Callable[[], None], generator: torch.Generator, pool) -> Callable[[], None]:
+    """A decode step captured as a CUDA graph in memory ``pool`` (one launch per token); the eager step if capture
+    fails. Capture records without running, so the caller's eager step just before it did this step's work.
     """
     graph = torch.cuda.CUDAGraph()
-    pool = next((g.__self__.pool() for g in others.values() if hasattr(g, "__self__")), None)
     try:
         graph.register_generator_state(generator)
         side = torch.cuda.Stream()
