@@ -260,6 +260,7 @@ def main() -> None:
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="our decode with CUDA-graph replay (default; --no-cuda-graph: eager)")
     ap.add_argument("--fused", action="store_true", help="also measure ours with the fused Triton kernels")
+    ap.add_argument("--fused-only", action="store_true", help="measure ours with the fused Triton kernels only")
     ap.add_argument("--profile", action="store_true", help="torch-profiler tables of one 1b forward (score), 16 decode steps (1b, batch 1), the 1b "
                     "prefill and 8 steps at a 64k-deep cache (deep_decode)")
     ap.add_argument("--json", help="write every row here")
@@ -268,10 +269,10 @@ def main() -> None:
     if args.child:
         print("ROWS " + json.dumps(vortex(args.what, args.child == "kernels")), flush=True)
         return
-    rows = ours(args.what, args.cuda_graph, False, args.profile)
-    if args.fused:
+    rows = [] if args.fused_only else ours(args.what, args.cuda_graph, False, args.profile)
+    if args.fused or args.fused_only:
         torch.cuda.empty_cache()
-        rows += ours(args.what, args.cuda_graph, True)
+        rows += ours(args.what, args.cuda_graph, True, args.profile and args.fused_only)
     for flavour, on in (("stock", args.vortex), ("kernels", args.vortex_kernels)):
         if on:  # a fresh process: Vortex's CUDA state and memory never mix with ours
             out = subprocess.run([sys.executable, __file__, *args.what, "--_vortex-child", flavour],

@@ -137,7 +137,8 @@ if [[ " $what " == *" deepdecode "* ]]; then  # issue 11: 7b decode step cost at
 fi
 
 if [[ " $what " == *" longdecode "* ]]; then  # issue 11: 7b, 100,000 new tokens (EVO2_LONG_DECODE_TOKENS), ~12 min
-  python3 benchmarks/side_by_side.py long_decode --json "$OUT/long_decode.json" 2>&1 | grep -E "^\{|failed|Error"
+  python3 benchmarks/side_by_side.py long_decode ${LONG_DECODE_FLAGS:-} --json "$OUT/long_decode.json" 2>&1 \
+    | grep -E "^\{|long_decode:|failed|Error"  # LONG_DECODE_FLAGS=--fused-only: the split-KV attention
 fi
 
 if [[ " $what " == *" bench "* ]]; then
