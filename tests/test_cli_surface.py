@@ -90,13 +90,12 @@ def test_cli_surface_is_frozen():
                          f"--update and commit tests/data/cli_surface.json")
 
 
-# train_evo2 flags that legitimately leave TrainSettings unchanged, and why.
-NOT_SETTINGS = {
-    "--grad-reduce-in-fp32": "already the default (the reference cannot turn it off; --no-grad-reduce-in-fp32 does)",
-    "--sequence-parallel": "already the default when TP > 1 (--no-sequence-parallel turns it off)",
+# train_evo2 flags that reach no config key or recipe parameter, and why.
+NOT_CONFIG = {
     "--wandb-offline": "sets WANDB_MODE=offline for the W&B client",
     "--debug": "logging verbosity",
-    "--cpu": "runtime mode (gloo, CPU compat layer), applied before the settings",
+    "--print-config": "prints the resolved config and exits",
+    "--cpu": "runtime mode (gloo, CPU compat layer), applied before the config is built",
     "--help": "prints help",
     "--mock-data": "the baseline of this test",
 }
@@ -113,29 +112,35 @@ def _non_default(action: argparse.Action) -> list[str]:
     if action.nargs == 0:
         return [flag]
     if action.choices:
-        return [flag, next(str(c) for c in action.choices if c != action.default)]
-    if action.type in (int, float):
-        return [flag, "3" if isinstance(action.default, list) else str((action.default or 0) + 3)]
+        return [flag, str(list(action.choices)[-1])]
+    if action.type in (int, float) or getattr(action.type, "__name__", "") == "_zero_is_off":
+        return [flag, "3"]
     return [flag, "dense" if "modules" in flag else "some_value"]
 
 
-def test_every_train_flag_reaches_the_settings_or_is_refused():
-    from evo2_recipe.cli.train import build_parser, settings_from_args
+def test_every_train_flag_reaches_the_config_or_is_refused():
+    """Each flag lands in a key of the recipe's ConfigContainer (set there and read back) or a parameter of
+    ``evo2_pretrain_config``, or is refused with a message naming it - never accepted and ignored."""
+    from evo2_recipe.cli.train import build_parser
+    from evo2_recipe.cli.train_flags import TRAIN_FLAGS, _csv, recipe_defaults, set_key, split_args
+    from evo2_recipe.training.recipe import evo2_pretrain_config
 
     p = build_parser()
-    base = dataclasses.asdict(settings_from_args(p.parse_args(["--mock-data"]), cpu=True))
+    params = recipe_defaults()
+    base = split_args(p.parse_args(["--mock-data"]))
     refused, reached = {}, []
     for action in p._actions:
-        if not action.option_strings or set(action.option_strings) & set(NOT_SETTINGS):
+        if not action.option_strings or set(action.option_strings) & set(NOT_CONFIG):
             continue
         flag = action.option_strings[-1]
         argv = _DATA.get(flag) or ["--mock-data", *_non_default(action)]
         try:
-            settings = dataclasses.asdict(settings_from_args(p.parse_args(argv), cpu=True))
+            recipe, keys = split_args(p.parse_args(argv))
         except SystemExit as e:
             refused[flag] = str(e)
             continue
-        assert settings != base, f"train_evo2 {' '.join(argv)} is accepted but changes nothing"
+        assert (recipe, keys) != base, f"train_evo2 {' '.join(argv)} is accepted but changes nothing"
+        assert set(recipe) <= set(params), f"{flag}: {set(recipe) - set(params)} are no recipe parameters"
         reached.append(flag)
     assert len(reached) > 90, reached
     for flag, message in refused.items():  # refusals name the flag and say why
@@ -143,6 +148,31 @@ def test_every_train_flag_reaches_the_settings_or_is_refused():
     assert set(refused) == {"--use-targeted-variance-loss", "--use-megatron-comm-overlap-llama3-8k",
                             "--nvidia-fault-tolerance", "--hf-tokenizer-model-name", "--tp-comm-overlap-backend"}, \
         refused
+    cfg = evo2_pretrain_config("striped_hyena_tiny", mixed_precision_recipe=None, cpu=True)
+    for f in TRAIN_FLAGS:  # every key target exists and takes the value
+        if "." in f.target and not f.target.startswith("recipe."):
+            value = f.const if f.type is None else f.type("3") if f.type not in (str, _csv) else "x"
+            set_key(cfg, f.target, value)
+            node = cfg
+            for part in f.target.split("."):
+                node = node[part] if isinstance(node, dict) else getattr(node, part)
+            assert node == value or str(node) == f"torch.{value}", (f.target, node, value)
+
+
+def test_config_keys_and_defaults_come_from_one_place(capsys):
+    """A flag not given leaves the recipe's value; a given one lands on its key; ``--print-config`` shows both."""
+    from evo2_recipe.cli.train import build_parser, config_from_args, main
+
+    cfg = config_from_args(build_parser().parse_args(["--mock-data", "--model-size", "striped_hyena_tiny",
+                                                      "--adam-beta2", "0.9", "--wd", "0.2", "--seq-length", "64"]),
+                           cpu=True)
+    assert cfg.optimizer.adam_beta2 == 0.9 and cfg.optimizer.adam_beta1 == 0.9  # given / the recipe's
+    assert cfg.optimizer.weight_decay == cfg.scheduler.start_weight_decay == cfg.scheduler.end_weight_decay == 0.2
+    assert cfg.model.seq_length == cfg.dataset.seq_length == 64
+    assert "WD0.2" in cfg.logger.wandb_exp_name
+    assert main(["--mock-data", "--model-size", "striped_hyena_tiny", "--cpu", "--lr", "0.0123",
+                 "--print-config"]) == 0
+    assert "lr: 0.0123" in capsys.readouterr().out
 
 
 if __name__ == "__main__" and "--update" in sys.argv:

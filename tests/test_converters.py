@@ -312,17 +312,16 @@ def test_converters_keep_source_dtypes_and_refuse_unknown_vortex_tensors(tmp_pat
 
 
 def test_one_sequence_length_for_model_and_data():
-    from evo2_recipe.training.recipe import TrainSettings, apply_overrides, build_config
+    from evo2_recipe.training.recipe import apply_overrides, evo2_pretrain_config
 
-    cfg = apply_overrides(build_config(TrainSettings(model_size="striped_hyena_tiny", mock_data=True,
-                                                     mixed_precision_recipe=None, seq_length=64)),
-                          ["model.seq_length=32"])
+    def tiny():
+        cfg = evo2_pretrain_config("striped_hyena_tiny", mixed_precision_recipe=None, seq_length=64)
+        cfg.dataset.mock = True
+        return cfg
+
+    cfg = apply_overrides(tiny(), ["model.seq_length=32"])
     assert cfg.model.seq_length == cfg.dataset.seq_length == 32  # the dataset follows the model
-    cfg = apply_overrides(build_config(TrainSettings(model_size="striped_hyena_tiny", mock_data=True,
-                                                     mixed_precision_recipe=None, seq_length=64)),
-                          ["dataset.seq_length=48"])
+    cfg = apply_overrides(tiny(), ["dataset.seq_length=48"])
     assert cfg.model.seq_length == cfg.dataset.seq_length == 48
     with pytest.raises(ValueError, match="differ"):
-        apply_overrides(build_config(TrainSettings(model_size="striped_hyena_tiny", mock_data=True,
-                                                   mixed_precision_recipe=None, seq_length=64)),
-                        ["model.seq_length=32", "dataset.seq_length=48"])
+        apply_overrides(tiny(), ["model.seq_length=32", "dataset.seq_length=48"])

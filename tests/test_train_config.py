@@ -3,12 +3,19 @@
 import pytest
 import torch
 
-from evo2_recipe.training.recipe import TrainSettings, build_config
+from evo2_recipe.training.recipe import apply_overrides, evo2_pretrain_config
+
+
+def mock_config(model_size="evo2_1b_base", **recipe):
+    """The recipe's config on mock data, checked as ``train_evo2`` checks it."""
+    cfg = evo2_pretrain_config(model_size, **recipe)
+    cfg.dataset.mock = True
+    return apply_overrides(cfg, [])
 
 
 def test_bf16_recipe_config_validates():
-    cfg = build_config(TrainSettings(model_size="evo2_1b_base", mock_data=True, mixed_precision_recipe="bf16_mixed",
-                                     max_steps=20, warmup_steps=2, constant_steps=0))
+    cfg = mock_config("evo2_1b_base", mixed_precision_recipe="bf16_mixed", max_steps=20, warmup_steps=2,
+                      constant_steps=0)
     cfg.mixed_precision.finalize()
     assert cfg.mixed_precision.bf16 and not cfg.mixed_precision.fp8 and not cfg.mixed_precision.fp8_param
     assert cfg.model.seq_length == 8192 and cfg.scheduler.lr_decay_iters == 18
@@ -17,11 +24,11 @@ def test_bf16_recipe_config_validates():
 
 def test_settings_validation():
     with pytest.raises(ValueError, match="exactly one data source"):
-        build_config(TrainSettings(mock_data=False))
+        apply_overrides(evo2_pretrain_config(), [])
     with pytest.raises(ValueError, match="divisible by 2\\*context-parallel-size"):
-        build_config(TrainSettings(mock_data=True, seq_length=100, context_parallel_size=4))
-    cfg = build_config(TrainSettings(mock_data=True, mixed_precision_recipe=None, spike_no_more_embedding_init=True,
-                                     activation_checkpointing="selective"))
+        mock_config(seq_length=100, context_parallel_size=4)
+    cfg = mock_config(mixed_precision_recipe=None, spike_no_more_embedding_init=True,
+                      activation_checkpointing="selective")
     assert cfg.model.params_dtype == torch.float32 and not cfg.model.share_embeddings_and_output_weights
     assert cfg.model.recompute_granularity == "selective"
 
@@ -65,8 +72,10 @@ def _output_bias_model(rank, world):
 def test_add_bias_output_reaches_the_model():
     from evo2_recipe.utils.spawn import run_on_ranks
 
-    cfg = build_config(TrainSettings(model_size="striped_hyena_tiny", mock_data=True, mixed_precision_recipe=None,
-                                     add_bias_output=True))
+    from evo2_recipe.cli.train import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--mock-data", "--model-size", "striped_hyena_tiny",
+                                                      "--add-bias-output"]), cpu=True)
     assert cfg.model.add_bias_output
     ((shape, delta),) = run_on_ranks(_output_bias_model, 1)
     assert tuple(shape) == (512,) and torch.allclose(delta, torch.full_like(delta, 0.5))
@@ -86,6 +95,6 @@ def test_finetune_from_a_base_without_te_metadata(tmp_path, te_written):
         state["decoder.final_norm._extra_state"] = io.BytesIO()
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_path / "iter_0000001")), no_dist=True)
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
-    cfg = build_config(TrainSettings(mock_data=True, mixed_precision_recipe=None, finetune_ckpt_dir=str(tmp_path)))
+    cfg = mock_config(mixed_precision_recipe=None, finetune_ckpt_dir=str(tmp_path))
     assert cfg.checkpoint.pretrained_checkpoint == str(tmp_path.resolve())
     assert cfg.checkpoint.dist_ckpt_strictness == ("assume_ok_unexpected" if te_written else "log_unexpected")
