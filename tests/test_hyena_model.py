@@ -149,3 +149,37 @@ def _build_bad(rank, world, overrides):
 def test_impossible_group_configuration_is_rejected():
     (msg,) = run_on_ranks(_build_bad, 1, {"num_groups_hyena_short": 3})
     assert msg.startswith("hidden_size 64 is not divisible by num_groups_hyena_short=3")
+
+
+def _hyena_params_with_passed_groups(rank, world):
+    """parallel_state says TP=1; the provider is handed a collection whose TP group holds both ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from hyena_helpers import tiny_provider
+
+    parallel_state.initialize_model_parallel()
+    whole = {n: p.detach().clone() for n, p in tiny_provider().provide().named_parameters() if ".mixer.mixer." in n or "hyena_proj_conv" in n}
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    pg.tp = dist.new_group([0, 1])
+    provider = tiny_provider(tp=2)
+    provider._pg_collection = pg  # what Megatron-Bridge's provide_distributed_model sets
+    model = provider.provide()
+    dense = model.decoder.layers[0].mixer.dense_projection.weight.shape
+    return dense, {n: (p.detach(), whole[n]) for n, p in model.named_parameters() if n in whole}
+
+
+def test_model_uses_the_process_groups_it_is_given():
+    """Issue 13 item 5: the TP group comes from the ProcessGroupCollection handed to the provider (Bridge's
+    ``_pg_collection``), not from parallel_state's globals: each rank holds its TP=2 slice of every Hyena parameter
+    (equal to that slice of the same model built unsharded) and a half-width input projection."""
+    from evo2_recipe.utils.spawn import run_on_ranks
+
+    for rank, (dense_shape, params) in enumerate(run_on_ranks(_hyena_params_with_passed_groups, 2)):
+        assert len(params) >= 9  # 3 Hyena layers: proj conv + filter/bias tensors of hcs, hcm, hcl
+        for name, (mine, whole) in params.items():
+            rows = whole.shape[0] // 2
+            assert mine.shape[0] == rows, name
+            torch.testing.assert_close(mine, whole[rank * rows:(rank + 1) * rows], rtol=0, atol=0, msg=name)
+        assert dense_shape[0] == 3 * 64 // 2  # (3H/TP, H): megatron's linear also took the passed group

@@ -52,6 +52,13 @@ def test_weight_decay_groups():
     assert not key.matches(p2, "decoder.layers.0.mixer.dense_projection.weight")
     assert isinstance(key, ParamKey)
 
+    class WithDecayedFilters(Ctx):  # the provider's hyena_filter_no_wd=False puts the modal filters back
+        model = [type("M", (), {"config": type("C", (), {"hyena_filter_no_wd": False})()})()]
+
+    (key,) = HyenaOptimizerConfigOverrideProvider().build_config_overrides(WithDecayedFilters()).keys()
+    assert not key.matches(p2, "decoder.layers.2.mixer.mixer.filter.R")
+    assert key.matches(p2, "decoder.layers.0.mixer.mixer.short_conv.short_conv_weight")
+
 
 def _output_bias_model(rank, world):
     from megatron.core import parallel_state, tensor_parallel

@@ -100,7 +100,7 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
     use_short_conv_bias: bool = False
     remove_activation_post_first_layer: bool = True
     add_attn_proj_bias: bool = True
-    hyena_filter_no_wd: bool = True
+    hyena_filter_no_wd: bool = True  # no weight decay on the modal filters (p, R, gamma); see recipe.py
     vortex_style_fp8: bool = False
     use_fused_hyena_kernels: bool | None = None  # True: our Triton kernels (CUDA); None/False: plain operators
     embedding_init_method_std: float | None = 0.02
@@ -128,7 +128,7 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
         super().finalize()
 
     def provide(self, pre_process=None, post_process=None, vp_stage=None) -> HyenaModel:
-        from megatron.core import parallel_state
+        from megatron.core.process_groups_config import ProcessGroupCollection
 
         if vp_stage is not None or self.virtual_pipeline_model_parallel_size:
             raise ValueError("virtual pipeline parallelism is not supported for Hyena models")
@@ -140,14 +140,18 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
         if self.should_pad_vocab:
             vocab = calculate_padded_vocab_size(vocab, self.make_vocab_size_divisible_by,
                                                 self.tensor_model_parallel_size)
+        # Bridge's provide_distributed_model hands its process groups over as ``_pg_collection``; the model uses
+        # those (parallel_state's own groups when called directly).
+        pg = getattr(self, "_pg_collection", None) or ProcessGroupCollection.use_mpu_process_groups()
+        stage, stages = (pg.pp.rank(), pg.pp.size()) if pg.pp is not None else (0, 1)
         if pre_process is None:
-            pre_process = parallel_state.is_pipeline_first_stage()
+            pre_process = stage == 0
         if post_process is None:
-            post_process = parallel_state.is_pipeline_last_stage()
+            post_process = stage == stages - 1
         model = HyenaModel(self, get_hyena_stack_spec(self.use_te), vocab_size=vocab,
                            max_sequence_length=self.seq_length, pre_process=pre_process, post_process=post_process,
                            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
-                           to_upper=self.to_upper)
+                           to_upper=self.to_upper, pg_collection=pg)
         # Long/medium filters stay fp32 through the Float16Module cast, in training as in inference.
         return keep_hyena_filters_fp32(model)
 

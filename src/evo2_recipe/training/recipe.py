@@ -57,6 +57,10 @@ class HyenaOptimizerConfigOverrideProvider(OptimizerConfigOverrideProvider):
 
     def build_config_overrides(self, context: OptimizerConfigOverrideProviderContext):
         names = NO_WD_NAMES + (("*embedding*",) if self.no_weight_decay_embeddings else ())
+        models = getattr(context, "model", None)
+        config = getattr((models[0] if isinstance(models, list) and models else models), "config", None)
+        if not getattr(config, "hyena_filter_no_wd", True):  # the provider's switch: decay the modal filters too
+            names = tuple(n for n in names if ".filter." not in n)
         overrides = {ParamKey(name=names, predicate=ParamPredicate(name="is_1d", fn=_is_1d)):
                      ParamGroupOverride(wd_mult=0.0)}
         if context.optimizer_config.decoupled_lr is not None:

@@ -26,33 +26,36 @@ def _identity(x):
     return x
 
 
-def pipeline_layer_range(num_layers: int) -> range:
-    """Global layer indices owned by this pipeline stage (equal contiguous split)."""
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
+def pipeline_layer_range(num_layers: int, pp_group=None) -> range:
+    """Global layer indices owned by this pipeline stage (equal contiguous split over ``pp_group``)."""
+    rank, pp = (pp_group.rank(), pp_group.size()) if pp_group is not None else (0, 1)
     if num_layers % pp:
         raise ValueError(f"num_layers={num_layers} is not divisible by pipeline parallel size {pp}")
     per_stage = num_layers // pp
-    start = parallel_state.get_pipeline_model_parallel_rank() * per_stage
+    start = rank * per_stage
     return range(start, start + per_stage)
 
 
 class HyenaStack(MegatronModule):
-    def __init__(self, config, spec: HyenaStackSpec, *, pre_process: bool = True, post_process: bool = True):
+    def __init__(self, config, spec: HyenaStackSpec, *, pre_process: bool = True, post_process: bool = True,
+                 pg_collection=None):
         super().__init__(config)
+        self.pg_collection = pg_collection  # megatron's ProcessGroupCollection (tp, cp, pp); None: one process
         quantization.require_transformer_engine(config)
         self.pre_process, self.post_process = pre_process, post_process
         self.input_tensor = None
         pattern = parse_pattern(config.hybrid_override_pattern, config.num_layers)
-        self.global_indices = list(pipeline_layer_range(config.num_layers))
+        self.global_indices = list(pipeline_layer_range(config.num_layers,
+                                                        pg_collection.pp if pg_collection is not None else None))
         layers = []
         for i in self.global_indices:
             with quantization.layer_context(config, i, is_init=True):
                 if pattern[i] == ATTENTION:
                     layer = build_module(spec.attention_layer, config=config, layer_number=i + 1,
-                                         add_layer_offset=False)
+                                         add_layer_offset=False, pg_collection=pg_collection)
                 else:
                     layer = build_module(spec.hyena_layer, config=config, layer_number=i + 1,
-                                         operator_type=pattern[i])
+                                         operator_type=pattern[i], pg_collection=pg_collection)
             if config.remove_activation_post_first_layer and i > 0:
                 self._make_mlp_bilinear(layer)
             layers.append(layer)
@@ -147,5 +150,6 @@ class HyenaStack(MegatronModule):
             from megatron.core.transformer.utils import sharded_state_dict_default
 
             sharded.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", sharded_offsets,
-                                                      metadata, parallel_state.get_tensor_model_parallel_group()))
+                                                      metadata, self.pg_collection.tp if self.pg_collection is not None
+                                                      else parallel_state.get_tensor_model_parallel_group()))
         return sharded

@@ -29,17 +29,19 @@ class HyenaLayerSubmodules:
 
 
 class HyenaLayer(MegatronModule):
-    def __init__(self, config, submodules: HyenaLayerSubmodules, layer_number: int, operator_type: str):
+    def __init__(self, config, submodules: HyenaLayerSubmodules, layer_number: int, operator_type: str,
+                 pg_collection=None):
         super().__init__(config)
         self.layer_number = layer_number  # 1-based global index, as megatron's TransformerLayer
         self.operator_type = operator_type
         self.norm = build_module(submodules.norm, config=config, hidden_size=config.hidden_size,
                                  eps=config.layernorm_epsilon)
         self.mixer: HyenaMixer = build_module(submodules.mixer, config=config, operator_type=operator_type,
-                                              layer_number=layer_number)
+                                              layer_number=layer_number, pg_collection=pg_collection)
         self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config,
                                               hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
-        self.mlp = build_module(submodules.mlp, config=config)
+        self.mlp = build_module(submodules.mlp, config=config,
+                                tp_group=pg_collection.tp if pg_collection is not None else None)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None, inference_context=None,
                 **_unused):

@@ -70,6 +70,10 @@ class SDPAttention(MegatronModule):
         super().__init__(config)
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
+        cp_group = pg_collection.cp if pg_collection is not None else None
+        if cp_group is None and parallel_state.model_parallel_is_initialized():
+            cp_group = parallel_state.get_context_parallel_group()
+        self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -82,10 +86,9 @@ class SDPAttention(MegatronModule):
             k = k.repeat_interleave(nh // k.shape[1], dim=1)
             v = v.repeat_interleave(nh // v.shape[1], dim=1)
         dropout = self.dropout if self.training else 0.0
-        cp = parallel_state.get_context_parallel_world_size()
         mask_type = attn_mask_type or self.attn_mask_type
-        if cp > 1:
-            out = self._cp_attention(q, k, v, cp, dropout)
+        if self.cp_group is not None:
+            out = self._cp_attention(q, k, v, self.cp_group.size(), dropout)
         elif Lq == k.shape[2] and mask_type == AttnMaskType.causal:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.softmax_scale)
         else:
@@ -97,8 +100,8 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(Lq, B, nh * d)
 
     def _cp_attention(self, q, k, v, cp, dropout):
-        group = parallel_state.get_context_parallel_group()
-        rank = parallel_state.get_context_parallel_rank()
+        group = self.cp_group
+        rank = group.rank()
         L_local = q.shape[2]
         L = L_local * cp
         k_all = cp_comm.all_gather_cp(k, group)  # (CP, B, heads, L_local, d)

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
@@ -41,23 +41,24 @@ from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chun
 INFERENCE_CHUNK_ELEMENTS = 1 << 27
 
 
-def _tp_rank_world() -> tuple[int, int]:
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+def _rank_world(group) -> tuple[int, int]:
+    """(rank, size) in a process group; no group (model parallelism not initialised) is a group of one."""
+    return (group.rank(), group.size()) if group is not None else (0, 1)
 
 
-def _cp_group():
-    if parallel_state.get_context_parallel_world_size() > 1:
-        return parallel_state.get_context_parallel_group()
-    return None
+def _split_group(group):
+    """The group when it really splits the work (size > 1), else None."""
+    return group if group is not None and group.size() > 1 else None
 
 
 def causal_conv_with_context(x_BCL: torch.Tensor, conv, halo: int, state: HyenaLayerState | None,
-                             name: str) -> torch.Tensor:
+                             name: str, cp_group=None) -> torch.Tensor:
     """``conv(x, left_context)`` with the left context each mode needs: the decode state's window ``name``, the
-    previous context-parallel chunk's last ``halo`` values (per zigzag half), or none (zero padding)."""
+    previous context-parallel chunk's last ``halo`` values (per zigzag half; ``cp_group`` of size > 1), or none (zero
+    padding)."""
     if state is not None:
         return conv(x_BCL, state.take_window(name, x_BCL, halo))
-    group = _cp_group()
+    group = _split_group(cp_group)
     if group is None:
         return conv(x_BCL, None)
     left_a, left_b = cp_comm.halo_left_context(x_BCL, halo, group)
@@ -65,9 +66,9 @@ def causal_conv_with_context(x_BCL: torch.Tensor, conv, halo: int, state: HyenaL
     return torch.cat([conv(x_a, left_a), conv(x_b, left_b)], dim=-1)
 
 
-def _sharded_param(full: torch.Tensor, config, *, fp32: bool = False) -> nn.Parameter:
+def _sharded_param(full: torch.Tensor, config, tp_group, *, fp32: bool = False) -> nn.Parameter:
     """This TP rank's dim-0 slice of a full, rank-independently initialised tensor, as a TP-sharded parameter."""
-    rank, world = _tp_rank_world()
+    rank, world = _rank_world(tp_group)
     if full.shape[0] % world:
         raise ValueError(f"{full.shape[0]} rows cannot be split over tensor parallel size {world}")
     rows = full.shape[0] // world
@@ -108,11 +109,11 @@ class _ShardedDim0(MegatronModule):
 class ShortConv(_ShardedDim0):
     """Depthwise causal conv on the 3H projection; weight ``short_conv_weight`` (3Hp, K), last tap = current token."""
 
-    def __init__(self, config, channels: int, kernel_size: int, gen: torch.Generator):
+    def __init__(self, config, channels: int, kernel_size: int, gen: torch.Generator, tp_group=None):
         super().__init__(config)
         self.kernel_size = kernel_size
         self.short_conv_weight = _sharded_param(_uniform((channels, kernel_size), math.sqrt(1 / kernel_size), gen),
-                                                config)
+                                                config, tp_group)
 
     def forward(self, x_BCL: torch.Tensor, left_context: torch.Tensor | None = None) -> torch.Tensor:
         return ops.causal_depthwise_conv(x_BCL, self.short_conv_weight, left_context)
@@ -121,10 +122,12 @@ class ShortConv(_ShardedDim0):
 class GroupedShortConv(_ShardedDim0):
     """hcs inner conv: grouped weight ``short_conv_weight`` (Gp, 1, 7) expanded to the rank's channels."""
 
-    def __init__(self, config, num_groups: int, kernel_size: int, init_bound: float, gen: torch.Generator):
+    def __init__(self, config, num_groups: int, kernel_size: int, init_bound: float, gen: torch.Generator,
+                 tp_group=None):
         super().__init__(config)
         self.kernel_size = kernel_size
-        self.short_conv_weight = _sharded_param(_uniform((num_groups, 1, kernel_size), init_bound, gen), config)
+        self.short_conv_weight = _sharded_param(_uniform((num_groups, 1, kernel_size), init_bound, gen), config,
+                                                tp_group)
 
     def weight_CK(self, channels: int) -> torch.Tensor:
         return ops.expand_groups(self.short_conv_weight[:, 0], channels)
@@ -170,11 +173,11 @@ def keep_hyena_filters_fp32(model: torch.nn.Module) -> torch.nn.Module:
 class ExplicitDecayFilter(_Fp32Filter):
     """hcm filter: ``h`` (Gp, 128) times the fixed persistent buffer ``decay`` (Gp, 128), both fp32."""
 
-    def __init__(self, config, num_groups: int, length: int, preset: str, gen: torch.Generator):
+    def __init__(self, config, num_groups: int, length: int, preset: str, gen: torch.Generator, tp_group=None):
         super().__init__(config)
         self.h = _sharded_param(torch.randn(num_groups, length, generator=gen) / math.sqrt(length) * 1e-5, config,
-                                fp32=True)
-        rank, world = _tp_rank_world()
+                                tp_group, fp32=True)
+        rank, world = _rank_world(tp_group)
         rows = num_groups // world
         decay = ops.decay_rates(num_groups, length, preset)[rank * rows:(rank + 1) * rows]
         self.register_buffer("decay", decay.to(self.h.device), persistent=True)
@@ -188,13 +191,13 @@ class ImplicitModalFilter(_Fp32Filter):
     """hcl filter: ``gamma``, ``R``, ``p`` (Gp, 16) fp32; ``h[g, t] = sum_o R exp(-exp(p) exp(gamma) t)``."""
 
     def __init__(self, config, num_groups: int, order: int, gamma_min: float, gamma_max: float,
-                 gen: torch.Generator):
+                 gen: torch.Generator, tp_group=None):
         super().__init__(config)
         self.gamma = _sharded_param(torch.empty(num_groups, order).uniform_(gamma_min, gamma_max, generator=gen).log(),
-                                    config, fp32=True)
+                                    config, tp_group, fp32=True)
         self.R = _sharded_param(0.1 * torch.randn(num_groups, order, generator=gen) / math.sqrt(order), config,
-                                fp32=True)
-        self.p = _sharded_param(torch.full((num_groups, order), -1.0), config, fp32=True)
+                                tp_group, fp32=True)
+        self.p = _sharded_param(torch.full((num_groups, order), -1.0), config, tp_group, fp32=True)
 
     def forward(self, L: int, groups: slice = slice(None)) -> torch.Tensor:
         """The modal filter of ``groups`` (all by default) for ``L`` positions: (G', L) fp32."""
@@ -208,27 +211,29 @@ class HyenaOperator(_ShardedDim0):
     """One of hcs / hcm / hcl acting on de-interleaved ``x1, x2, v`` (B, Hp, L)."""
 
     def __init__(self, config, operator_type: str, hyena: HyenaConfig, use_short_conv_bias: bool,
-                 gen: torch.Generator):
+                 gen: torch.Generator, tp_group=None, cp_group=None):
         super().__init__(config)
-        _, tp = _tp_rank_world()
+        _, tp = _rank_world(tp_group)
+        self.cp_group = _split_group(cp_group)  # None without context parallelism
         H = config.hidden_size
         self.operator_type = operator_type
         self.channels = H // tp
         if operator_type == HYENA_SHORT:
             G = config.num_groups_hyena_short
             self.short_conv = GroupedShortConv(config, G, hyena.hyena_short_conv_len,
-                                               init_bound=math.sqrt(1 / hyena.short_conv_L), gen=gen)
-            self.conv_bias = (_sharded_param(_uniform((G,), math.sqrt(1 / hyena.hyena_short_conv_len), gen), config)
-                              if use_short_conv_bias else None)
+                                               init_bound=math.sqrt(1 / hyena.short_conv_L), gen=gen,
+                                               tp_group=tp_group)
+            self.conv_bias = (_sharded_param(_uniform((G,), math.sqrt(1 / hyena.hyena_short_conv_len), gen), config,
+                                             tp_group) if use_short_conv_bias else None)
         elif operator_type == HYENA_MEDIUM:
             K = hyena.hyena_medium_conv_len
             self.filter = ExplicitDecayFilter(config, config.num_groups_hyena_medium, K,
-                                              hyena.explicit_filter_decay_preset, gen)
-            self.conv_bias = _sharded_param(_uniform((H,), math.sqrt(1 / K), gen), config)
+                                              hyena.explicit_filter_decay_preset, gen, tp_group)
+            self.conv_bias = _sharded_param(_uniform((H,), math.sqrt(1 / K), gen), config, tp_group)
         elif operator_type == HYENA_LONG:
             self.filter = ImplicitModalFilter(config, config.num_groups_hyena, hyena.hyena_filter_order,
-                                              hyena.modal_gamma_min, hyena.modal_gamma_max, gen)
-            self.conv_bias = _sharded_param(_uniform((H,), math.sqrt(1 / config.seq_length), gen), config)
+                                              hyena.modal_gamma_min, hyena.modal_gamma_max, gen, tp_group)
+            self.conv_bias = _sharded_param(_uniform((H,), math.sqrt(1 / config.seq_length), gen), config, tp_group)
         else:
             raise ValueError(f"unknown Hyena operator type {operator_type!r}")
 
@@ -284,7 +289,7 @@ class HyenaOperator(_ShardedDim0):
     def _short(self, u, state):
         w = self.short_conv.weight_CK(self.channels)
         y = causal_conv_with_context(u, lambda x, left: ops.causal_depthwise_conv(x, w, left), w.shape[-1] - 1,
-                                     state, "short")
+                                     state, "short", self.cp_group)
         if self.conv_bias is not None:  # NV models: learnable per-group skip term
             y = y + u * ops.expand_groups(self.conv_bias, self.channels).to(u.dtype)[:, None]
         return y
@@ -302,14 +307,14 @@ class HyenaOperator(_ShardedDim0):
         return ops.expand_groups(h, h.shape[0] * (self.channels // self.filter_groups))[within]
 
     def _long(self, u, state):
-        group = _cp_group()
+        group = self.cp_group
         if state is not None:
             if group is not None:
                 raise NotImplementedError("cached decoding with context parallelism is not supported; use CP=1")
             return self._long_with_state(u, state)
         if group is None:
             return self._fft_conv(u, 0)
-        cp_rank = parallel_state.get_context_parallel_rank()
+        cp_rank = group.rank()
         u_full = cp_comm.seq_to_channel_split(u, group)  # (B, Hp/CP, L)
         y = self._fft_conv(u_full, cp_rank * u_full.shape[1])  # filters of this rank's channels only
         return cp_comm.channel_to_seq_split(y, group)
@@ -362,10 +367,11 @@ class HyenaMixer(MegatronModule):
     """Projection + short conv + Hyena operator + output projection (one per Hyena layer)."""
 
     def __init__(self, config, submodules: HyenaMixerSubmodules, operator_type: str, layer_number: int,
-                 hyena: HyenaConfig | None = None):
+                 hyena: HyenaConfig | None = None, pg_collection=None):
         super().__init__(config)
         hyena = hyena or HYENA
-        _, tp = _tp_rank_world()
+        tp_group, cp_group = (pg_collection.tp, pg_collection.cp) if pg_collection is not None else (None, None)
+        _, tp = _rank_world(tp_group)
         H = config.hidden_size
         for name in ("num_groups_hyena", "num_groups_hyena_medium", "num_groups_hyena_short"):
             if getattr(config, name) % tp:
@@ -378,13 +384,15 @@ class HyenaMixer(MegatronModule):
         self.dense_projection = build_module(
             submodules.dense_projection, H, 3 * H, config=config, init_method=config.init_method,
             gather_output=False, bias=False, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc1",
+            tp_group=tp_group,
         )
         gen = init_generator(layer_number)
-        self.hyena_proj_conv = ShortConv(config, 3 * H, hyena.short_conv_L, gen)
-        self.mixer = HyenaOperator(config, operator_type, hyena, config.use_short_conv_bias, gen)
+        self.hyena_proj_conv = ShortConv(config, 3 * H, hyena.short_conv_L, gen, tp_group)
+        self.mixer = HyenaOperator(config, operator_type, hyena, config.use_short_conv_bias, gen, tp_group, cp_group)
         self.dense = build_module(
             submodules.dense, H, H, config=config, init_method=config.output_layer_init_method, bias=True,
             input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2",
+            tp_group=tp_group,
         )
 
     def _fused_operator(self, features_LBC3: torch.Tensor) -> torch.Tensor:
@@ -401,13 +409,13 @@ class HyenaMixer(MegatronModule):
 
     def forward(self, x_LBH: torch.Tensor, state: HyenaLayerState | None = None):
         features, _ = quantization.hyena_input_projection(self.config, self.dense_projection, x_LBH)  # (L, B, 3Hp)
-        if state is None and _cp_group() is None and fused_kernels_enabled(self.config, features):
+        if state is None and self.mixer.cp_group is None and fused_kernels_enabled(self.config, features):
             return self.dense(self._fused_operator(features))
         if state is not None and features.shape[0] == 1:  # one decode token
             return self.dense(self._decode_step(features, state))
         features = features.permute(1, 2, 0)  # (B, 3Hp, L)
         features = causal_conv_with_context(features, self.hyena_proj_conv, self.hyena_proj_conv.kernel_size - 1,
-                                            state, "proj")
+                                            state, "proj", self.mixer.cp_group)
         x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]  # channel-interleaved (spec 2.3)
         z = self.mixer(x1, x2, v, state)  # (B, Hp, L)
         return self.dense(z.permute(2, 0, 1).contiguous())  # (y, bias), (L, B, H)

@@ -10,7 +10,7 @@ micro-batch and, under context parallelism, over all CP ranks so results do not 
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -33,8 +33,9 @@ class HyenaModel(LanguageModule):
     def __init__(self, config, spec: HyenaStackSpec, *, vocab_size: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, parallel_output: bool = True,
                  share_embeddings_and_output_weights: bool = True, to_upper: str = "normalized_weighted",
-                 hyena: HyenaConfig | None = None):
-        super().__init__(config=config)
+                 hyena: HyenaConfig | None = None, pg_collection=None):
+        # pg_collection: megatron's ProcessGroupCollection; None takes parallel_state's groups (LanguageModule)
+        super().__init__(config=config, pg_collection=pg_collection)
         self.model_type = ModelType.encoder_or_decoder
         self.hyena = hyena or HYENA
         self.vocab_size = vocab_size
@@ -46,20 +47,22 @@ class HyenaModel(LanguageModule):
         self.position_embedding_type = "rope"
         if pre_process:
             self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length,
-                                                    position_embedding_type="rope")
+                                                    position_embedding_type="rope", tp_group=self.pg_collection.tp)
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels, rotary_percent=config.rotary_percent,
             seq_len_interpolation_factor=config.seq_len_interpolation_factor, rotary_base=config.rotary_base,
             use_cpu_initialization=config.use_cpu_initialization,
-            cp_group=parallel_state.get_context_parallel_group() if parallel_state.is_initialized() else None,
+            cp_group=self.pg_collection.cp,
         )
-        self.decoder = HyenaStack(config, spec, pre_process=pre_process, post_process=post_process)
+        self.decoder = HyenaStack(config, spec, pre_process=pre_process, post_process=post_process,
+                                  pg_collection=self.pg_collection)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size, vocab_size, config=config, init_method=config.init_method,
                 bias=bool(getattr(config, "add_bias_output", False)),
                 skip_bias_add=False, gather_output=not parallel_output,
                 skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
+                tp_group=self.pg_collection.tp,
             )
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
@@ -101,7 +104,7 @@ class HyenaModel(LanguageModule):
         if hidden_layer is None:
             return None
         n = len(self.decoder.layers)
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        if self.pg_collection.pp is not None and self.pg_collection.pp.size() > 1:
             raise ValueError("hidden_layer needs the whole stack on one pipeline stage (PP=1)")
         if not -n <= hidden_layer < n:
             raise ValueError(f"Invalid embedding_layer={hidden_layer} for model with {n} layers. "
@@ -116,7 +119,7 @@ class HyenaModel(LanguageModule):
         weights = torch.where(lower, self.hyena.lowercase_loss_reweighting, 1.0).to(ce.dtype) * mask
         if self.to_upper == "normalized_weighted":
             sums = torch.stack([mask.sum(), weights.sum()]).float()
-            if parallel_state.get_context_parallel_world_size() > 1:
-                torch.distributed.all_reduce(sums, group=parallel_state.get_context_parallel_group())
+            if self.cp_group is not None and self.cp_group.size() > 1:
+                torch.distributed.all_reduce(sums, group=self.cp_group)
             weights = weights * (sums[0] / sums[1].clamp(min=1.0)).to(ce.dtype)
         return ce * weights
