@@ -4,7 +4,6 @@ after an intended change, and say so in the changelog of the pull request).
 """
 
 import argparse
-import dataclasses
 import importlib
 import json
 import re
@@ -12,7 +11,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT.parent / "shared/spec/reference_cli_data_train_infer.md"  # only to regenerate REFERENCE_FLAGS

@@ -19,10 +19,12 @@ from evo2_recipe.cli.train_flags import add_flags, recipe_defaults, set_key, spl
 
 logger = logging.getLogger("train_evo2")
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_evo2", description="Train an Evo2/Hyena-family model. Each flag's help "
                                 "ends with where its value goes: a ConfigContainer key or a parameter of the recipe "
-                                "function evo2_pretrain_config, whose defaults apply to flags not given.")
+                                "function evo2_pretrain_config, whose defaults apply to flags not given "
+                                "(--print-config shows the resolved config).")
     add_flags(p)
     add_cpu_flag(p)
     p.add_argument("overrides", nargs="*", help="Hydra-style overrides, e.g. model.num_layers=4 optimizer.lr=3e-4")
