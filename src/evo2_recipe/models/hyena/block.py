@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
@@ -37,16 +36,15 @@ def pipeline_layer_range(num_layers: int, pp_group=None) -> range:
 
 
 class HyenaStack(MegatronModule):
-    def __init__(self, config, spec: HyenaStackSpec, *, pre_process: bool = True, post_process: bool = True,
-                 pg_collection=None):
+    def __init__(self, config, spec: HyenaStackSpec, *, pg_collection, pre_process: bool = True,
+                 post_process: bool = True):
         super().__init__(config)
-        self.pg_collection = pg_collection  # megatron's ProcessGroupCollection (tp, cp, pp); None: one process
+        self.pg_collection = pg_collection  # megatron's ProcessGroupCollection (tp, cp, pp), from HyenaModel
         quantization.require_transformer_engine(config)
         self.pre_process, self.post_process = pre_process, post_process
         self.input_tensor = None
         pattern = parse_pattern(config.hybrid_override_pattern, config.num_layers)
-        self.global_indices = list(pipeline_layer_range(config.num_layers,
-                                                        pg_collection.pp if pg_collection is not None else None))
+        self.global_indices = list(pipeline_layer_range(config.num_layers, pg_collection.pp))
         layers = []
         for i in self.global_indices:
             with quantization.layer_context(config, i, is_init=True):
@@ -150,6 +148,5 @@ class HyenaStack(MegatronModule):
             from megatron.core.transformer.utils import sharded_state_dict_default
 
             sharded.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", sharded_offsets,
-                                                      metadata, self.pg_collection.tp if self.pg_collection is not None
-                                                      else parallel_state.get_tensor_model_parallel_group()))
+                                                      metadata, self.pg_collection.tp))
         return sharded

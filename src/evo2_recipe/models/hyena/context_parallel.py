@@ -18,6 +18,11 @@ import torch
 import torch.distributed as dist
 
 
+def active_group(group):
+    """``group`` when it really splits the sequence (size > 1), else None: the one test every CP branch makes."""
+    return group if group is not None and group.size() > 1 else None
+
+
 def zigzag_chunk_ids(rank: int, cp_size: int) -> tuple[int, int]:
     """Global chunk indices (out of ``2*cp_size``) held by ``rank``."""
     return rank, 2 * cp_size - 1 - rank

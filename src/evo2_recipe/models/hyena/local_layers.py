@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
@@ -70,10 +70,8 @@ class SDPAttention(MegatronModule):
         super().__init__(config)
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
-        cp_group = pg_collection.cp if pg_collection is not None else None
-        if cp_group is None and parallel_state.model_parallel_is_initialized():
-            cp_group = parallel_state.get_context_parallel_group()
-        self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
+        # megatron's Attention hands its ProcessGroupCollection to the core attention it builds
+        self.cp_group = cp_comm.active_group(pg_collection.cp if pg_collection is not None else None)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,

@@ -46,11 +46,6 @@ def _rank_world(group) -> tuple[int, int]:
     return (group.rank(), group.size()) if group is not None else (0, 1)
 
 
-def _split_group(group):
-    """The group when it really splits the work (size > 1), else None."""
-    return group if group is not None and group.size() > 1 else None
-
-
 def causal_conv_with_context(x_BCL: torch.Tensor, conv, halo: int, state: HyenaLayerState | None,
                              name: str, cp_group=None) -> torch.Tensor:
     """``conv(x, left_context)`` with the left context each mode needs: the decode state's window ``name``, the
@@ -58,7 +53,7 @@ def causal_conv_with_context(x_BCL: torch.Tensor, conv, halo: int, state: HyenaL
     padding)."""
     if state is not None:
         return conv(x_BCL, state.take_window(name, x_BCL, halo))
-    group = _split_group(cp_group)
+    group = cp_comm.active_group(cp_group)
     if group is None:
         return conv(x_BCL, None)
     left_a, left_b = cp_comm.halo_left_context(x_BCL, halo, group)
@@ -214,7 +209,7 @@ class HyenaOperator(_ShardedDim0):
                  gen: torch.Generator, tp_group=None, cp_group=None):
         super().__init__(config)
         _, tp = _rank_world(tp_group)
-        self.cp_group = _split_group(cp_group)  # None without context parallelism
+        self.cp_group = cp_comm.active_group(cp_group)  # None without context parallelism
         H = config.hidden_size
         self.operator_type = operator_type
         self.channels = H // tp
