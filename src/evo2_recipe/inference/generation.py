@@ -98,7 +98,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
     device = next(model.parameters()).device
     slots = min(max_batch_size or len(prompts), len(prompts))
     generator = torch.Generator(device=device).manual_seed(params.seed if params.seed is not None else 1234)
-    ctx = HyenaInferenceContext(max_batch_size=slots, max_sequence_length=longest)
+    ctx = HyenaInferenceContext(max_batch_size=slots, max_sequence_length=longest,
+                               materialize_only_last_token_logits=True)
     n = params.max_new_tokens
     out_tokens = torch.zeros(slots, n, dtype=torch.long, device=device)  # this sequence's new tokens so far
     out_lp = torch.zeros(slots, n, dtype=torch.float32, device=device)

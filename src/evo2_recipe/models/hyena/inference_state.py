@@ -200,14 +200,17 @@ class HyenaInferenceContext:
     """Generation state of a whole model for ``max_batch_size`` slots and up to ``max_sequence_length`` positions.
 
     Usage: ``logits = model(tokens, inference_context=ctx)``, then ``ctx.advance(tokens.shape[1])`` before the next
-    chunk. ``ctx.slot(i)`` is the same state restricted to slot ``i`` (prefill one new prompt), ``ctx.reset_slot(i)``
+    chunk (logits of the chunk's last position only with ``materialize_only_last_token_logits``, as megatron's
+    inference contexts name it). ``ctx.slot(i)`` is the same state restricted to slot ``i`` (prefill one new prompt), ``ctx.reset_slot(i)``
     empties a slot for its next sequence. Positions live on the device, so decoding needs no host synchronisation.
     """
 
-    def __init__(self, max_batch_size: int, max_sequence_length: int, *, _storage: _Storage | None = None,
+    def __init__(self, max_batch_size: int, max_sequence_length: int, *,
+                 materialize_only_last_token_logits: bool = False, _storage: _Storage | None = None,
                  _rows: slice = slice(None)):
         self._storage = _storage or _Storage(max_batch_size, max_sequence_length)
         self._rows = _rows
+        self.materialize_only_last_token_logits = materialize_only_last_token_logits  # logits (B, 1, V) per chunk
         self.max_batch_size, self.max_sequence_length = max_batch_size, max_sequence_length
 
     def bind_rotary(self, rotary: torch.nn.Module, config, device) -> None:
@@ -241,7 +244,8 @@ class HyenaInferenceContext:
 
     def slot(self, index: int) -> HyenaInferenceContext:
         return HyenaInferenceContext(1, self.max_sequence_length, _storage=self._storage,
-                                     _rows=slice(index, index + 1))
+                                     _rows=slice(index, index + 1),
+                                     materialize_only_last_token_logits=self.materialize_only_last_token_logits)
 
     def reset_slot(self, index: int) -> None:
         for t in self._storage.tensors.values():
