@@ -60,6 +60,23 @@ def test_plain_short_hyena_equals_direct_sums():
     torch.testing.assert_close(ops.short_hyena(f, wp, ws, b)[:, 0], z, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("G,O,L", [(6, 16, 37), (3, 16, 1), (20, 4, 2100)])  # L: backward over 2 programs
+def test_fused_modal_filter_equals_plain(G, O, L):
+    from evo2_recipe.models.hyena.kernels.modal_filter import modal_filter as fused
+
+    g = torch.Generator().manual_seed(G + L)
+    p = -1.0 + 0.3 * torch.randn(G, O, generator=g)
+    gamma = torch.empty(G, O).uniform_(0.01, 0.1, generator=g).log()  # the model's gamma range (spec 2.4)
+    R = 0.1 * torch.randn(G, O, generator=g)
+    args = [t.to(DEVICE).requires_grad_() for t in (p, gamma, R)]
+    ref, out = ops.modal_filter(*args, L), fused(*args, L)
+    assert out.shape == (G, L) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    grad = torch.randn(G, L, generator=g).to(DEVICE)
+    for a, b, name in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad), "p gamma R"):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def _model_fused_vs_plain(rank, world, name):
     from megatron.core import parallel_state, tensor_parallel
 

@@ -145,7 +145,7 @@ def _decayed_sum(u_BCT: torch.Tensor, log_poles_CO: torch.Tensor) -> torch.Tenso
     B, C, T = u_BCT.shape
     K = 1 << (max(T - 1, 1).bit_length() + 1) // 2
     n = -(-T // K)
-    u = F.pad(u_BCT, (n * K - T, 0)).view(B, C, n, K)
+    u = (F.pad(u_BCT, (n * K - T, 0)) if n * K != T else u_BCT).view(B, C, n, K)
     j = torch.arange(K - 1, -1, -1, device=u.device, dtype=torch.float32)  # K-1-j for in-block offset j
     per_block = torch.einsum("bcnk,cok->bcno", u, torch.exp(log_poles_CO[..., None] * j))
     after = torch.arange(n - 1, -1, -1, device=u.device, dtype=torch.float32) * K  # positions after block c's end

@@ -33,7 +33,7 @@ from evo2_recipe.models.hyena import context_parallel as cp_comm
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
-from evo2_recipe.models.hyena.kernels import fused_decode_enabled, fused_kernels_enabled
+from evo2_recipe.models.hyena.kernels import fused_decode_enabled, fused_kernels_enabled, fused_modal_filter_enabled
 from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update, modal_step
 
 
@@ -195,7 +195,12 @@ class ImplicitModalFilter(_Fp32Filter):
         self.p = _sharded_param(torch.full((num_groups, order), -1.0), config, tp_group, fp32=True)
 
     def forward(self, L: int, groups: slice = slice(None)) -> torch.Tensor:
-        """The modal filter of ``groups`` (all by default) for ``L`` positions: (G', L) fp32."""
+        """The modal filter of ``groups`` (all by default) for ``L`` positions: (G', L) fp32 (one Triton pass where
+        the kernel is on, see ``kernels/modal_filter.py``)."""
+        if fused_modal_filter_enabled(self.config, self.p):
+            from evo2_recipe.models.hyena.kernels.modal_filter import modal_filter
+
+            return modal_filter(self.p[groups], self.gamma[groups], self.R[groups], L)
         return ops.modal_filter(self.p[groups], self.gamma[groups], self.R[groups], L)
 
     def log_poles(self) -> torch.Tensor:

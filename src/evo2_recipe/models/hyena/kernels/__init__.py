@@ -1,8 +1,9 @@
 """Fused Triton kernels for the Hyena operators; each has its plain-PyTorch twin in ``operators.py`` as test oracle.
 
-The one-token decode kernel is on by default on CUDA (:func:`fused_decode_enabled`). The prefill/training kernels
-(9-10 % slower than the plain path on an H200 today) and the split-KV decode attention (``decode_attention.py``, not
-yet measured on a GPU) are opt-in until they beat the plain path there:
+The one-token decode kernel and the hcl filter kernel are on by default on CUDA (:func:`fused_decode_enabled`,
+:func:`fused_modal_filter_enabled`: measured faster than their plain twins). The short-operator and gating kernels
+(9-10 % slower than the plain path on an H200 today) and the split-KV decode attention (``decode_attention.py``,
+slower than the masked SDPA at every cache depth measured) are opt-in until they beat the plain path there:
 ``use_fused_hyena_kernels=True`` on the provider, ``--use-subquadratic-ops`` on the tools, or
 ``EVO2_FUSED_KERNELS=1``; ``EVO2_FUSED_KERNELS=0`` always turns every kernel off. On CPU the tests run the kernels under Triton's
 interpreter (``TRITON_INTERPRET=1``).
@@ -33,16 +34,26 @@ def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def fused_decode_enabled(config, x: torch.Tensor) -> bool:
-    """The one-token decode kernel (``hyena_decode.py``): on by default on CUDA (measured faster than the eager step,
-    see benchmarks/RESULTS.md); off with ``use_fused_hyena_kernels=False`` or ``EVO2_FUSED_KERNELS=0``. On the CPU
-    only when asked for under the Triton interpreter (tests)."""
+def _on_by_default(config, x: torch.Tensor) -> bool:
+    """A kernel measured faster than its plain twin on the GPU: on for CUDA tensors unless turned off
+    (``use_fused_hyena_kernels=False`` or ``EVO2_FUSED_KERNELS=0``); on the CPU only when asked for under the Triton
+    interpreter (tests)."""
     asked = _asked(config)
     if asked is False or importlib.util.find_spec("triton") is None:
         return False
     if x.is_cuda:
         return True
     return bool(asked) and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_decode_enabled(config, x: torch.Tensor) -> bool:
+    """The one-token decode kernel (``hyena_decode.py``), on by default on CUDA (see :func:`_on_by_default`)."""
+    return _on_by_default(config, x)
+
+
+def fused_modal_filter_enabled(config, x: torch.Tensor) -> bool:
+    """The hcl filter kernel (``modal_filter.py``), on by default on CUDA (see :func:`_on_by_default`)."""
+    return _on_by_default(config, x)
 
 
 def describe_subquadratic_request() -> str:
