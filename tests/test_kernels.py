@@ -22,44 +22,6 @@ def _inputs(L, B, C, bias, seed=0, dtype=torch.float32):
     return [t.to(DEVICE, dtype).requires_grad_() if t is not None else None for t in (f, wp, ws, b)]
 
 
-@pytest.mark.parametrize("L,B,C,bias", [(37, 2, 8, False), (5, 1, 8, True), (64, 3, 80, True), (1, 2, 16, False)])
-def test_fused_short_hyena_equals_plain(L, B, C, bias):
-    from evo2_recipe.models.hyena.kernels.short_hyena import short_hyena as fused
-
-    args = _inputs(L, B, C, bias)
-    ref = ops.short_hyena(*args)
-    out = fused(*args)
-    assert out.shape == (L, B, C)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(ref)
-    want = [t for t in args if t is not None]
-    g_ref = torch.autograd.grad(ref, want, grad)
-    g_out = torch.autograd.grad(out, want, grad)
-    for a, b in zip(g_out, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_plain_short_hyena_equals_direct_sums():
-    """The plain twin itself against a loop over the definition (independent of conv1d)."""
-    f, wp, ws, b = (t.detach().cpu() for t in _inputs(11, 1, 4, True, seed=3))
-    L, C = f.shape[0], f.shape[2] // 3
-    fp = torch.zeros(L, 3 * C)
-    for t in range(L):
-        for j in range(3):
-            if t - 2 + j >= 0:
-                fp[t] += wp[:, j] * f[t - 2 + j, 0]
-    x1, x2, v = fp[:, 0::3], fp[:, 1::3], fp[:, 2::3]
-    u = x2 * v
-    z = torch.zeros(L, C)
-    for t in range(L):
-        y = b * u[t]
-        for k in range(7):
-            if t - 6 + k >= 0:
-                y = y + ws[:, k] * u[t - 6 + k]
-        z[t] = x1[t] * y
-    torch.testing.assert_close(ops.short_hyena(f, wp, ws, b)[:, 0], z, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("G,O,L", [(6, 16, 37), (3, 16, 1), (20, 4, 2100)])  # L: backward over 2 programs
 def test_fused_modal_filter_equals_plain(G, O, L):
     from evo2_recipe.models.hyena.kernels.modal_filter import modal_filter as fused
@@ -92,7 +54,7 @@ def _model_fused_vs_plain(rank, world, name):
             weights = randomise_weights_(model).state_dict()
         model.load_state_dict(weights)
         tokens, labels = (t.to(DEVICE) for t in dna_batch(2, 45))
-        loss = model(tokens, labels=labels).sum()
+        loss = model(tokens, labels=labels).mean()  # O(1) gradients, so 1e-5 is a few fp32 ulps of them
         loss.backward()
         out[fused] = (loss.detach().cpu(), {k: v.grad.cpu() for k, v in model.named_parameters()})
     return out

@@ -24,7 +24,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
+from evo2_recipe.models.hyena.kernels import split_kv_attention_enabled
 
 
 class _Storage:
@@ -184,7 +184,7 @@ class KVCache:
             n = self._storage.attend_len
             k, v = k_cache[:, :, :n], v_cache[:, :, :n]
             mask = (torch.arange(n, device=query.device)[None, None, :] <= pos[:, :, None])[:, None]
-        if mask is not None and L == 1 and fused_kernels_enabled(self._storage.model_config, q):
+        if mask is not None and L == 1 and split_kv_attention_enabled(self._storage.model_config, q):
             from evo2_recipe.models.hyena.kernels.decode_attention import split_kv_decode_attention
 
             out = split_kv_decode_attention(q, k, v, pos[:, 0], softmax_scale)  # (b, heads, 1, d)

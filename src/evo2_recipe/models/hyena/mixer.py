@@ -239,11 +239,11 @@ class HyenaOperator(_ShardedDim0):
 
     def forward(self, x1, u, state: HyenaLayerState | None = None) -> torch.Tensor:
         """``z = x1 * y(u)`` (B, Hp, L) for a whole sequence (``state`` None) or a chunk continuing a cached one."""
-        if self.operator_type == HYENA_SHORT:
-            y = self._short(u, state)
-        else:
-            y = self._long(u, state)
-        return x1 * y.to(u.dtype)
+        return x1 * self.convolve(u, state).to(u.dtype)
+
+    def convolve(self, u, state: HyenaLayerState | None = None) -> torch.Tensor:
+        """``y(u)``: the operator's convolution with its skip term, (B, Hp, L)."""
+        return self._short(u, state) if self.operator_type == HYENA_SHORT else self._long(u, state)
 
     def step(self, x1, x2, v, state: HyenaLayerState) -> torch.Tensor:
         """:meth:`forward` for one decode token (B, Hp, 1), from the constants of :meth:`step_constants`: a FIR is a
@@ -391,28 +391,19 @@ class HyenaMixer(MegatronModule):
             tp_group=tp_group,
         )
 
-    def _operator(self, features_LBC3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A whole sequence (no decode state): ``z`` (L, B, Hp) and ``u = x2 * v`` (B, Hp, L), or None where the
-        fused hcs kernel never builds it. The fused Triton path when enabled, else the plain operators."""
+    def _operator(self, features_LBC3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole sequence (no decode state): ``z`` (L, B, Hp) and ``u = x2 * v`` (B, Hp, L). The fused Triton
+        prologue/epilogue when enabled, else the plain operators (same math)."""
         if self.mixer.cp_group is None and fused_kernels_enabled(self.config, features_LBC3):
-            return self._fused_operator(features_LBC3)
+            from evo2_recipe.models.hyena.kernels import gating
+
+            x1, u = gating.hyena_prologue(features_LBC3, self.hyena_proj_conv.short_conv_weight)  # (B, Hp, L) each
+            return gating.hyena_epilogue(x1, self.mixer.convolve(u)), u
         features = causal_conv_with_context(features_LBC3.permute(1, 2, 0), self.hyena_proj_conv,
                                             self.hyena_proj_conv.kernel_size - 1, None, "proj", self.mixer.cp_group)
         x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]  # channel-interleaved (spec 2.3)
         u = x2 * v
         return self.mixer(x1, u).permute(2, 0, 1).contiguous(), u
-
-    def _fused_operator(self, features_LBC3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The operator through the Triton kernels (same math as the plain path): z (L, B, Hp), u or None."""
-        from evo2_recipe.models.hyena.kernels import gating
-        from evo2_recipe.models.hyena.kernels.short_hyena import short_hyena
-
-        op, w_proj = self.mixer, self.hyena_proj_conv.short_conv_weight
-        if op.operator_type == HYENA_SHORT:  # one pass instead of ~8
-            bias = None if op.conv_bias is None else ops.expand_groups(op.conv_bias, op.channels)
-            return short_hyena(features_LBC3, w_proj, op.short_conv.weight_CK(op.channels), bias), None
-        x1, u = gating.hyena_prologue(features_LBC3, w_proj)  # (B, Hp, L) each
-        return gating.hyena_epilogue(x1, op._fft_conv(u, 0)), u
 
     def forward(self, x_LBH: torch.Tensor, state: HyenaLayerState | None = None):
         features, _ = quantization.hyena_input_projection(self.config, self.dense_projection, x_LBH)  # (L, B, 3Hp)
@@ -432,23 +423,18 @@ class HyenaMixer(MegatronModule):
         z = self.mixer(x1, x2 * v, state)  # (B, Hp, L)
         return self.dense(z.permute(2, 0, 1).contiguous())  # (y, bias), (L, B, H)
 
-    def _store_prompt_state(self, features_LBC3: torch.Tensor, u_BCL: torch.Tensor | None,
-                            state: HyenaLayerState) -> None:
+    def _store_prompt_state(self, features_LBC3: torch.Tensor, u_BCL: torch.Tensor, state: HyenaLayerState) -> None:
         """Fill a fresh slot's state from its prompt: the FIR windows are the prompt's last inputs, the hcl modal
         state the decayed sum over all of ``u`` (what the token-by-token recurrence would hold after the prompt)."""
-        op, proj_halo = self.mixer, self.hyena_proj_conv.kernel_size - 1
-        state.take_window("proj", features_LBC3.permute(1, 2, 0), proj_halo)
+        op = self.mixer
+        state.take_window("proj", features_LBC3.permute(1, 2, 0), self.hyena_proj_conv.kernel_size - 1)
         if op.operator_type == HYENA_LONG:
             log_poles = ops.expand_groups(op.filter.log_poles(), op.channels)  # (Hp, O)
             modal_chunk_update(state, u_BCL, log_poles, ops.expand_groups(op.filter.R.float(), op.channels))
-            return
-        name, width = ("short", op.short_conv.kernel_size - 1) if op.operator_type == HYENA_SHORT else \
-            ("medium", op.filter.h.shape[-1] - 1)
-        if u_BCL is None:  # the fused hcs kernel keeps u on chip: rebuild its last `width` values from the features
-            tail = features_LBC3[-(width + proj_halo):]  # the projection conv of those values sees all its inputs
-            f = ops.causal_depthwise_conv(tail.permute(1, 2, 0), self.hyena_proj_conv.short_conv_weight)
-            u_BCL = (f[:, 1::3] * f[:, 2::3])[..., -width:]
-        state.take_window(name, u_BCL, width)
+        elif op.operator_type == HYENA_SHORT:
+            state.take_window("short", u_BCL, op.short_conv.kernel_size - 1)
+        else:
+            state.take_window("medium", u_BCL, op.filter.h.shape[-1] - 1)
 
     def _decode_step(self, features_1BC3: torch.Tensor, state: HyenaLayerState) -> torch.Tensor:
         """z (1, B, Hp) of one token: the fused kernel on CUDA (one launch instead of ~20), else the eager step."""

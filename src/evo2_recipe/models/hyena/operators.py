@@ -97,26 +97,6 @@ def decay_rates(num_groups: int, length: int, preset: str = "weak") -> torch.Ten
     return torch.exp(-r[:, None] * s[None, :])
 
 
-def short_hyena(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor, w_short_CK: torch.Tensor,
-                bias_C: torch.Tensor | None = None) -> torch.Tensor:
-    """The whole hcs path after the input projection, sequence-first in and out (the plain twin of the fused kernel).
-
-        f = proj_conv(features)             # 3-tap causal depthwise conv over the 3C interleaved channels
-        x1, x2, v = f[3c], f[3c+1], f[3c+2]
-        u = x2 * v
-        z = x1 * (conv7(u) [+ b * u])       # 7-tap causal depthwise conv; NV models add the per-channel skip b
-
-    ``features_LBC3`` (L, B, 3C) -> ``z`` (L, B, C), in the features' dtype.
-    """
-    f = causal_depthwise_conv(features_LBC3.permute(1, 2, 0), w_proj_C3K)  # (B, 3C, L)
-    x1, x2, v = f[:, 0::3], f[:, 1::3], f[:, 2::3]
-    u = x2 * v
-    y = causal_depthwise_conv(u, w_short_CK)
-    if bias_C is not None:
-        y = y + u * bias_C.to(u.dtype)[:, None]
-    return (x1 * y).permute(2, 0, 1)
-
-
 def hyena_prologue(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared front of hcm/hcl: projection conv, de-interleave, ``u = x2 * v``; (L, B, 3C) -> x1, u (B, C, L)."""
     f = causal_depthwise_conv(features_LBC3.permute(1, 2, 0), w_proj_C3K)  # (B, 3C, L)

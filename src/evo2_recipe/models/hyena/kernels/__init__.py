@@ -1,12 +1,13 @@
 """Fused Triton kernels for the Hyena operators; each has its plain-PyTorch twin in ``operators.py`` as test oracle.
 
-The one-token decode kernel and the hcl filter kernel are on by default on CUDA (:func:`fused_decode_enabled`,
-:func:`fused_modal_filter_enabled`: measured faster than their plain twins). The short-operator and gating kernels
-(9-10 % slower than the plain path on an H200 today) and the split-KV decode attention (``decode_attention.py``,
-slower than the masked SDPA at every cache depth measured) are opt-in until they beat the plain path there:
-``use_fused_hyena_kernels=True`` on the provider, ``--use-subquadratic-ops`` on the tools, or
-``EVO2_FUSED_KERNELS=1``; ``EVO2_FUSED_KERNELS=0`` always turns every kernel off. On CPU the tests run the kernels under Triton's
-interpreter (``TRITON_INTERPRET=1``).
+On by default on CUDA, each measured faster than its plain twin on an H200 (benchmarks/RESULTS.md): the hcs/hcm/hcl
+prologue and epilogue (``gating.py``: :func:`fused_kernels_enabled`), the hcl modal filter (``modal_filter.py``:
+:func:`fused_modal_filter_enabled`) and the one-token decode step (``hyena_decode.py``: :func:`fused_decode_enabled`).
+Opt-in: the split-KV decode attention (``decode_attention.py``: :func:`split_kv_attention_enabled`), slower than the
+masked SDPA at every cache depth measured. ``use_fused_hyena_kernels=False`` on the provider or
+``EVO2_FUSED_KERNELS=0`` turns every kernel off (the plain operators); ``True`` / ``=1`` (or ``--use-subquadratic-ops``
+on the tools) also turns on the opt-in one. On CPU the tests run the kernels under Triton's interpreter
+(``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ def _asked(config) -> bool | None:
     return True if (choice or env == "1") else None
 
 
-def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
-    asked = _asked(config)
-    if not asked or importlib.util.find_spec("triton") is None:
+def split_kv_attention_enabled(config, x: torch.Tensor) -> bool:
+    """The split-KV decode attention (``decode_attention.py``): only when asked for (slower than the masked SDPA at
+    every cache depth measured on an H200)."""
+    if not _asked(config) or importlib.util.find_spec("triton") is None:
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -44,6 +46,12 @@ def _on_by_default(config, x: torch.Tensor) -> bool:
     if x.is_cuda:
         return True
     return bool(asked) and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
+    """The hcs/hcm/hcl prologue and epilogue kernels (``gating.py``), on by default on CUDA (see
+    :func:`_on_by_default`)."""
+    return _on_by_default(config, x)
 
 
 def fused_decode_enabled(config, x: torch.Tensor) -> bool:
