@@ -33,7 +33,7 @@ from evo2_recipe.models.hyena import context_parallel as cp_comm
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
-from evo2_recipe.models.hyena.kernels import fused_decode_enabled, fused_kernels_enabled, fused_modal_filter_enabled
+from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update, modal_step
 
 
@@ -197,7 +197,7 @@ class ImplicitModalFilter(_Fp32Filter):
     def forward(self, L: int, groups: slice = slice(None)) -> torch.Tensor:
         """The modal filter of ``groups`` (all by default) for ``L`` positions: (G', L) fp32 (one Triton pass where
         the kernel is on, see ``kernels/modal_filter.py``)."""
-        if fused_modal_filter_enabled(self.config, self.p):
+        if fused_kernels_enabled(self.config, self.p):
             from evo2_recipe.models.hyena.kernels.modal_filter import modal_filter
 
             return modal_filter(self.p[groups], self.gamma[groups], self.R[groups], L)
@@ -439,7 +439,7 @@ class HyenaMixer(MegatronModule):
     def _decode_step(self, features_1BC3: torch.Tensor, state: HyenaLayerState) -> torch.Tensor:
         """z (1, B, Hp) of one token: the fused kernel on CUDA (one launch instead of ~20), else the eager step."""
         proj_taps = state.constant("proj_taps", lambda: self.hyena_proj_conv.short_conv_weight.float().contiguous())
-        if not fused_decode_enabled(self.config, features_1BC3):
+        if not fused_kernels_enabled(self.config, features_1BC3):
             features = state.fir_step("proj", features_1BC3.permute(1, 2, 0), proj_taps).to(features_1BC3.dtype)
             x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]
             return self.mixer.step(x1, x2, v, state).permute(2, 0, 1).contiguous()

@@ -94,8 +94,9 @@ class HyenaModel(LanguageModule):
                               inference_context=inference_context, num_layers=self._layers_up_to(hidden_layer))
         if not self.post_process or hidden_layer is not None:
             return hidden
-        if getattr(inference_context, "materialize_only_last_token_logits", False) and not self.config.sequence_parallel:
-            hidden = hidden[-1:]  # generation samples from the last position only: no (L, B, V) logits for a prompt
+        last_only = getattr(inference_context, "materialize_only_last_token_logits", False)
+        if last_only and not self.config.sequence_parallel:  # generation samples from the last position only
+            hidden = hidden[-1:]
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
         if labels is None:

@@ -1,8 +1,8 @@
 """Fused Triton kernels for the Hyena operators; each has its plain-PyTorch twin in ``operators.py`` as test oracle.
 
-On by default on CUDA, each measured faster than its plain twin on an H200 (benchmarks/RESULTS.md): the hcs/hcm/hcl
-prologue and epilogue (``gating.py``: :func:`fused_kernels_enabled`), the hcl modal filter (``modal_filter.py``:
-:func:`fused_modal_filter_enabled`) and the one-token decode step (``hyena_decode.py``: :func:`fused_decode_enabled`).
+On by default on CUDA (:func:`fused_kernels_enabled`), each measured faster than its plain twin on an H200
+(benchmarks/RESULTS.md): the hcs/hcm/hcl prologue and epilogue (``gating.py``), the hcl modal filter
+(``modal_filter.py``) and the one-token decode step (``hyena_decode.py``).
 Opt-in: the split-KV decode attention (``decode_attention.py``: :func:`split_kv_attention_enabled`), slower than the
 masked SDPA at every cache depth measured. ``use_fused_hyena_kernels=False`` on the provider or
 ``EVO2_FUSED_KERNELS=0`` turns every kernel off (the plain operators); ``True`` / ``=1`` (or ``--use-subquadratic-ops``
@@ -36,32 +36,16 @@ def split_kv_attention_enabled(config, x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _on_by_default(config, x: torch.Tensor) -> bool:
-    """A kernel measured faster than its plain twin on the GPU: on for CUDA tensors unless turned off
-    (``use_fused_hyena_kernels=False`` or ``EVO2_FUSED_KERNELS=0``); on the CPU only when asked for under the Triton
-    interpreter (tests)."""
+def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
+    """The Hyena kernels (prologue/epilogue, modal filter, one-token decode step), each measured faster than its plain
+    twin on the GPU: on for CUDA tensors unless turned off (``use_fused_hyena_kernels=False`` or
+    ``EVO2_FUSED_KERNELS=0``); on the CPU only when asked for under the Triton interpreter (tests)."""
     asked = _asked(config)
     if asked is False or importlib.util.find_spec("triton") is None:
         return False
     if x.is_cuda:
         return True
     return bool(asked) and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
-    """The hcs/hcm/hcl prologue and epilogue kernels (``gating.py``), on by default on CUDA (see
-    :func:`_on_by_default`)."""
-    return _on_by_default(config, x)
-
-
-def fused_decode_enabled(config, x: torch.Tensor) -> bool:
-    """The one-token decode kernel (``hyena_decode.py``), on by default on CUDA (see :func:`_on_by_default`)."""
-    return _on_by_default(config, x)
-
-
-def fused_modal_filter_enabled(config, x: torch.Tensor) -> bool:
-    """The hcl filter kernel (``modal_filter.py``), on by default on CUDA (see :func:`_on_by_default`)."""
-    return _on_by_default(config, x)
 
 
 def describe_subquadratic_request() -> str:

@@ -3,9 +3,10 @@
 The plain twin (``operators.modal_filter``) makes four full-size passes per mode - 64 kernels writing and re-reading a
 (G, L) fp32 tensor - which is ~18 % of the ``evo2_1b_base`` scoring forward at 8,192 tokens on an H200. Here each
 program computes a (BLOCK_G, BLOCK_L) tile of ``h`` in registers and writes it once. The backward reduces over ``t``
-in the same tiles: ``dR[g, o] = sum_t dh[g, t] e[g, o, t]`` and ``dlog_pole[g, o] = R[g, o] sum_t dh[g, t] t e[g, o, t]``
-with ``e = exp(log_pole t)``; per-tile partial sums are added in PyTorch. ``log_pole`` comes from ``p`` and ``gamma``
-through ``operators.modal_log_poles`` under autograd, so their gradients follow by the chain rule.
+in the same tiles: ``dR[g, o] = sum_t dh[g, t] e[g, o, t]`` and
+``dlog_pole[g, o] = R[g, o] sum_t dh[g, t] t e[g, o, t]`` with ``e = exp(log_pole t)``; per-tile partial sums are
+added in PyTorch. ``log_pole`` comes from ``p`` and ``gamma`` through ``operators.modal_log_poles`` under autograd, so
+their gradients follow by the chain rule.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class _ModalFilter(torch.autograd.Function):
         ctx.L = L
         G, O = logp.shape
         h = torch.empty((G, L), dtype=torch.float32, device=logp.device)
-        _modal_filter_fwd[(triton.cdiv(G, BLOCK_G), triton.cdiv(L, BLOCK_L))](logp, r, h, G, L, O=O, BLOCK_G=BLOCK_G, BLOCK_L=BLOCK_L)
+        grid = (triton.cdiv(G, BLOCK_G), triton.cdiv(L, BLOCK_L))
+        _modal_filter_fwd[grid](logp, r, h, G, L, O=O, BLOCK_G=BLOCK_G, BLOCK_L=BLOCK_L)
         return h
 
     @staticmethod
