@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--recompute", action="store_true", help="full activation recompute (the size's default)")
     ap.add_argument("--vocab-size", type=int, default=512)
+    ap.add_argument("--profile", action="store_true", help="torch-profiler table (GPU time) of one step, rank 0")
     args = ap.parse_args()
 
     from megatron.core import parallel_state
@@ -80,6 +81,14 @@ def main() -> None:
         print(f"step_time_s={dt:.4f} tokens_per_s_per_gpu={tokens_per_s_gpu:.0f} tflops_per_gpu={tflops_gpu:.1f} "
               f"mfu={'%.3f' % (tflops_gpu / peak) if peak else 'n/a'} "
               f"peak_mem_gib={torch.cuda.max_memory_allocated() / 2**30:.2f} loss={loss.item():.4f}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        if torch.distributed.get_rank() == 0:
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
     teardown()
 
 

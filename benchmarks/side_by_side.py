@@ -7,6 +7,7 @@
 Workloads (the rows of issues 11 and 16):
 * ``score``  - forward of evo2_1b_base at 8,192 tokens (batch 1 and 4) and evo2_7b_base at 8,192: tokens/s, peak GB;
 * ``long``   - forward of evo2_7b at 32,768 and 131,072 tokens: seconds, peak GB;
+* ``million`` - forward of evo2_7b at 1,048,576 tokens (1 Mbp): seconds, peak GB (ours only);
 * ``decode`` - greedy generation after a 512-token prompt (1b batch 1 and 32, 7b batch 1): prefill seconds and
   decode tokens/s (prefill excluded);
 * ``prefill`` - ``generate`` with one 8,192-token prompt and one new token (1b, 7b): prompt tokens/s, to set beside
@@ -33,6 +34,7 @@ import torch
 
 SCORE = [("evo2_1b_base", 8192, 1), ("evo2_1b_base", 8192, 4), ("evo2_7b_base", 8192, 1)]
 LONG = [("evo2_7b", 32768, 1), ("evo2_7b", 131072, 1)]
+MILLION = [("evo2_7b", 1_048_576, 1)]  # the model's full context, ours only (no peer runs it on one GPU)
 DECODE = [("evo2_1b_base", 1, 256), ("evo2_1b_base", 32, 256), ("evo2_7b_base", 1, 128)]
 PROMPT = 512
 PREFILL = [("evo2_1b_base", 8192), ("evo2_7b_base", 8192)]  # one 8,192-token prompt, then one new token
@@ -44,8 +46,9 @@ def _peak_gb() -> float:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def _timed(fn, iters: int) -> float:
-    fn()
+def _timed(fn, iters: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -73,18 +76,24 @@ def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False) 
 
     init_distributed(seed=0)
     rows, tag = [], "ours" + ("+fused" if fused else "")
-    for size, L, B in (SCORE if "score" in what else []) + (LONG if "long" in what else []):
+    forwards = ((SCORE if "score" in what else []) + (LONG if "long" in what else [])
+                + (MILLION if "million" in what else []))
+    for size, L, B in forwards:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         model = _our_model(size, L, fused)
         x = torch.randint(65, 90, (B, L), device="cuda")
         with torch.no_grad():
-            dt = _timed(lambda: model(x), 1 if L > 32768 else 5)
+            if L > 131072:  # one timed call; the warm-up (kernel compilation) on a short prefix
+                model(x[:, :8192])
+                dt = _timed(lambda: model(x), 1, warmup=False)
+            else:
+                dt = _timed(lambda: model(x), 1 if L > 32768 else 5)
         rows.append(dict(impl=tag, workload="forward", size=size, seq=L, batch=B, s=round(dt, 4),
                          tok_s=round(B * L / dt), peak_gb=_peak_gb()))
         print(rows[-1], flush=True)
-        if profile and (size, L, B) == SCORE[0]:
-            _profile(lambda: model(x), "forward of evo2_1b_base, 8,192 tokens")
+        if profile and (size, L, B) in (SCORE[0], SCORE[2], LONG[1]):
+            _profile(lambda: model(x), f"forward of {size}, {L:,} tokens x {B}")
         model = None  # free before the next size
     for size, L in PREFILL if "prefill" in what else []:
         torch.cuda.empty_cache()
@@ -254,14 +263,14 @@ def vortex(what: list[str], kernels: bool) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="+", choices=["score", "long", "decode", "prefill", "long_decode", "deep_decode"])
+    ap.add_argument("what", nargs="+", choices=["score", "long", "million", "decode", "prefill", "long_decode", "deep_decode"])
     ap.add_argument("--vortex", action="store_true", help="also run stock Vortex")
     ap.add_argument("--vortex-kernels", action="store_true", help="also run Vortex with its Triton kernels")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="our decode with CUDA-graph replay (default; --no-cuda-graph: eager)")
     ap.add_argument("--fused", action="store_true", help="also measure ours with the fused Triton kernels")
     ap.add_argument("--fused-only", action="store_true", help="measure ours with the fused Triton kernels only")
-    ap.add_argument("--profile", action="store_true", help="torch-profiler tables of one 1b forward (score), 16 decode steps (1b, batch 1), the 1b "
+    ap.add_argument("--profile", action="store_true", help="torch-profiler tables of one 1b and 7b forward (score), the 131k forward (long), 16 decode steps (1b, batch 1), the 1b "
                     "prefill and 8 steps at a 64k-deep cache (deep_decode)")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--_vortex-child", dest="child", choices=["stock", "kernels"], help=argparse.SUPPRESS)

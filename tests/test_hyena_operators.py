@@ -20,6 +20,17 @@ def test_fft_conv_equals_direct_causal_conv(L, K):
     torch.testing.assert_close(ops.direct_causal_conv(u, h).double(), direct, rtol=1e-5, atol=1e-4)
 
 
+def test_fft_conv_with_group_filters_and_skip_equals_direct():
+    """Filters shared by groups of channels (broadcast in frequency) and the skip term folded into the spectrum ==
+    the per-channel direct convolution plus ``skip * u``."""
+    g = torch.Generator().manual_seed(2)
+    G, per_group, L = 3, 4, 40
+    u, h = torch.randn(2, G * per_group, L, generator=g), torch.randn(G, 128, generator=g)
+    skip = torch.randn(G * per_group, generator=g)
+    expected = ops.direct_causal_conv(u, ops.expand_groups(h, G * per_group)) + u * skip[:, None]
+    torch.testing.assert_close(ops.fft_causal_conv(u, h, skip), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_modal_filter_equals_closed_form_sum():
     g = torch.Generator().manual_seed(0)
     p, gamma, R = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g) * 0.3, torch.randn(3, 16, generator=g)

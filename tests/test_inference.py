@@ -264,22 +264,30 @@ def test_infer_default_tag_prompt(ckpt, tmp_path):
 
 
 def test_bad_inputs_give_clear_errors(ckpt, fasta, tmp_path):
-    empty = tmp_path / "empty.fa"
-    empty.write_text("")
-    r = _cli("predict_evo2", ["--fasta", str(empty), "--ckpt-dir", str(ckpt)])
-    assert r.returncode == 2 and "the file is empty" in r.stderr
-    bad = tmp_path / "bad.fa"
-    bad.write_text(">x\nACGT\u4e2dZ\n")
-    r = _cli("predict_evo2", ["--fasta", str(bad), "--ckpt-dir", str(ckpt)])
-    assert r.returncode == 2 and "character '\u4e2d' at position 5 cannot be encoded" in r.stderr, r.stderr[-2000:]
-    r = _cli("predict_evo2", ["--fasta", str(fasta), "--ckpt-dir", str(tmp_path / "nope")])
-    assert r.returncode == 2 and "checkpoint not found" in r.stderr
-    r = _cli("infer_evo2", ["--ckpt-dir", str(tmp_path), "--prompt", "ACGT"])
-    assert r.returncode == 2 and "not a Megatron-Bridge checkpoint" in r.stderr
     from evo2_recipe.data.tokenizer import default_tokenizer_path
 
-    r = subprocess.run([sys.executable, "-c", (
-        "from evo2_recipe.inference.api import Evo2; "
-        f"Evo2.from_checkpoint({str(ckpt)!r}, tokenizer_path={str(default_tokenizer_path(512))!r})")],
-        capture_output=True, text=True, env={**__import__("os").environ, "EVO2_CPU": "1"})
-    assert r.returncode != 0 and "use the matching tokenizer" in r.stderr
+    empty = tmp_path / "empty.fa"
+    empty.write_text("")
+    bad = tmp_path / "bad.fa"
+    bad.write_text(">x\nACGT\u4e2dZ\n")
+    env = {**__import__("os").environ, "EVO2_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cases = [  # (command, expected return code or None for any failure, message on stderr)
+        ([str(BIN / "predict_evo2"), "--fasta", str(empty), "--ckpt-dir", str(ckpt), "--cpu"], 2,
+         "the file is empty"),
+        ([str(BIN / "predict_evo2"), "--fasta", str(bad), "--ckpt-dir", str(ckpt), "--cpu"], 2,
+         "character '\u4e2d' at position 5 cannot be encoded"),
+        ([str(BIN / "predict_evo2"), "--fasta", str(fasta), "--ckpt-dir", str(tmp_path / "nope"), "--cpu"], 2,
+         "checkpoint not found"),
+        ([str(BIN / "infer_evo2"), "--ckpt-dir", str(tmp_path), "--prompt", "ACGT", "--cpu"], 2,
+         "not a Megatron-Bridge checkpoint"),
+        ([sys.executable, "-c", "from evo2_recipe.inference.api import Evo2; "
+          f"Evo2.from_checkpoint({str(ckpt)!r}, tokenizer_path={str(default_tokenizer_path(512))!r})"], None,
+         "use the matching tokenizer"),
+    ]
+    # the five processes at once: each spends most of its time importing
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for cmd, _, _ in cases]
+    for proc, (cmd, code, message) in zip(procs, cases):
+        _, err = proc.communicate(timeout=600)
+        assert (proc.returncode == code if code is not None else proc.returncode != 0), (cmd, err[-2000:])
+        assert message in err, (cmd, err[-2000:])

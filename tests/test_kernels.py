@@ -84,13 +84,61 @@ def test_fused_prologue_and_epilogue_equal_plain(L, B, C):
     for a, b in zip(torch.autograd.grad(out, [f, wp], g), torch.autograd.grad(ref, [f, wp], g)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     x1 = torch.randn(B, C, L, device=DEVICE, requires_grad=True)
-    y = torch.randn(B, C, L, device=DEVICE, requires_grad=True)
+    y_2L = torch.randn(B, C, 2 * L, device=DEVICE, requires_grad=True)  # y as the FFT leaves it: a strided half
+    y = y_2L[..., :L]
     ref, out = ops.hyena_epilogue(x1, y), gating.hyena_epilogue(x1, y)
     assert out.shape == (L, B, C)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     g = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, [x1, y], g), torch.autograd.grad(ref, [x1, y], g)):
+    for a, b in zip(torch.autograd.grad(out, [x1, y_2L], g), torch.autograd.grad(ref, [x1, y_2L], g)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("L,B,C,skip", [(37, 2, 8, False), (5, 1, 16, True), (70, 3, 72, True)])  # L=5 < 7 taps
+def test_fused_short_conv_epilogue_equals_plain(L, B, C, skip):
+    from evo2_recipe.models.hyena.kernels import gating
+
+    g = torch.Generator().manual_seed(L)
+    x1, u = (torch.randn(B, C, L, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    w = (torch.randn(C, 7, generator=g) / 3).to(DEVICE).requires_grad_()
+    b = torch.randn(C, generator=g).to(DEVICE).requires_grad_() if skip else None
+    args = [x1, u, w] + ([b] if skip else [])
+    ref, out = ops.short_conv_epilogue(x1, u, w, b), gating.short_conv_epilogue(x1, u, w, b)
+    assert out.shape == (L, B, C)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(L, B, C, generator=g).to(DEVICE)
+    for a, r, name in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad),
+                          ("x1", "u", "w", "b")):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# Triton's interpreter casts fp32 -> bf16 by truncation, the GPU (and torch) round to nearest: fp16 on the CPU
+LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+
+@pytest.mark.parametrize("bias,low", [(True, LOW), (False, None), (True, torch.float32)])
+def test_fused_residual_add_equals_plain(bias, low):
+    """fp32 residual + low-precision branch (the Evo 2 layout): the sum, its low copy and the gradients, exactly."""
+    from evo2_recipe.models.hyena.kernels.residual import residual_add
+
+    g = torch.Generator().manual_seed(3)
+    res = torch.randn(13, 2, 24, generator=g).to(DEVICE).requires_grad_()
+    y = torch.randn(13, 2, 24, generator=g).to(DEVICE, LOW).requires_grad_()
+    b = torch.randn(24, generator=g).to(DEVICE, LOW).requires_grad_() if bias else None
+    args = [res, y] + ([b] if bias else [])
+    ref = ops.residual_add(res, y, b)
+    out = residual_add(res, y, b, low)
+    out, out_low = out if low is not None else (out, None)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    loss_ref = (ref * torch.arange(24, device=DEVICE)).sum()
+    loss = (out * torch.arange(24, device=DEVICE)).sum()
+    if out_low is not None:  # the norm's input: its gradient flows back into the stream too
+        assert out_low.dtype == low
+        torch.testing.assert_close(out_low, ref.to(low), rtol=0, atol=0)
+        loss, loss_ref = loss + out_low.float().pow(2).sum(), loss_ref + ref.to(low).float().pow(2).sum()
+    for a, r in zip(torch.autograd.grad(loss, args), torch.autograd.grad(loss_ref, args)):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
 
 
 def _eager_decode_step(f, proj_window, proj_taps, window=None, taps=None, modal_state=None, poles=None,

@@ -176,7 +176,7 @@ def test_filter_of_a_channel_slice_equals_the_slice_of_the_full_filter():
 
 
 def _chunked_long_conv(rank, world):
-    from evo2_recipe.models.hyena import mixer
+    from evo2_recipe.models.hyena import mixer, specs
 
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(5)
@@ -185,10 +185,11 @@ def _chunked_long_conv(rank, world):
     with torch.no_grad():
         whole = model(tokens)
         mixer.INFERENCE_CHUNK_ELEMENTS = 2 * 50 * 8  # 8 channels at a time (per group: 64 / 16 = 4)
+        specs.MLP_INFERENCE_CHUNK_TOKENS = 2 * 16  # MLPs over 16 positions x 2 sequences at a time, the last 2 short
         chunked = model(tokens)
     return whole, chunked
 
 
-def test_inference_long_convolution_in_channel_chunks_equals_whole():
+def test_inference_long_convolution_in_channel_chunks_and_mlp_in_sequence_chunks_equal_whole():
     ((whole, chunked),) = run_on_ranks(_chunked_long_conv, 1)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)

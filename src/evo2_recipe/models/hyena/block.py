@@ -25,6 +25,12 @@ def _identity(x):
     return x
 
 
+def _bilinear_glu(x):
+    """``a * b`` of fc1's two halves: megatron's GLU with the identity gate and offset 0, in one pass."""
+    a, b = x.chunk(2, dim=-1)
+    return a * b
+
+
 def pipeline_layer_range(num_layers: int, pp_group=None) -> range:
     """Global layer indices owned by this pipeline stage (equal contiguous split over ``pp_group``)."""
     rank, pp = (pp_group.rank(), pp_group.size()) if pp_group is not None else (0, 1)
@@ -63,12 +69,21 @@ class HyenaStack(MegatronModule):
 
     @staticmethod
     def _make_mlp_bilinear(layer) -> None:
-        """ARC quirk (spec 1.4): only global layer 0's MLP uses GELU; later MLPs are bilinear (identity gate)."""
+        """ARC quirk (spec 1.4): only global layer 0's MLP uses GELU; later MLPs are bilinear (identity gate).
+
+        Megatron's unfused GLU computes ``act(a) * (b + glu_linear_offset)``: with the identity gate and offset 0 that
+        is two passes over the (tokens, 2F) intermediate; taking the activation hook (``use_te_activation_func``, the
+        path that calls ``activation_func`` on the whole fc1 output) makes it one product of the two halves.
+        """
         mlp_config = copy.copy(layer.mlp.config)
-        mlp_config.activation_func = _identity
         mlp_config.bias_activation_fusion = False
+        if mlp_config.glu_linear_offset == 0 and mlp_config.activation_func_clamp_value is None:
+            mlp_config.use_te_activation_func = True
+            mlp_config.activation_func = _bilinear_glu
+        else:
+            mlp_config.activation_func = _identity
         layer.mlp.config = mlp_config
-        layer.mlp.activation_func = _identity
+        layer.mlp.activation_func = mlp_config.activation_func
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         self.input_tensor = input_tensor

@@ -4,7 +4,8 @@
     x = x + mlp(norm(x))            # norm is fused into mlp.linear_fc1
 
 The residual stream stays in the dtype it arrives in (fp32 with ``fp32_residual_connection``); each branch runs in
-``params_dtype``. Dropout is 0 in every Evo 2 config, so the branches are plain adds.
+``params_dtype``. Dropout is 0 in every Evo 2 config, so the branches are plain adds (one fused kernel on the GPU,
+``kernels/residual.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from evo2_recipe.models.hyena import operators as ops
+from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.mixer import HyenaMixer
 
 
@@ -46,10 +49,17 @@ class HyenaLayer(MegatronModule):
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None, inference_context=None,
                 **_unused):
         state = inference_context.hyena_state(self.layer_number) if inference_context is not None else None
-        residual = hidden_states
         y, bias = self.mixer(self.norm(hidden_states.to(self.config.params_dtype)), state)
-        hidden_states = residual + (y if bias is None else y + bias).to(residual.dtype)
-        residual = hidden_states
-        m, bias = self.mlp(self.pre_mlp_layernorm(hidden_states.to(self.config.params_dtype)))
-        hidden_states = residual + (m if bias is None else m + bias).to(residual.dtype)
-        return hidden_states, None
+        hidden_states, x = self._join(hidden_states, y, bias, self.config.params_dtype)
+        m, bias = self.mlp(self.pre_mlp_layernorm(x))
+        return self._join(hidden_states, m, bias), None
+
+    def _join(self, residual: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, low_dtype=None):
+        """``residual + (y + bias)`` (and, with ``low_dtype``, the sum cast for the next norm): one fused pass where
+        the kernels are on, else the plain ops."""
+        if fused_kernels_enabled(self.config, y) and (bias is None or bias.dtype == y.dtype):
+            from evo2_recipe.models.hyena.kernels.residual import residual_add
+
+            return residual_add(residual, y, bias, low_dtype)
+        out = ops.residual_add(residual, y, bias)
+        return out if low_dtype is None else (out, out.to(low_dtype))

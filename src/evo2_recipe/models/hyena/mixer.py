@@ -269,7 +269,7 @@ class HyenaOperator(_ShardedDim0):
             def taps():
                 w = self.short_conv.weight_CK(self.channels).float().clone()
                 if self.conv_bias is not None:
-                    w[:, -1] += ops.expand_groups(self.conv_bias, self.channels).float()
+                    w[:, -1] += self.short_skip().float()
                 return w.contiguous()
             return "short", state.constant("short_taps", taps)
         if self.operator_type == HYENA_MEDIUM:
@@ -287,12 +287,13 @@ class HyenaOperator(_ShardedDim0):
         return ("modal", *state.constant("modal", modal))
 
     def _short(self, u, state):
-        w = self.short_conv.weight_CK(self.channels)
-        y = causal_conv_with_context(u, lambda x, left: ops.causal_depthwise_conv(x, w, left), w.shape[-1] - 1,
-                                     state, "short", self.cp_group)
-        if self.conv_bias is not None:  # NV models: learnable per-group skip term
-            y = y + u * ops.expand_groups(self.conv_bias, self.channels).to(u.dtype)[:, None]
-        return y
+        w, skip = self.short_conv.weight_CK(self.channels), self.short_skip()
+        return causal_conv_with_context(u, lambda x, left: ops.short_conv(x, w, skip, left), w.shape[-1] - 1,
+                                        state, "short", self.cp_group)
+
+    def short_skip(self) -> torch.Tensor | None:
+        """hcs skip term per channel (NV models' ``conv_bias`` per group), or None (ARC)."""
+        return ops.expand_groups(self.conv_bias, self.channels) if self.conv_bias is not None else None
 
     @property
     def filter_groups(self) -> int:
@@ -317,6 +318,14 @@ class HyenaOperator(_ShardedDim0):
         y = self._fft_conv(u_full, cp_rank * u_full.shape[1])  # filters of this rank's channels only
         return cp_comm.channel_to_seq_split(y, group)
 
+    def _conv_filter(self, L: int, start: int, stop: int) -> torch.Tensor:
+        """Filter rows for channels ``[start, stop)``: one per filter group when the range covers whole groups (the
+        FFT broadcasts them), else one per channel."""
+        per_group = self.channels // self.filter_groups
+        if start % per_group or (stop - start) % per_group:
+            return self._filter_CK(L, slice(start, stop))
+        return self.filter(L, slice(start // per_group, stop // per_group))
+
     def _fft_conv(self, u, first_channel: int) -> torch.Tensor:
         """``h * u + D u`` for channels ``first_channel ..`` of this TP rank, (B, c, L) fp32 (model dtype when
         chunked).
@@ -327,28 +336,29 @@ class HyenaOperator(_ShardedDim0):
         B, c, L = u.shape
         per_group = self.channels // self.filter_groups
         chunk = max(per_group, INFERENCE_CHUNK_ELEMENTS // max(L * B, 1) // per_group * per_group)
-        D = self.conv_bias.float()
+        D = self.conv_bias
+
+        def conv(a: int, b: int) -> torch.Tensor:  # channels [a, b) of u
+            first, last = first_channel + a, first_channel + b
+            return ops.fft_causal_conv(u[:, a:b], self._conv_filter(L, first, last), D[first:last])
+
         if torch.is_grad_enabled() or chunk >= c or first_channel % per_group:
-            h = self._filter_CK(L, slice(first_channel, first_channel + c))
-            return ops.fft_causal_conv(u, h) + u.float() * D[first_channel:first_channel + c, None]
+            return conv(0, c)
         y = torch.empty_like(u)
         for a in range(0, c, chunk):
-            b = min(a + chunk, c)
-            h = self._filter_CK(L, slice(first_channel + a, first_channel + b))
-            y[:, a:b] = ops.fft_causal_conv(u[:, a:b], h) + u[:, a:b].float() * D[first_channel + a:first_channel + b,
-                                                                                  None]
+            y[:, a:a + chunk] = conv(a, min(a + chunk, c))
         return y
 
     def _long_with_state(self, u, state: HyenaLayerState):
-        D = self.conv_bias.float()[:, None]
+        D = self.conv_bias
         if self.operator_type == HYENA_MEDIUM:
-            h = self._filter_CK(u.shape[-1])
+            h = self.filter(u.shape[-1])  # (Gp, 128)
             ctx = state.take_window("medium", u, h.shape[-1] - 1)
             u_ext = torch.cat([ctx.to(u.dtype), u], dim=-1)
-            return ops.fft_causal_conv(u_ext, h)[..., ctx.shape[-1]:] + u.float() * D
+            return ops.fft_causal_conv(u_ext, h, D)[..., ctx.shape[-1]:]
         log_poles = ops.expand_groups(self.filter.log_poles(), self.channels)  # (Hp, O)
         residues = ops.expand_groups(self.filter.R.float(), self.channels)
-        y = ops.fft_causal_conv(u, self._filter_CK(u.shape[-1])) + u.float() * D
+        y = ops.fft_causal_conv(u, self.filter(u.shape[-1]), D)
         carry = modal_chunk_update(state, u, log_poles, residues)
         return y if carry is None else y + carry
 
@@ -398,7 +408,10 @@ class HyenaMixer(MegatronModule):
             from evo2_recipe.models.hyena.kernels import gating
 
             x1, u = gating.hyena_prologue(features_LBC3, self.hyena_proj_conv.short_conv_weight)  # (B, Hp, L) each
-            return gating.hyena_epilogue(x1, self.mixer.convolve(u)), u
+            op = self.mixer
+            if op.operator_type == HYENA_SHORT:  # the 7-tap conv runs inside the epilogue
+                return gating.short_conv_epilogue(x1, u, op.short_conv.weight_CK(op.channels), op.short_skip()), u
+            return gating.hyena_epilogue(x1, op.convolve(u)), u
         features = causal_conv_with_context(features_LBC3.permute(1, 2, 0), self.hyena_proj_conv,
                                             self.hyena_proj_conv.kernel_size - 1, None, "proj", self.mixer.cp_group)
         x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]  # channel-interleaved (spec 2.3)

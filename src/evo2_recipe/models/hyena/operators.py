@@ -45,17 +45,26 @@ def causal_depthwise_conv(u_BCL: torch.Tensor, w_CK: torch.Tensor, left_context:
     return y.to(u_BCL.dtype)
 
 
-def fft_causal_conv(u_BCL: torch.Tensor, h_CK: torch.Tensor) -> torch.Tensor:
-    """Causal linear convolution ``y[t] = sum_{k<=t} h[k] u[t-k]`` via FFT of size 2L, in fp32.
+def fft_causal_conv(u_BCL: torch.Tensor, h_GK: torch.Tensor, skip_C: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal linear convolution ``y[t] = sum_{k<=t} h[k] u[t-k] + skip * u[t]`` via FFT of size 2L, fp32 (B, C, L).
 
-    The filter is truncated to ``min(K, L)`` taps first, so a 128-tap filter on a short sequence never wraps around
-    (the reference's training path leaks future tokens for L < 64).
+    ``h`` has one row per channel, or per group of consecutive channels (G rows, G divides C): the filter is
+    transformed per group and broadcast in frequency, never expanded to C rows. The skip term folds into the spectrum
+    (the transform of ``skip * delta`` is ``skip`` at every frequency), so one complex product does both. The filter
+    is truncated to ``min(K, L)`` taps first, so a 128-tap filter on a short sequence never wraps around (the
+    reference's training path leaks future tokens for L < 64). The result is a view into the 2L output buffer
+    (non-contiguous along channels).
     """
-    L = u_BCL.shape[-1]
-    h = h_CK[..., :L].float()
-    n = 2 * L
-    y = torch.fft.irfft(torch.fft.rfft(u_BCL.float(), n=n) * torch.fft.rfft(h, n=n), n=n)[..., :L]
-    return y
+    B, C, L = u_BCL.shape
+    G, n = h_GK.shape[0], 2 * L
+    u_pad = u_BCL.new_empty((B, C, n), dtype=torch.float32)  # cast and zero-pad in one write each
+    u_pad[..., :L] = u_BCL
+    u_pad[..., L:] = 0
+    spectrum = torch.fft.rfft(u_pad).view(B, G, C // G, L + 1)
+    h_f = torch.fft.rfft(h_GK[..., :L].float(), n=n)[:, None]  # (G, 1, L+1)
+    if skip_C is not None:
+        h_f = h_f + skip_C.float().view(G, C // G, 1)
+    return torch.fft.irfft((spectrum * h_f).view(B, C, L + 1), n=n)[..., :L]
 
 
 def direct_causal_conv(u_BCL: torch.Tensor, h_CK: torch.Tensor) -> torch.Tensor:
@@ -103,6 +112,26 @@ def hyena_prologue(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor) -> tup
     return f[:, 0::3].contiguous(), f[:, 1::3] * f[:, 2::3]
 
 
+def short_conv(u_BCL: torch.Tensor, w_CK: torch.Tensor, skip_C: torch.Tensor | None = None,
+               left_context: torch.Tensor | None = None) -> torch.Tensor:
+    """hcs convolution: the 7-tap causal conv of ``u`` plus, for NV models, the skip term ``b u``; (B, C, L)."""
+    y = causal_depthwise_conv(u_BCL, w_CK, left_context)
+    return y if skip_C is None else y + u_BCL * skip_C.to(u_BCL.dtype)[:, None]
+
+
+def short_conv_epilogue(x1_BCL: torch.Tensor, u_BCL: torch.Tensor, w_CK: torch.Tensor,
+                        skip_C: torch.Tensor | None = None) -> torch.Tensor:
+    """hcs after the prologue: :func:`short_conv` gated by ``x1``, back to sequence-first; -> z (L, B, C)."""
+    return hyena_epilogue(x1_BCL, short_conv(u_BCL, w_CK, skip_C))
+
+
+def residual_add(residual: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A layer's branch joining the residual stream: ``residual + (y + bias)``, the branch rounded to its own dtype
+    first and the sum in the stream's dtype (fp32 with ``fp32_residual_connection``)."""
+    return residual + (y if bias is None else y + bias).to(residual.dtype)
+
+
 def hyena_epilogue(x1_BCL: torch.Tensor, y_BCL: torch.Tensor) -> torch.Tensor:
-    """Shared back of hcm/hcl: gate the convolution output, back to sequence-first; -> z (L, B, C) in x1's dtype."""
+    """Shared back of hcs/hcm/hcl: gate the convolution output, back to sequence-first; -> z (L, B, C) in x1's
+    dtype."""
     return (x1_BCL * y_BCL.to(x1_BCL.dtype)).permute(2, 0, 1)

@@ -11,6 +11,7 @@ import functools
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -72,6 +73,33 @@ def with_decode_cache(core_attention: type) -> type:
     return type(f"{core_attention.__name__}WithDecodeCache", (core_attention,), {"forward": forward})
 
 
+# Inference-mode MLPs see at most this many tokens at once (at 1M tokens the 7b's fc1 output alone is 46 GB).
+MLP_INFERENCE_CHUNK_TOKENS = 1 << 16
+
+
+class SequenceChunkedMLP(MLP):
+    """Megatron's MLP, run over chunks of the sequence when no gradient is taken and the sequence is long.
+
+    The MLP acts on each token alone, so the chunks' outputs are exactly the whole sequence's; only the
+    (tokens, 2 * ffn) intermediate is bounded. Under sequence parallelism fc1 gathers the sequence itself, so the
+    sequence is never split there.
+    """
+
+    def forward(self, hidden_states, *args, **kwargs):
+        L = hidden_states.shape[0]
+        if (torch.is_grad_enabled() or self.config.sequence_parallel or args or kwargs
+                or L * hidden_states.shape[1] <= MLP_INFERENCE_CHUNK_TOKENS):
+            return super().forward(hidden_states, *args, **kwargs)
+        step = max(1, MLP_INFERENCE_CHUNK_TOKENS // hidden_states.shape[1])
+        out, bias = None, None
+        for a in range(0, L, step):
+            y, bias = super().forward(hidden_states[a:a + step])
+            if out is None:
+                out = y.new_empty((L, *y.shape[1:]))
+            out[a:a + step] = y
+        return out, bias
+
+
 @dataclass
 class HyenaStackSpec:
     hyena_layer: ModuleSpec
@@ -84,7 +112,7 @@ def _layers(norm_linear, row_linear, core_attention) -> tuple[ModuleSpec, Module
 
     norm_linear = with_input_in_params_dtype(norm_linear)
     mlp_submodules = MLPSubmodules(linear_fc1=norm_linear, linear_fc2=row_linear)
-    mlp = ModuleSpec(module=MLP, submodules=mlp_submodules)
+    mlp = ModuleSpec(module=SequenceChunkedMLP, submodules=mlp_submodules)
     hyena = ModuleSpec(module=HyenaLayer, submodules=HyenaLayerSubmodules(
         norm=IdentityOp,
         mixer=ModuleSpec(module=HyenaMixer, submodules=HyenaMixerSubmodules(dense_projection=norm_linear,
@@ -100,7 +128,7 @@ def _layers(norm_linear, row_linear, core_attention) -> tuple[ModuleSpec, Module
                                                                          row_linear),
                                                                      q_layernorm=IdentityOp, k_layernorm=IdentityOp)),
         self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=IdentityOp,
-        mlp=partial(MLP.as_mlp_submodule, submodules=mlp_submodules), mlp_bda=get_bias_dropout_add))
+        mlp=partial(SequenceChunkedMLP.as_mlp_submodule, submodules=mlp_submodules), mlp_bda=get_bias_dropout_add))
     return hyena, attention
 
 

@@ -1,0 +1,68 @@
+"""Fused residual join of a Hyena layer's branch: ``residual + (y + bias)`` and the next norm's input in one pass.
+
+With ``fp32_residual_connection`` (every Evo 2 config) the plain path makes four passes per branch: the bias add in
+the branch dtype, its cast to fp32, the fp32 add, and the cast of the sum back to ``params_dtype`` for the next norm.
+Here one kernel reads ``y`` and the residual once and writes the fp32 sum and, when asked, its low-precision copy.
+Plain twin: :func:`evo2_recipe.models.hyena.operators.residual_add`; the backward is analytic (an add and casts).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _residual_add_fwd(res_ptr, y_ptr, bias_ptr, out_ptr, low_ptr, N, H, HAS_BIAS: tl.constexpr,
+                      WRITE_LOW: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    y = tl.load(y_ptr + i, mask=m, other=0.0)
+    if HAS_BIAS:  # the branch's bias add happens in the branch dtype, as in the plain path
+        bias = tl.load(bias_ptr + i % H, mask=m, other=0.0)
+        y = (y.to(tl.float32) + bias.to(tl.float32)).to(y_ptr.dtype.element_ty)
+    out = tl.load(res_ptr + i, mask=m, other=0.0).to(tl.float32) + y.to(tl.float32)
+    out = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + i, out, mask=m)
+    if WRITE_LOW:
+        tl.store(low_ptr + i, out.to(low_ptr.dtype.element_ty), mask=m)
+
+
+class _ResidualAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, residual, y, bias, low_dtype):
+        ctx.dtypes = (y.dtype, None if bias is None else bias.dtype)
+        res, y = residual.contiguous(), y.contiguous()
+        out = torch.empty_like(res)
+        low = torch.empty(res.shape, dtype=low_dtype, device=res.device) if low_dtype is not None else None
+        N, H = res.numel(), res.shape[-1]
+        _residual_add_fwd[(triton.cdiv(N, BLOCK),)](res, y, bias if bias is not None else y, out,
+                                                     low if low is not None else out, N, H,
+                                                     HAS_BIAS=bias is not None, WRITE_LOW=low is not None,
+                                                     BLOCK=BLOCK)
+        return (out, low) if low is not None else out
+
+    @staticmethod
+    def backward(ctx, g_out, g_low=None):
+        y_dtype, bias_dtype = ctx.dtypes
+        if g_low is not None:
+            g_out = g_out + g_low.to(g_out.dtype)
+        g_y = g_out.to(y_dtype)  # the plain path's cast of the branch to the stream dtype, backwards
+        g_bias = g_y.sum(dim=tuple(range(g_y.dim() - 1))).to(bias_dtype) if bias_dtype is not None else None
+        return g_out, g_y, g_bias, None
+
+
+def residual_add(residual: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None,
+                 low_dtype: torch.dtype | None = None):
+    """Fused :func:`evo2_recipe.models.hyena.operators.residual_add`; with ``low_dtype`` also returns the sum cast to
+    it (the next norm's input), as ``(sum, sum.to(low_dtype))``. A bias of another dtype than ``y`` (the plain path
+    would promote the branch) is refused: callers take the plain path then."""
+    if bias is not None and bias.dtype != y.dtype:
+        raise ValueError(f"fused residual add needs the bias in the branch dtype {y.dtype}, got {bias.dtype}")
+    if low_dtype == residual.dtype:  # nothing to cast: the sum is the norm's input
+        out = _ResidualAdd.apply(residual, y, bias, None)
+        return out, out
+    return _ResidualAdd.apply(residual, y, bias, low_dtype)
