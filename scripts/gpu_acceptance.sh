@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
-#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
+#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [train16] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
 # Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
 # /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
 set -uo pipefail
@@ -66,6 +66,28 @@ if [[ " $what " == *" fp8 "* ]]; then
     infer_evo2 --ckpt-dir $ckpt --max-new-tokens 20 --top-k 1 $flags > "$OUT/infer.log" 2>&1
     echo "infer $flags rc=$? tracebacks=$(grep -c Traceback "$OUT/infer.log")"
   done
+fi
+
+if [[ " $what " == *" train16 "* ]]; then  # issue 16: train_evo2 rows - 1b bf16 vs FP8 on real data, 7b MFU
+  preprocess_evo2 --config examples/configs/phage_preprocess.yaml --no-progress > "$OUT/preprocess.log" 2>&1
+  echo "preprocess rc=$?"
+  common=(-d examples/configs/phage_dataset.yaml --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1
+          --global-batch-size 1 --max-steps "${TRAIN_STEPS:-200}" --warmup-steps 10 --constant-steps 0
+          --eval-interval "${TRAIN_STEPS:-200}" --eval-iters 2 --log-interval 20 --workers 2
+          --disable-tensorboard-logger --no-activation-checkpointing)
+  for run in "bf16 --mixed-precision-recipe bf16_mixed" \
+             "fp8cs --mixed-precision-recipe bf16_with_fp8_current_scaling_mixed"; do
+    set -- $run; tag=$1; shift
+    timeout 300 train_evo2 "${common[@]}" --result-dir "/tmp/t16_$tag" "$@" > "$OUT/train16_$tag.log" 2>&1
+    echo "train $tag rc=$? tracebacks=$(grep -c Traceback "$OUT/train16_$tag.log")"
+    grep -E "evo2_recipe.train: step|validation loss" "$OUT/train16_$tag.log" | tail -12
+  done
+  timeout 300 train_evo2 --mock-data --model-size evo2_7b_base --seq-length 8192 --micro-batch-size 1 \
+    --global-batch-size 1 --max-steps 12 --warmup-steps 2 --constant-steps 0 --eval-interval 100 --eval-iters 1 \
+    --log-interval 4 --workers 2 --disable-tensorboard-logger --result-dir /tmp/t16_7b ${TRAIN_7B_FLAGS:-} \
+    > "$OUT/train16_7b.log" 2>&1
+  echo "train 7b rc=$? tracebacks=$(grep -c Traceback "$OUT/train16_7b.log")"
+  grep -E "evo2_recipe.train: step" "$OUT/train16_7b.log" | tail -3
 fi
 
 if [[ " $what " == *" resume "* ]]; then  # issue 15 item 4: bf16 + fp32 filters, distributed optimizer, save/resume
