@@ -24,6 +24,13 @@ for name, target in tomllib.load(open("pyproject.toml", "rb"))["project"]["scrip
 PY
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
+train_run() {  # train_run LOG RESULT_DIR N ARGS...: one train_evo2 run; its rc, tracebacks and last N log lines
+  local log=$1 dir=$2 n=$3; shift 3
+  timeout "${TRAIN_TIMEOUT:-400}" train_evo2 "$@" --result-dir "$dir" > "$OUT/$log.log" 2>&1
+  echo "$log rc=$? tracebacks=$(grep -c Traceback "$OUT/$log.log")"
+  grep -E "evo2_recipe.train: step|validation loss" "$OUT/$log.log" | tail -"$n"
+}
+
 if [[ " $what " == *" parity "* ]]; then  # the Vortex parity test alone
   NVIDIA_TF32_OVERRIDE=0 python3 -m pytest -q -s tests/test_gpu.py -k vortex_parity 2>&1 | tail -5
 fi
@@ -51,9 +58,7 @@ if [[ " $what " == *" fp8 "* ]]; then
              "fp8ds --mixed-precision-recipe bf16_with_fp8_delayed_scaling_mixed" \
              "vfp8 --mixed-precision-recipe bf16_mixed --vortex-style-fp8"; do
     set -- $run; tag=$1; shift
-    timeout 400 train_evo2 "${common[@]}" --result-dir "/tmp/r_$tag" "$@" > "$OUT/train_$tag.log" 2>&1
-    echo "train $tag rc=$? tracebacks=$(grep -c Traceback "$OUT/train_$tag.log")"
-    grep -E "evo2_recipe.train: step" "$OUT/train_$tag.log" | tail -1
+    train_run "train_$tag" "/tmp/r_$tag" 1 "${common[@]}" "$@"
   done
   ckpt=/tmp/r_fp8cs/evo2/checkpoints
   printf ">s1\nACGTTGCAACGGTACCGTTAGGCTAACGTTGCATGCAAGT\n>s2\nTTGACCA\n" > /tmp/s.fa
@@ -78,16 +83,12 @@ if [[ " $what " == *" train16 "* ]]; then  # issue 16: train_evo2 rows - 1b bf16
   for run in "bf16 --mixed-precision-recipe bf16_mixed" \
              "fp8cs --mixed-precision-recipe bf16_with_fp8_current_scaling_mixed"; do
     set -- $run; tag=$1; shift
-    timeout 300 train_evo2 "${common[@]}" --result-dir "/tmp/t16_$tag" "$@" > "$OUT/train16_$tag.log" 2>&1
-    echo "train $tag rc=$? tracebacks=$(grep -c Traceback "$OUT/train16_$tag.log")"
-    grep -E "evo2_recipe.train: step|validation loss" "$OUT/train16_$tag.log" | tail -12
+    train_run "train16_$tag" "/tmp/t16_$tag" 12 "${common[@]}" "$@"
   done
-  timeout 300 train_evo2 --mock-data --model-size evo2_7b_base --seq-length 8192 --micro-batch-size 1 \
+  # the step lines come first; the checkpoint written at the end (7b weights + optimizer, ~100 GB) takes minutes
+  train_run train16_7b /tmp/t16_7b 3 --mock-data --model-size evo2_7b_base --seq-length 8192 --micro-batch-size 1 \
     --global-batch-size 1 --max-steps 12 --warmup-steps 2 --constant-steps 0 --eval-interval 100 --eval-iters 1 \
-    --log-interval 4 --workers 2 --disable-tensorboard-logger --result-dir /tmp/t16_7b ${TRAIN_7B_FLAGS:-} \
-    > "$OUT/train16_7b.log" 2>&1
-  echo "train 7b rc=$? tracebacks=$(grep -c Traceback "$OUT/train16_7b.log")"
-  grep -E "evo2_recipe.train: step" "$OUT/train16_7b.log" | tail -3
+    --log-interval 4 --workers 2 --disable-tensorboard-logger ${TRAIN_7B_FLAGS:-}
 fi
 
 if [[ " $what " == *" resume "* ]]; then  # issue 15 item 4: bf16 + fp32 filters, distributed optimizer, save/resume
