@@ -80,8 +80,8 @@ MLP_INFERENCE_CHUNK_TOKENS = 1 << 16
 class SequenceChunkedMLP(MLP):
     """Megatron's MLP, run over chunks of the sequence when no gradient is taken and the sequence is long.
 
-    The MLP acts on each token alone, so the chunks' outputs are exactly the whole sequence's; only the
-    (tokens, 2 * ffn) intermediate is bounded. Under sequence parallelism fc1 gathers the sequence itself, so the
+    The MLP acts on each token alone, so the chunks' outputs are the whole sequence's (up to the GEMMs' summation
+    order over fewer rows: fp32 ulps); only the (tokens, 2 * ffn) intermediate is bounded. Under sequence parallelism fc1 gathers the sequence itself, so the
     sequence is never split there.
     """
 
