@@ -39,6 +39,22 @@ def test_fused_modal_filter_equals_plain(G, O, L):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("B,C,G,O,T", [(2, 12, 3, 16, 37), (1, 8, 8, 16, 1), (1, 20, 4, 5, 300)])
+def test_fused_modal_prompt_state_equals_plain(B, C, G, O, T):
+    """The hcl modal state a prompt leaves (generation's prefill): one-pass kernel vs the two-level decayed sum, on a
+    strided bf16-rounded ``u`` view as the layer passes it; T = 1, T not a multiple of the tile, O not a power of 2."""
+    from evo2_recipe.models.hyena.inference_state import decayed_sum
+    from evo2_recipe.models.hyena.kernels.modal_filter import modal_prompt_state
+
+    g = torch.Generator().manual_seed(B + C + T)
+    u = torch.randn(B, T, 2 * C, generator=g).to(DEVICE).transpose(1, 2)[:, :C]  # (B, C, T), non-contiguous
+    log_poles = -torch.empty(G, O).uniform_(1e-4, 0.5, generator=g).to(DEVICE)  # slow and fast modes
+    ref = decayed_sum(u.float(), ops.expand_groups(log_poles, C))
+    out = modal_prompt_state(u, log_poles)
+    assert out.shape == (B, C, O) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def _model_fused_vs_plain(rank, world, name):
     from megatron.core import parallel_state, tensor_parallel
 

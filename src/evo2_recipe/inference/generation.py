@@ -129,7 +129,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         i = waiting.pop(0)
         owner[slot] = i
         ctx.reset_slot(slot)
-        count[slot], done[slot] = 0, False
+        count[slot:slot + 1].zero_()  # in-place kernels: assigning Python scalars would synchronise with the host
+        done[slot:slot + 1].zero_()
         view = ctx.slot(slot)
         ctx.limit_attention(ctx.max_sequence_length)  # the prompt's positions are past the decode loop's bound
         prompt = torch.tensor([prompts[i]], device=device)

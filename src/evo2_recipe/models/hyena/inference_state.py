@@ -24,6 +24,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena.kernels import split_kv_attention_enabled
 
 
@@ -77,6 +78,13 @@ class HyenaLayerState:
         else:
             buf.copy_(torch.cat([ctx, x_BCL.to(buf.dtype)], dim=-1)[..., -width:])
         return ctx.to(x_BCL.dtype)
+
+    def store_prompt_window(self, name: str, x_BCL: torch.Tensor, width: int) -> None:
+        """A fresh slot's window from its prompt: the last ``width`` inputs, the zeros of a fresh slot before a shorter
+        prompt (one copy; :meth:`take_window` also returns the old window, which a fresh slot does not need)."""
+        buf = self.window(name, x_BCL.shape[1], width, x_BCL)
+        n = min(width, x_BCL.shape[-1])
+        buf[..., width - n:].copy_(x_BCL[..., x_BCL.shape[-1] - n:])
 
     def window(self, name: str, channels: int, width: int, like: torch.Tensor) -> torch.Tensor:
         """The stored window ``name`` of this view's slots, (b, channels, width) in ``like``'s dtype, in place."""
@@ -134,11 +142,26 @@ def modal_chunk_update(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_CO
         t = torch.arange(1, T + 1, device=u.device, dtype=torch.float32)
         y_carry = torch.einsum("bco,co,cot->bct", s, residues_CO, torch.exp(log_poles_CO[..., None] * t))
         s_new = s * torch.exp(log_poles_CO * T)
-    s_buf.copy_(s_new + _decayed_sum(u, log_poles_CO))
+    s_buf.copy_(s_new + decayed_sum(u, log_poles_CO))
     return y_carry
 
 
-def _decayed_sum(u_BCT: torch.Tensor, log_poles_CO: torch.Tensor) -> torch.Tensor:
+def store_prompt_modal_state(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_GO: torch.Tensor,
+                             fused: bool) -> None:
+    """A fresh slot's modal state after its prompt, ``s = sum_k lambda^(T-1-k) u[k]`` (:func:`modal_chunk_update`
+    from ``s = 0``): one Triton pass when ``fused`` (``kernels.modal_filter.modal_prompt_state``), else
+    :func:`decayed_sum` on per-channel poles (``log_poles`` are per filter group, ``(G, O)``)."""
+    C = u_BCL.shape[1]
+    if fused:
+        from evo2_recipe.models.hyena.kernels.modal_filter import modal_prompt_state
+
+        s = modal_prompt_state(u_BCL, log_poles_GO)
+    else:
+        s = decayed_sum(u_BCL.float(), ops.expand_groups(log_poles_GO.float(), C))
+    state.modal_state(C, log_poles_GO.shape[-1], u_BCL).copy_(s)
+
+
+def decayed_sum(u_BCT: torch.Tensor, log_poles_CO: torch.Tensor) -> torch.Tensor:
     """``sum_k lambda^(T-1-k) u[k]`` (B, C, O) in two levels, so no (C, O, T) power table is built: within blocks of
     ``K ~ sqrt(T)`` positions against one shared (C, O, K) table, then the per-block sums decayed by
     ``lambda^(K * blocks after)``. The left zero padding to a multiple of ``K`` adds nothing."""
@@ -166,22 +189,28 @@ class KVCache:
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
         L, b, nh, d = query.shape
-        max_len = self._storage.max_len
-        pos = self._storage.positions_on(query.device)[self._rows][:, None] + torch.arange(L, device=query.device)
-        pos = pos.clamp(max=max_len - 1)  # only idle (finished) slots run past the end; their outputs are unused
-        freqs = self._storage.rope_table[pos].transpose(0, 1)[:, :, None, :]  # (L, b, 1, d): per-slot positions
-        query = apply_rotary_pos_emb(query, freqs, config=self._storage.rope_config)
-        key = apply_rotary_pos_emb(key, freqs, config=self._storage.rope_config)
-        k_cache = self._storage.get((self._layer, "k"), (key.shape[2], max_len, d), key)[self._rows]
-        v_cache = self._storage.get((self._layer, "v"), (value.shape[2], max_len, d), value)[self._rows]
-        slot = torch.arange(b, device=query.device)[:, None]
-        k_cache[slot, :, pos] = key.permute(1, 0, 2, 3).to(k_cache.dtype)  # (b, L, heads, d) at (slot, pos)
-        v_cache[slot, :, pos] = value.permute(1, 0, 2, 3).to(v_cache.dtype)
-        q = query.permute(1, 2, 0, 3)  # (b, heads, L, d)
-        if self._storage.all_fresh(self._rows):  # prefill of new prompts: plain causal attention over the chunk
-            k, v, mask = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), None
+        st, max_len = self._storage, self._storage.max_len
+        k_cache = st.get((self._layer, "k"), (key.shape[2], max_len, d), key)[self._rows]
+        v_cache = st.get((self._layer, "v"), (value.shape[2], max_len, d), value)[self._rows]
+        if st.all_fresh(self._rows):  # a new prompt: positions 0..L-1 in every slot, plain causal attention
+            if L > max_len:
+                raise ValueError(f"a {L}-token prompt does not fit a context of max_sequence_length {max_len}")
+            freqs = st.rope_table[:L, None, None, :]  # (L, 1, 1, d): slices, no per-slot gather or scatter
+            query = apply_rotary_pos_emb(query, freqs, config=st.rope_config)
+            key = apply_rotary_pos_emb(key, freqs, config=st.rope_config)
+            k_cache[:, :, :L].copy_(key.permute(1, 2, 0, 3))
+            v_cache[:, :, :L].copy_(value.permute(1, 2, 0, 3))
+            q, k, v, mask = query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), None
         else:  # the first attend_len cache positions, those past each slot's own masked out (static shapes)
-            n = self._storage.attend_len
+            pos = st.positions_on(query.device)[self._rows][:, None] + torch.arange(L, device=query.device)
+            pos = pos.clamp(max=max_len - 1)  # only idle (finished) slots run past the end; their outputs are unused
+            freqs = st.rope_table[pos].transpose(0, 1)[:, :, None, :]  # (L, b, 1, d): per-slot positions
+            query = apply_rotary_pos_emb(query, freqs, config=st.rope_config)
+            key = apply_rotary_pos_emb(key, freqs, config=st.rope_config)
+            slot = torch.arange(b, device=query.device)[:, None]
+            k_cache[slot, :, pos] = key.permute(1, 0, 2, 3).to(k_cache.dtype)  # (b, L, heads, d) at (slot, pos)
+            v_cache[slot, :, pos] = value.permute(1, 0, 2, 3).to(v_cache.dtype)
+            q, n = query.permute(1, 2, 0, 3), st.attend_len  # (b, heads, L, d)
             k, v = k_cache[:, :, :n], v_cache[:, :, :n]
             mask = (torch.arange(n, device=query.device)[None, None, :] <= pos[:, :, None])[:, None]
         if mask is not None and L == 1 and split_kv_attention_enabled(self._storage.model_config, q):

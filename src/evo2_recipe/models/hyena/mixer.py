@@ -34,7 +34,8 @@ from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
 from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
-from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update, modal_step
+from evo2_recipe.models.hyena.inference_state import (HyenaLayerState, modal_chunk_update, modal_step,
+                                                      store_prompt_modal_state)
 
 
 # Inference-mode long convolutions process channels in chunks of about this many (channel x position) elements.
@@ -440,14 +441,13 @@ class HyenaMixer(MegatronModule):
         """Fill a fresh slot's state from its prompt: the FIR windows are the prompt's last inputs, the hcl modal
         state the decayed sum over all of ``u`` (what the token-by-token recurrence would hold after the prompt)."""
         op = self.mixer
-        state.take_window("proj", features_LBC3.permute(1, 2, 0), self.hyena_proj_conv.kernel_size - 1)
+        state.store_prompt_window("proj", features_LBC3.permute(1, 2, 0), self.hyena_proj_conv.kernel_size - 1)
         if op.operator_type == HYENA_LONG:
-            log_poles = ops.expand_groups(op.filter.log_poles(), op.channels)  # (Hp, O)
-            modal_chunk_update(state, u_BCL, log_poles, ops.expand_groups(op.filter.R.float(), op.channels))
+            store_prompt_modal_state(state, u_BCL, op.filter.log_poles(), fused_kernels_enabled(self.config, u_BCL))
         elif op.operator_type == HYENA_SHORT:
-            state.take_window("short", u_BCL, op.short_conv.kernel_size - 1)
+            state.store_prompt_window("short", u_BCL, op.short_conv.kernel_size - 1)
         else:
-            state.take_window("medium", u_BCL, op.filter.h.shape[-1] - 1)
+            state.store_prompt_window("medium", u_BCL, op.filter.h.shape[-1] - 1)
 
     def _decode_step(self, features_1BC3: torch.Tensor, state: HyenaLayerState) -> torch.Tensor:
         """z (1, B, Hp) of one token: the fused kernel on CUDA (one launch instead of ~20), else the eager step."""

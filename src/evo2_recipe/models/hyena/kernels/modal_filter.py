@@ -7,6 +7,9 @@ in the same tiles: ``dR[g, o] = sum_t dh[g, t] e[g, o, t]`` and
 ``dlog_pole[g, o] = R[g, o] sum_t dh[g, t] t e[g, o, t]`` with ``e = exp(log_pole t)``; per-tile partial sums are
 added in PyTorch. ``log_pole`` comes from ``p`` and ``gamma`` through ``operators.modal_log_poles`` under autograd, so
 their gradients follow by the chain rule.
+
+:func:`modal_prompt_state` is the same sum read the other way for generation: the modal state a prompt leaves behind,
+``s[c, o] = sum_t lambda^(T-1-t) u[c, t]``, in one pass over ``u`` (plain twin ``inference_state.decayed_sum``).
 """
 
 from __future__ import annotations
@@ -87,3 +90,41 @@ class _ModalFilter(torch.autograd.Function):
 def modal_filter(p_GO: torch.Tensor, gamma_GO: torch.Tensor, R_GO: torch.Tensor, L: int) -> torch.Tensor:
     """Fused :func:`evo2_recipe.models.hyena.operators.modal_filter`: (G, L) fp32."""
     return _ModalFilter.apply(ops.modal_log_poles(p_GO, gamma_GO), R_GO, L)
+
+
+@triton.jit
+def _modal_prompt_state(u_ptr, logp_ptr, s_ptr, C, T, su_b, su_c, su_t, CPG, O: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    """s[b, c, o] = sum_t exp(log_pole[c // CPG, o] (T-1-t)) u[b, c, t] for BLOCK_C channels of one sequence."""
+    b = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    o = tl.arange(0, O)
+    cmask = c < C
+    lp = tl.load(logp_ptr + (c // CPG)[:, None] * O + o[None, :], mask=cmask[:, None], other=0.0)  # (BC, O)
+    acc = tl.zeros((BLOCK_C, O), dtype=tl.float32)
+    base = u_ptr + b.to(tl.int64) * su_b + c.to(tl.int64)[:, None] * su_c
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tmask = t < T
+        u = tl.load(base + t[None, :] * su_t, mask=cmask[:, None] & tmask[None, :], other=0.0).to(tl.float32)
+        lag = tl.where(tmask, T - 1 - t, 0).to(tl.float32)  # 0 past the end: exp stays finite, u is 0 there
+        w = tl.exp(lp[:, :, None] * lag[None, None, :])  # (BC, O, BT)
+        acc += tl.sum(w * u[:, None, :], axis=2)
+    offs = (b * C + c).to(tl.int64)[:, None] * O + o[None, :]
+    tl.store(s_ptr + offs, acc, mask=cmask[:, None])
+
+
+def modal_prompt_state(u_BCT: torch.Tensor, log_poles_GO: torch.Tensor) -> torch.Tensor:
+    """Fused ``inference_state.decayed_sum(u.float(), expand_groups(log_poles, C))``: the hcl modal state after a
+    prompt, (B, C, O) fp32, in one pass over ``u`` (any dtype and strides) instead of ~15 small ops per layer."""
+    B, C, T = u_BCT.shape
+    G, O = log_poles_GO.shape
+    if C % G:
+        raise ValueError(f"{C} channels are not divisible into {G} filter groups")
+    padded = triton.next_power_of_2(O)  # tl.arange needs a power of two; the padded modes are cut off below
+    logp = torch.nn.functional.pad(log_poles_GO.float(), (0, padded - O)).contiguous()
+    s = torch.empty((B, C, padded), dtype=torch.float32, device=u_BCT.device)
+    block_c = 8
+    _modal_prompt_state[(triton.cdiv(C, block_c), B)](u_BCT, logp, s, C, T, *u_BCT.stride(), C // G, O=padded,
+                                                      BLOCK_C=block_c, BLOCK_T=64)
+    return s[..., :O]
