@@ -93,25 +93,30 @@ def modal_filter(p_GO: torch.Tensor, gamma_GO: torch.Tensor, R_GO: torch.Tensor,
 
 
 @triton.jit
-def _modal_prompt_state(u_ptr, logp_ptr, s_ptr, C, T, su_b, su_c, su_t, CPG, O: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
-    """s[b, c, o] = sum_t exp(log_pole[c // CPG, o] (T-1-t)) u[b, c, t] for BLOCK_C channels of one sequence."""
+def _modal_prompt_state(u_ptr, logp_ptr, part_ptr, B, C, T, su_b, su_c, su_t, CPG, O: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, TILES: tl.constexpr):
+    """Partial s[b, c, o] = sum_t exp(log_pole[c // CPG, o] (T-1-t)) u[b, c, t] over this program's ``TILES`` tiles of
+    ``t``, counted from the end of the sequence: tile k covers t = T - (k+1) BLOCK_T + j with lag k BLOCK_T + (BLOCK_T-1-j),
+    so its weight is exp(lp k BLOCK_T) * w[j] with one shared table w = exp(lp (BLOCK_T-1-j)) - both factors <= 1 (they
+    underflow to 0 together, never inf * 0), and only BLOCK_C * O exps per tile."""
     b = tl.program_id(1)
+    split = tl.program_id(2)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     o = tl.arange(0, O)
+    j = tl.arange(0, BLOCK_T)
     cmask = c < C
     lp = tl.load(logp_ptr + (c // CPG)[:, None] * O + o[None, :], mask=cmask[:, None], other=0.0)  # (BC, O)
+    w = tl.exp(lp[:, :, None] * (BLOCK_T - 1 - j).to(tl.float32)[None, None, :])  # (BC, O, BT)
     acc = tl.zeros((BLOCK_C, O), dtype=tl.float32)
     base = u_ptr + b.to(tl.int64) * su_b + c.to(tl.int64)[:, None] * su_c
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tmask = t < T
-        u = tl.load(base + t[None, :] * su_t, mask=cmask[:, None] & tmask[None, :], other=0.0).to(tl.float32)
-        lag = tl.where(tmask, T - 1 - t, 0).to(tl.float32)  # 0 past the end: exp stays finite, u is 0 there
-        w = tl.exp(lp[:, :, None] * lag[None, None, :])  # (BC, O, BT)
-        acc += tl.sum(w * u[:, None, :], axis=2)
-    offs = (b * C + c).to(tl.int64)[:, None] * O + o[None, :]
-    tl.store(s_ptr + offs, acc, mask=cmask[:, None])
+    for i in range(TILES):
+        k = split * TILES + i
+        t = T - (k + 1) * BLOCK_T + j
+        u = tl.load(base + t[None, :] * su_t, mask=cmask[:, None] & (t >= 0)[None, :], other=0.0).to(tl.float32)
+        scale = tl.exp(lp * (k * BLOCK_T).to(tl.float32))
+        acc += scale * tl.sum(w * u[:, None, :], axis=2)
+    offs = ((split * B + b) * C + c).to(tl.int64)[:, None] * O + o[None, :]
+    tl.store(part_ptr + offs, acc, mask=cmask[:, None])
 
 
 def modal_prompt_state(u_BCT: torch.Tensor, log_poles_GO: torch.Tensor) -> torch.Tensor:
@@ -123,8 +128,10 @@ def modal_prompt_state(u_BCT: torch.Tensor, log_poles_GO: torch.Tensor) -> torch
         raise ValueError(f"{C} channels are not divisible into {G} filter groups")
     padded = triton.next_power_of_2(O)  # tl.arange needs a power of two; the padded modes are cut off below
     logp = torch.nn.functional.pad(log_poles_GO.float(), (0, padded - O)).contiguous()
-    s = torch.empty((B, C, padded), dtype=torch.float32, device=u_BCT.device)
-    block_c = 8
-    _modal_prompt_state[(triton.cdiv(C, block_c), B)](u_BCT, logp, s, C, T, *u_BCT.stride(), C // G, O=padded,
-                                                      BLOCK_C=block_c, BLOCK_T=64)
-    return s[..., :O]
+    block_c, block_t, tiles = 8, 64, 16
+    splits = triton.cdiv(triton.cdiv(T, block_t), tiles)  # programs along t: the sequence is read in parallel
+    part = torch.empty((splits, B, C, padded), dtype=torch.float32, device=u_BCT.device)
+    _modal_prompt_state[(triton.cdiv(C, block_c), B, splits)](u_BCT, logp, part, B, C, T, *u_BCT.stride(), C // G,
+                                                              O=padded, BLOCK_C=block_c, BLOCK_T=block_t,
+                                                              TILES=tiles)
+    return (part[0] if splits == 1 else part.sum(0))[..., :O]
