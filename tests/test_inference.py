@@ -185,7 +185,7 @@ def _generation(rank, world, ckpt_dir, tp=1):
     from evo2_recipe.inference.api import Evo2
 
     evo = Evo2.from_checkpoint(ckpt_dir, tp=tp, sequence_parallel=False)
-    prompts = ["ACGTACGGTTAC", "GGA", "TTGACCATGCAAGTC"]
+    prompts = ["ACGTACGGTTAC", "TTGACCATGCAA", "GGA"]  # the two 12-token prompts are prefilled in one forward
     cached = evo.generate(prompts, 12, top_k=1)
     batch = [r["tokens"] for r in cached]
     continuous = [r["tokens"] for r in evo.generate(prompts, 12, top_k=1, max_batch_size=2)]  # 3 prompts, 2 slots

@@ -1,10 +1,11 @@
 """Autoregressive generation: per-slot cached decoding with sampling on the device and continuous batching.
 
-Each prompt is prefilled alone into a free slot of a :class:`HyenaInferenceContext` (one forward over the prompt),
-then all occupied slots advance one token per step together. Sampling (greedy, temperature, top-k, top-p) and the
-log-probabilities happen on the device; the host looks at the results only every ``sync_every`` steps, to retire
-finished sequences and hand their slots to waiting prompts. Each sequence gets exactly what it would get alone:
-slots never interact (greedy decoding is bit-for-bit the same; sampled tokens depend on the shared generator).
+Waiting prompts are prefilled into free slots of a :class:`HyenaInferenceContext` (one forward per run of
+consecutive free slots whose prompts have one length), then all occupied slots advance one token per step together.
+Sampling (greedy, temperature, top-k, top-p) and the log-probabilities happen on the device; the host looks at the
+results only every ``sync_every`` steps, to retire finished sequences and hand their slots to waiting prompts. Each
+sequence gets what it would get alone: slots never interact (greedy tokens are the same; batched GEMMs may differ
+from a single row's in the last bits; sampled tokens depend on the shared generator).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from megatron.core import parallel_state, tensor_parallel
 from evo2_recipe.models.hyena.inference_state import HyenaInferenceContext
 
 logger = logging.getLogger(__name__)
+
+PREFILL_BATCH_TOKENS = 65_536  # prompt tokens prefilled in one forward when several equal-length prompts wait
 
 
 @dataclass
@@ -97,7 +100,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
     """Generate for each prompt; returns ``[{"tokens": [...], "log_probs": [...], "finish_reason": ...}]``.
 
     ``max_batch_size`` slots decode together (default: all prompts at once); a finished sequence's slot is given to
-    the next waiting prompt. ``on_tokens(prompt_index, new_tokens)`` streams tokens as they are retired.
+    the next waiting prompt; waiting prompts of one length are prefilled together. ``on_tokens(prompt_index,
+    new_tokens)`` streams tokens as they are retired.
     ``cuda_graph`` replays the decode step as one CUDA graph on a GPU (11x faster than eager for evo2_1b_base at
     batch 1 on an H200, same tokens; see benchmarks/RESULTS.md); ignored on the CPU and under tensor parallelism
     (collectives stay eager), and a failed capture falls back to eager.
@@ -145,27 +149,45 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         done[slot_rows] |= finished
         last[slot_rows] = tok
 
-    def admit(slot: int) -> None:
-        i = waiting.pop(0)
-        owner[slot] = i
-        ctx.reset_slot(slot)
-        count[slot:slot + 1].zero_()  # in-place kernels: assigning Python scalars would synchronise with the host
-        done[slot:slot + 1].zero_()
-        view = ctx.slot(slot)
+    def admit(first: int, k: int) -> None:
+        """Prefill the next ``k`` waiting prompts (all of one length) into slots ``first .. first+k-1``: one forward."""
+        taken = [waiting.pop(0) for _ in range(k)]
+        for slot, i in enumerate(taken, start=first):
+            owner[slot] = i
+            ctx.reset_slot(slot)
+        count[first:first + k].zero_()  # in-place kernels: assigning Python scalars would synchronise with the host
+        done[first:first + k].zero_()
+        view = ctx.slots(first, first + k)
         ctx.limit_attention(ctx.max_sequence_length)  # the prompt's positions are past the decode loop's bound
-        prompt = torch.from_numpy(np.asarray(prompts[i], dtype=np.int64))[None].to(device)  # 8x faster than a list
-        # Prompt segmentation (the reference's PST): prefill the first `pst` tokens in one forward, then feed the
-        # rest one per step through the cache, bounding prefill activation memory for long prompts.
-        head = prompt.shape[1] if not prompt_segmentation_threshold else min(prompt_segmentation_threshold,
-                                                                              prompt.shape[1])
+        prompt = torch.from_numpy(np.asarray([prompts[i] for i in taken], dtype=np.int64)).to(device)  # not a list:
+        # torch.tensor on 8k Python ints costs ~2 ms of host time, while the GPU waits
+        head = prefill_length(prompt.shape[1])
         logits = _last_logits(model, prompt[:, :head], view, vocab_size)
         view.advance(head)
         for t in range(head, prompt.shape[1]):
             logits = _last_logits(model, prompt[:, t:t + 1], view, vocab_size)
             view.advance(1)
-        record(rows[slot:slot + 1], logits)
+        record(rows[first:first + k], logits)
 
-    emitted = [0] * slots  # tokens of each slot already streamed
+    def prefill_length(length: int) -> int:
+        # Prompt segmentation (the reference's PST): prefill the first `pst` tokens in one forward, then feed the
+        # rest one per step through the cache, bounding prefill activation memory for long prompts.
+        return length if not prompt_segmentation_threshold else min(prompt_segmentation_threshold, length)
+
+    def admit_free(free: list[int]) -> None:
+        """Fill the free slots with waiting prompts. Consecutive free slots whose prompts have the same length are
+        prefilled together (one forward instead of one per prompt: prefill of small models is bound by host time),
+        up to PREFILL_BATCH_TOKENS prompt tokens per forward."""
+        j = 0
+        while j < len(free) and waiting:
+            length, k = len(prompts[waiting[0]]), 1
+            while (j + k < len(free) and k < len(waiting) and free[j + k] == free[j] + k
+                   and len(prompts[waiting[k]]) == length and (k + 1) * prefill_length(length) <= PREFILL_BATCH_TOKENS):
+                k += 1
+            admit(free[j], k)
+            for slot in range(free[j], free[j] + k):
+                age[slot], emitted[slot] = 0, 0
+            j += k
 
     def sync() -> None:
         """The only host synchronisation: stream new tokens, retire finished slots, hand free slots to prompts."""
@@ -182,14 +204,11 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
                                   finish_reason="stop" if params.stop_at_eod and toks and toks[-1] == eod_id
                                   else "length")
                 owner[slot] = None
-        for slot in range(slots):
-            if owner[slot] is None and waiting:
-                admit(slot)
-                age[slot], emitted[slot] = 0, 0
+        admit_free([slot for slot in range(slots) if owner[slot] is None])
 
     age = [0] * slots  # decode steps since each slot's prompt was admitted (host-side: no sync to know it)
-    for slot in range(slots):
-        admit(slot)
+    emitted = [0] * slots  # tokens of each slot already streamed
+    admit_free(list(range(slots)))
     def step() -> None:  # static shapes, device-only work: the unit a CUDA graph captures
         logits = _last_logits(model, last[:, None], ctx, vocab_size)  # every slot advances; done ones idle
         ctx.advance(1)

@@ -13,8 +13,8 @@ here at each slot's own position, which lets slots sit at different positions (c
 
 All updates work on chunks of any length, so one code path does prefill and token-by-token decode. FIR windows start
 as zeros, which is exact: the convolution's implicit left padding is zeros, so prompts shorter than a filter are
-handled correctly (the reference's growing cache is not). :meth:`HyenaInferenceContext.slot` gives a view of one
-slot (prefill of a new prompt while the other slots keep their state).
+handled correctly (the reference's growing cache is not). :meth:`HyenaInferenceContext.slots` gives a view of
+some slots (prefill of new prompts while the other slots keep their state).
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ class HyenaInferenceContext:
 
     Usage: ``logits = model(tokens, inference_context=ctx)``, then ``ctx.advance(tokens.shape[1])`` before the next
     chunk (logits of the chunk's last position only with ``materialize_only_last_token_logits``, as megatron's
-    inference contexts name it). ``ctx.slot(i)`` is the same state restricted to slot ``i`` (prefill one new prompt),
+    inference contexts name it). ``ctx.slots(i, j)`` is the same state restricted to slots ``i .. j-1`` (prefill of new prompts),
     ``ctx.reset_slot(i)`` empties a slot for its next sequence. Positions live on the device, so decoding needs no
     host synchronisation.
     """
@@ -272,9 +272,10 @@ class HyenaInferenceContext:
         """Next position of each slot of this view, ``(b,)`` on the device."""
         return self._storage.positions[self._rows]
 
-    def slot(self, index: int) -> HyenaInferenceContext:
-        return HyenaInferenceContext(1, self.max_sequence_length, _storage=self._storage,
-                                     _rows=slice(index, index + 1),
+    def slots(self, start: int, stop: int) -> HyenaInferenceContext:
+        """A view of slots ``start .. stop-1`` (prefill of several new prompts of one length in one forward)."""
+        return HyenaInferenceContext(stop - start, self.max_sequence_length, _storage=self._storage,
+                                     _rows=slice(start, stop),
                                      materialize_only_last_token_logits=self.materialize_only_last_token_logits)
 
     def reset_slot(self, index: int) -> None:

@@ -119,16 +119,17 @@ def _modal_prompt_state(u_ptr, logp_ptr, part_ptr, B, C, T, su_b, su_c, su_t, CP
     tl.store(part_ptr + offs, acc, mask=cmask[:, None])
 
 
-def modal_prompt_state(u_BCT: torch.Tensor, log_poles_GO: torch.Tensor) -> torch.Tensor:
+def modal_prompt_state(u_BCT: torch.Tensor, log_poles_GO: torch.Tensor, block_c: int = 16, block_t: int = 16,
+                       tiles: int = 32) -> torch.Tensor:
     """Fused ``inference_state.decayed_sum(u.float(), expand_groups(log_poles, C))``: the hcl modal state after a
-    prompt, (B, C, O) fp32, in one pass over ``u`` (any dtype and strides) instead of ~15 small ops per layer."""
+    prompt, (B, C, O) fp32, in one pass over ``u`` (any dtype and strides) instead of ~15 small ops per layer.
+    Default tiles: the fastest of nine tried on an H200 at C = 1,920, T = 8,192 (204 us; the others 226-309 us)."""
     B, C, T = u_BCT.shape
     G, O = log_poles_GO.shape
     if C % G:
         raise ValueError(f"{C} channels are not divisible into {G} filter groups")
     padded = triton.next_power_of_2(O)  # tl.arange needs a power of two; the padded modes are cut off below
     logp = torch.nn.functional.pad(log_poles_GO.float(), (0, padded - O)).contiguous()
-    block_c, block_t, tiles = 8, 64, 16
     splits = triton.cdiv(triton.cdiv(T, block_t), tiles)  # programs along t: the sequence is read in parallel
     part = torch.empty((splits, B, C, padded), dtype=torch.float32, device=u_BCT.device)
     _modal_prompt_state[(triton.cdiv(C, block_c), B, splits)](u_BCT, logp, part, B, C, T, *u_BCT.stride(), C // G,
