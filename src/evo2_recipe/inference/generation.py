@@ -4,8 +4,8 @@ Waiting prompts are prefilled into free slots of a :class:`HyenaInferenceContext
 consecutive free slots whose prompts have one length), then all occupied slots advance one token per step together.
 Sampling (greedy, temperature, top-k, top-p) and the log-probabilities happen on the device; the host looks at the
 results only every ``sync_every`` steps, to retire finished sequences and hand their slots to waiting prompts. Each
-sequence gets what it would get alone: slots never interact (greedy tokens are the same; batched GEMMs may differ
-from a single row's in the last bits; sampled tokens depend on the shared generator).
+sequence gets what it would get alone: slots never interact (a prompt prefilled with others goes through GEMMs of
+more rows, which may round differently in the last bits; sampled tokens depend on the shared generator).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         last[slot_rows] = tok
 
     def admit(first: int, k: int) -> None:
-        """Prefill the next ``k`` waiting prompts (all of one length) into slots ``first .. first+k-1``: one forward."""
+        """Prefill the next ``k`` waiting prompts (all of one length) into slots ``first .. first+k-1`` at once."""
         taken = [waiting.pop(0) for _ in range(k)]
         for slot, i in enumerate(taken, start=first):
             owner[slot] = i
@@ -182,7 +182,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         while j < len(free) and waiting:
             length, k = len(prompts[waiting[0]]), 1
             while (j + k < len(free) and k < len(waiting) and free[j + k] == free[j] + k
-                   and len(prompts[waiting[k]]) == length and (k + 1) * prefill_length(length) <= PREFILL_BATCH_TOKENS):
+                   and len(prompts[waiting[k]]) == length
+                   and (k + 1) * prefill_length(length) <= PREFILL_BATCH_TOKENS):
                 k += 1
             admit(free[j], k)
             for slot in range(free[j], free[j] + k):

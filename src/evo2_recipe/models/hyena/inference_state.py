@@ -230,9 +230,9 @@ class HyenaInferenceContext:
 
     Usage: ``logits = model(tokens, inference_context=ctx)``, then ``ctx.advance(tokens.shape[1])`` before the next
     chunk (logits of the chunk's last position only with ``materialize_only_last_token_logits``, as megatron's
-    inference contexts name it). ``ctx.slots(i, j)`` is the same state restricted to slots ``i .. j-1`` (prefill of new prompts),
-    ``ctx.reset_slot(i)`` empties a slot for its next sequence. Positions live on the device, so decoding needs no
-    host synchronisation.
+    inference contexts name it). ``ctx.slots(i, j)`` is the same state restricted to slots ``i .. j-1`` (prefill of
+    new prompts), ``ctx.reset_slot(i)`` empties a slot for its next sequence. Positions live on the device, so
+    decoding needs no host synchronisation.
     """
 
     def __init__(self, max_batch_size: int, max_sequence_length: int, *,

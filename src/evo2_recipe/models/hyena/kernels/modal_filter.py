@@ -95,10 +95,11 @@ def modal_filter(p_GO: torch.Tensor, gamma_GO: torch.Tensor, R_GO: torch.Tensor,
 @triton.jit
 def _modal_prompt_state(u_ptr, logp_ptr, part_ptr, B, C, T, su_b, su_c, su_t, CPG, O: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, TILES: tl.constexpr):
-    """Partial s[b, c, o] = sum_t exp(log_pole[c // CPG, o] (T-1-t)) u[b, c, t] over this program's ``TILES`` tiles of
-    ``t``, counted from the end of the sequence: tile k covers t = T - (k+1) BLOCK_T + j with lag k BLOCK_T + (BLOCK_T-1-j),
-    so its weight is exp(lp k BLOCK_T) * w[j] with one shared table w = exp(lp (BLOCK_T-1-j)) - both factors <= 1 (they
-    underflow to 0 together, never inf * 0), and only BLOCK_C * O exps per tile."""
+    """Partial s[b, c, o] = sum_t exp(log_pole[c // CPG, o] (T-1-t)) u[b, c, t] over this program's ``TILES`` tiles
+    of ``t``, counted from the end of the sequence: tile k covers t = T - (k+1) BLOCK_T + j with lag
+    k BLOCK_T + (BLOCK_T-1-j), so its weight is exp(lp k BLOCK_T) * w[j] with one shared table
+    w = exp(lp (BLOCK_T-1-j)) - both factors <= 1 (they underflow to 0 together, never inf * 0), and only
+    BLOCK_C * O exps per tile."""
     b = tl.program_id(1)
     split = tl.program_id(2)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
