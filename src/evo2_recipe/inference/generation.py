@@ -152,9 +152,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
     def admit(first: int, k: int) -> None:
         """Prefill the next ``k`` waiting prompts (all of one length) into slots ``first .. first+k-1`` at once."""
         taken = [waiting.pop(0) for _ in range(k)]
-        for slot, i in enumerate(taken, start=first):
-            owner[slot] = i
-            ctx.reset_slot(slot)
+        owner[first:first + k] = taken
+        ctx.reset_slots(first, first + k)
         count[first:first + k].zero_()  # in-place kernels: assigning Python scalars would synchronise with the host
         done[first:first + k].zero_()
         view = ctx.slots(first, first + k)

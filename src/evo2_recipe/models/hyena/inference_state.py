@@ -231,7 +231,7 @@ class HyenaInferenceContext:
     Usage: ``logits = model(tokens, inference_context=ctx)``, then ``ctx.advance(tokens.shape[1])`` before the next
     chunk (logits of the chunk's last position only with ``materialize_only_last_token_logits``, as megatron's
     inference contexts name it). ``ctx.slots(i, j)`` is the same state restricted to slots ``i .. j-1`` (prefill of
-    new prompts), ``ctx.reset_slot(i)`` empties a slot for its next sequence. Positions live on the device, so
+    new prompts), ``ctx.reset_slots(i, j)`` empties them for their next sequences. Positions live on the device, so
     decoding needs no host synchronisation.
     """
 
@@ -278,12 +278,13 @@ class HyenaInferenceContext:
                                      _rows=slice(start, stop),
                                      materialize_only_last_token_logits=self.materialize_only_last_token_logits)
 
-    def reset_slot(self, index: int) -> None:
+    def reset_slots(self, start: int, stop: int) -> None:
+        """Empty slots ``start .. stop-1`` for their next sequences (one in-place kernel per buffer, no host sync)."""
         for t in self._storage.tensors.values():
-            t[index].zero_()
-        self._storage.fresh[index] = True
+            t[start:stop].zero_()
+        self._storage.fresh[start:stop] = [True] * (stop - start)
         if self._storage.positions is not None:
-            self._storage.positions[index] = 0
+            self._storage.positions[start:stop].zero_()
 
     def advance(self, num_tokens: int) -> None:
         """Move the slots of this view past ``num_tokens`` positions (on the device: no host synchronisation, so
