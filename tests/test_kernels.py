@@ -39,11 +39,11 @@ def test_fused_modal_filter_equals_plain(G, O, L):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("B,C,G,O,T", [(2, 12, 3, 16, 37), (1, 8, 8, 16, 1), (1, 20, 4, 5, 300), (2, 8, 2, 16, 2100)])
+@pytest.mark.parametrize("B,C,G,O,T", [(2, 12, 3, 16, 37), (1, 8, 8, 16, 1), (1, 20, 4, 5, 300), (2, 8, 2, 16, 9000)])
 def test_fused_modal_prompt_state_equals_plain(B, C, G, O, T):
     """The hcl modal state a prompt leaves (generation's prefill): one-pass kernel vs the two-level decayed sum, on a
-    strided ``u`` view as the layer passes it; T = 1, T not a multiple of the tile, O not a power of 2, T over
-    several programs (partial sums)."""
+    strided ``u`` view as the layer passes it; T = 1, T not a multiple of the chunk, O not a power of 2 (nor 16),
+    T over several blocks of chunks (the loop)."""
     from evo2_recipe.models.hyena.inference_state import decayed_sum
     from evo2_recipe.models.hyena.kernels.modal_filter import modal_prompt_state
 

@@ -69,22 +69,22 @@ class HyenaLayerState:
         """No slot of this view holds tokens yet: windows and modal state are zeros, known without a device sync."""
         return self._storage.all_fresh(self._rows)
 
-    def take_window(self, name: str, x_BCL: torch.Tensor, width: int) -> torch.Tensor:
-        """Return the stored left context ``(B, C, width)`` for ``x`` and store the new one (its last ``width``)."""
+    def take_window(self, name: str, x_BCL: torch.Tensor, width: int) -> torch.Tensor | None:
+        """Return the stored left context ``(B, C, width)`` for ``x`` and store the new one (its last ``width``).
+
+        A fresh view returns None (its context is the zero padding of a whole sequence) and stores the prompt's
+        tail with one copy; a fresh slot's window is zeros, which is right before a prompt shorter than ``width``."""
         buf = self.window(name, x_BCL.shape[1], width, x_BCL)
+        if self.fresh:
+            n = min(width, x_BCL.shape[-1])
+            buf[..., width - n:].copy_(x_BCL[..., x_BCL.shape[-1] - n:])
+            return None
         ctx = buf.clone()
         if x_BCL.shape[-1] >= width:  # a long chunk: its own tail (no concatenation of the whole chunk)
             buf.copy_(x_BCL[..., -width:])
         else:
             buf.copy_(torch.cat([ctx, x_BCL.to(buf.dtype)], dim=-1)[..., -width:])
         return ctx.to(x_BCL.dtype)
-
-    def store_prompt_window(self, name: str, x_BCL: torch.Tensor, width: int) -> None:
-        """A fresh slot's window from its prompt: the last ``width`` inputs, the zeros of a fresh slot before a shorter
-        prompt (one copy; :meth:`take_window` also returns the old window, which a fresh slot does not need)."""
-        buf = self.window(name, x_BCL.shape[1], width, x_BCL)
-        n = min(width, x_BCL.shape[-1])
-        buf[..., width - n:].copy_(x_BCL[..., x_BCL.shape[-1] - n:])
 
     def window(self, name: str, channels: int, width: int, like: torch.Tensor) -> torch.Tensor:
         """The stored window ``name`` of this view's slots, (b, channels, width) in ``like``'s dtype, in place."""
@@ -124,41 +124,33 @@ def modal_step(state: HyenaLayerState, u_BC1: torch.Tensor, poles_CO: torch.Tens
     return y_carry
 
 
-def modal_chunk_update(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_CO: torch.Tensor,
-                       residues_CO: torch.Tensor) -> torch.Tensor:
+def modal_chunk_update(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_GO: torch.Tensor,
+                       residues_GO: torch.Tensor, fused: bool = False) -> torch.Tensor | None:
     """Contribution of the carried modal state to this chunk's output, and advance the state past the chunk.
 
-    With poles ``lambda = exp(log_poles)`` and carried state ``s``: ``y_carry[t] = sum_o R_o lambda_o^(t+1) s_o`` and
-    ``s <- lambda^T s + sum_k lambda^(T-1-k) u[k]`` for a chunk of length ``T``. Returns ``y_carry`` (B, C, T) fp32,
-    or None for a fresh state (``s = 0``: no carry, and no (C, O, T) power table).
+    With poles ``lambda = exp(log_poles)`` (per filter group, ``(G, O)``) and carried state ``s``:
+    ``y_carry[t] = sum_o R_o lambda_o^(t+1) s_o`` and ``s <- lambda^T s + sum_k lambda^(T-1-k) u[k]`` for a chunk of
+    length ``T``. Returns ``y_carry`` (B, C, T) fp32, or None for a fresh state (a prompt's prefill: ``s = 0``, no
+    carry and no (C, O, T) power table). The decayed sum is one Triton pass when ``fused``
+    (``kernels.modal_filter.modal_prompt_state``), else :func:`decayed_sum`.
     """
     B, C, T = u_BCL.shape
-    u = u_BCL.float()
-    s_buf = state.modal_state(C, log_poles_CO.shape[-1], u)
-    if state.fresh:
-        y_carry, s_new = None, torch.zeros_like(s_buf)
-    else:
-        s = s_buf.clone()
-        t = torch.arange(1, T + 1, device=u.device, dtype=torch.float32)
-        y_carry = torch.einsum("bco,co,cot->bct", s, residues_CO, torch.exp(log_poles_CO[..., None] * t))
-        s_new = s * torch.exp(log_poles_CO * T)
-    s_buf.copy_(s_new + decayed_sum(u, log_poles_CO))
-    return y_carry
-
-
-def store_prompt_modal_state(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_GO: torch.Tensor,
-                             fused: bool) -> None:
-    """A fresh slot's modal state after its prompt, ``s = sum_k lambda^(T-1-k) u[k]`` (:func:`modal_chunk_update`
-    from ``s = 0``): one Triton pass when ``fused`` (``kernels.modal_filter.modal_prompt_state``), else
-    :func:`decayed_sum` on per-channel poles (``log_poles`` are per filter group, ``(G, O)``)."""
-    C = u_BCL.shape[1]
     if fused:
         from evo2_recipe.models.hyena.kernels.modal_filter import modal_prompt_state
 
-        s = modal_prompt_state(u_BCL, log_poles_GO)
+        chunk_sum = modal_prompt_state(u_BCL, log_poles_GO)
     else:
-        s = decayed_sum(u_BCL.float(), ops.expand_groups(log_poles_GO.float(), C))
-    state.modal_state(C, log_poles_GO.shape[-1], u_BCL).copy_(s)
+        chunk_sum = decayed_sum(u_BCL.float(), ops.expand_groups(log_poles_GO.float(), C))
+    s_buf = state.modal_state(C, log_poles_GO.shape[-1], u_BCL)
+    if state.fresh:
+        s_buf.copy_(chunk_sum)
+        return None
+    log_poles = ops.expand_groups(log_poles_GO.float(), C)  # (C, O)
+    t = torch.arange(1, T + 1, device=u_BCL.device, dtype=torch.float32)
+    y_carry = torch.einsum("bco,co,cot->bct", s_buf, ops.expand_groups(residues_GO.float(), C),
+                           torch.exp(log_poles[..., None] * t))
+    s_buf.mul_(torch.exp(log_poles * T)).add_(chunk_sum)
+    return y_carry
 
 
 def decayed_sum(u_BCT: torch.Tensor, log_poles_CO: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,7 @@ from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
 from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
-from evo2_recipe.models.hyena.inference_state import (HyenaLayerState, modal_chunk_update, modal_step,
-                                                      store_prompt_modal_state)
+from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update, modal_step
 
 
 # Inference-mode long convolutions process channels in chunks of about this many (channel x position) elements.
@@ -355,12 +354,13 @@ class HyenaOperator(_ShardedDim0):
         if self.operator_type == HYENA_MEDIUM:
             h = self.filter(u.shape[-1])  # (Gp, 128)
             ctx = state.take_window("medium", u, h.shape[-1] - 1)
+            if ctx is None:  # a fresh slot: the window's zeros are the whole sequence's padding
+                return ops.fft_causal_conv(u, h, D)
             u_ext = torch.cat([ctx.to(u.dtype), u], dim=-1)
             return ops.fft_causal_conv(u_ext, h, D)[..., ctx.shape[-1]:]
-        log_poles = ops.expand_groups(self.filter.log_poles(), self.channels)  # (Hp, O)
-        residues = ops.expand_groups(self.filter.R.float(), self.channels)
         y = ops.fft_causal_conv(u, self.filter(u.shape[-1]), D)
-        carry = modal_chunk_update(state, u, log_poles, residues)
+        carry = modal_chunk_update(state, u, self.filter.log_poles(), self.filter.R,
+                                   fused_kernels_enabled(self.config, u))
         return y if carry is None else y + carry
 
 
@@ -438,16 +438,18 @@ class HyenaMixer(MegatronModule):
         return self.dense(z.permute(2, 0, 1).contiguous())  # (y, bias), (L, B, H)
 
     def _store_prompt_state(self, features_LBC3: torch.Tensor, u_BCL: torch.Tensor, state: HyenaLayerState) -> None:
-        """Fill a fresh slot's state from its prompt: the FIR windows are the prompt's last inputs, the hcl modal
-        state the decayed sum over all of ``u`` (what the token-by-token recurrence would hold after the prompt)."""
+        """Fill a fresh slot's state from its prompt (the chunk updates' fresh case): the FIR windows are the prompt's
+        last inputs, the hcl modal state the decayed sum over all of ``u`` (what the token-by-token recurrence would
+        hold after the prompt)."""
         op = self.mixer
-        state.store_prompt_window("proj", features_LBC3.permute(1, 2, 0), self.hyena_proj_conv.kernel_size - 1)
+        state.take_window("proj", features_LBC3.permute(1, 2, 0), self.hyena_proj_conv.kernel_size - 1)
         if op.operator_type == HYENA_LONG:
-            store_prompt_modal_state(state, u_BCL, op.filter.log_poles(), fused_kernels_enabled(self.config, u_BCL))
+            modal_chunk_update(state, u_BCL, op.filter.log_poles(), op.filter.R,
+                               fused_kernels_enabled(self.config, u_BCL))
         elif op.operator_type == HYENA_SHORT:
-            state.store_prompt_window("short", u_BCL, op.short_conv.kernel_size - 1)
+            state.take_window("short", u_BCL, op.short_conv.kernel_size - 1)
         else:
-            state.store_prompt_window("medium", u_BCL, op.filter.h.shape[-1] - 1)
+            state.take_window("medium", u_BCL, op.filter.h.shape[-1] - 1)
 
     def _decode_step(self, features_1BC3: torch.Tensor, state: HyenaLayerState) -> torch.Tensor:
         """z (1, B, Hp) of one token: the fused kernel on CUDA (one launch instead of ~20), else the eager step."""

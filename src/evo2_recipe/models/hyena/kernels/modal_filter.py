@@ -93,47 +93,46 @@ def modal_filter(p_GO: torch.Tensor, gamma_GO: torch.Tensor, R_GO: torch.Tensor,
 
 
 @triton.jit
-def _modal_prompt_state(u_ptr, logp_ptr, part_ptr, B, C, T, su_b, su_c, su_t, CPG, O: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, TILES: tl.constexpr):
-    """Partial s[b, c, o] = sum_t exp(log_pole[c // CPG, o] (T-1-t)) u[b, c, t] over this program's ``TILES`` tiles
-    of ``t``, counted from the end of the sequence: tile k covers t = T - (k+1) BLOCK_T + j with lag
-    k BLOCK_T + (BLOCK_T-1-j), so its weight is exp(lp k BLOCK_T) * w[j] with one shared table
-    w = exp(lp (BLOCK_T-1-j)) - both factors <= 1 (they underflow to 0 together, never inf * 0), and only
-    BLOCK_C * O exps per tile."""
+def _modal_prompt_state(u_ptr, logp_ptr, out_ptr, C, T, su_b, su_c, su_t, CPG, O: tl.constexpr,
+                        CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    """s[b, c, o] = sum_t exp(log_pole[c // CPG, o] (T-1-t)) u[b, c, t] for one (b, c), as small GEMMs.
+
+    The sequence is cut into chunks of ``CHUNK`` positions counted from its end: chunk q covers
+    t = T - (q+1) CHUNK + j, whose lag is q CHUNK + (CHUNK-1-j). A block of ``CHUNKS`` chunks is a (CHUNKS, CHUNK)
+    tile ``U``; ``U @ W`` with ``W[j, o] = exp(lp_o (CHUNK-1-j))`` gives every chunk's in-chunk sums on the tensor
+    cores (tf32x3: fp32 accuracy), and ``exp(lp_o q CHUNK)`` decays each to the end. Both factors are <= 1 (they
+    underflow to 0 together, never inf * 0); ~1 exp per 4 elements of ``u``.
+    """
+    c = tl.program_id(0)
     b = tl.program_id(1)
-    split = tl.program_id(2)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     o = tl.arange(0, O)
-    j = tl.arange(0, BLOCK_T)
-    cmask = c < C
-    lp = tl.load(logp_ptr + (c // CPG)[:, None] * O + o[None, :], mask=cmask[:, None], other=0.0)  # (BC, O)
-    w = tl.exp(lp[:, :, None] * (BLOCK_T - 1 - j).to(tl.float32)[None, None, :])  # (BC, O, BT)
-    acc = tl.zeros((BLOCK_C, O), dtype=tl.float32)
-    base = u_ptr + b.to(tl.int64) * su_b + c.to(tl.int64)[:, None] * su_c
-    for i in range(TILES):
-        k = split * TILES + i
-        t = T - (k + 1) * BLOCK_T + j
-        u = tl.load(base + t[None, :] * su_t, mask=cmask[:, None] & (t >= 0)[None, :], other=0.0).to(tl.float32)
-        scale = tl.exp(lp * (k * BLOCK_T).to(tl.float32))
-        acc += scale * tl.sum(w * u[:, None, :], axis=2)
-    offs = ((split * B + b) * C + c).to(tl.int64)[:, None] * O + o[None, :]
-    tl.store(part_ptr + offs, acc, mask=cmask[:, None])
+    j = tl.arange(0, CHUNK)
+    q = tl.arange(0, CHUNKS)
+    lp = tl.load(logp_ptr + (c // CPG) * O + o)  # (O,)
+    w = tl.exp((CHUNK - 1 - j).to(tl.float32)[:, None] * lp[None, :])  # (CHUNK, O)
+    acc = tl.zeros((O,), dtype=tl.float32)
+    base = u_ptr + b.to(tl.int64) * su_b + c.to(tl.int64) * su_c
+    for i in range(0, tl.cdiv(T, CHUNKS * CHUNK)):
+        chunk = i * CHUNKS + q  # (CHUNKS,) chunk index from the end
+        t = T - (chunk + 1)[:, None] * CHUNK + j[None, :]  # (CHUNKS, CHUNK)
+        u = tl.load(base + t.to(tl.int64) * su_t, mask=t >= 0, other=0.0).to(tl.float32)
+        in_chunk = tl.dot(u, w, input_precision="tf32x3")  # (CHUNKS, O)
+        decay = tl.exp((chunk * CHUNK).to(tl.float32)[:, None] * lp[None, :])  # (CHUNKS, O)
+        acc += tl.sum(in_chunk * decay, axis=0)
+    tl.store(out_ptr + (b.to(tl.int64) * C + c) * O + o, acc)
 
 
-def modal_prompt_state(u_BCT: torch.Tensor, log_poles_GO: torch.Tensor, block_c: int = 16, block_t: int = 16,
-                       tiles: int = 32) -> torch.Tensor:
+def modal_prompt_state(u_BCT: torch.Tensor, log_poles_GO: torch.Tensor, chunk: int = 64,
+                       chunks: int = 64) -> torch.Tensor:
     """Fused ``inference_state.decayed_sum(u.float(), expand_groups(log_poles, C))``: the hcl modal state after a
-    prompt, (B, C, O) fp32, in one pass over ``u`` (any dtype and strides) instead of ~15 small ops per layer.
-    Default tiles: the fastest of nine tried on an H200 at C = 1,920, T = 8,192 (204 us; the others 226-309 us)."""
+    prompt, (B, C, O) fp32, in one pass over ``u`` (any dtype and strides) instead of ~15 small ops per layer."""
     B, C, T = u_BCT.shape
     G, O = log_poles_GO.shape
     if C % G:
         raise ValueError(f"{C} channels are not divisible into {G} filter groups")
-    padded = triton.next_power_of_2(O)  # tl.arange needs a power of two; the padded modes are cut off below
+    padded = max(16, triton.next_power_of_2(O))  # tl.dot needs >= 16 columns; the padded modes are cut off below
     logp = torch.nn.functional.pad(log_poles_GO.float(), (0, padded - O)).contiguous()
-    splits = triton.cdiv(triton.cdiv(T, block_t), tiles)  # programs along t: the sequence is read in parallel
-    part = torch.empty((splits, B, C, padded), dtype=torch.float32, device=u_BCT.device)
-    _modal_prompt_state[(triton.cdiv(C, block_c), B, splits)](u_BCT, logp, part, B, C, T, *u_BCT.stride(), C // G,
-                                                              O=padded, BLOCK_C=block_c, BLOCK_T=block_t,
-                                                              TILES=tiles)
-    return (part[0] if splits == 1 else part.sum(0))[..., :O]
+    out = torch.empty((B, C, padded), dtype=torch.float32, device=u_BCT.device)
+    _modal_prompt_state[(C, B)](u_BCT, logp, out, C, T, *u_BCT.stride(), C // G, O=padded, CHUNK=chunk,
+                                CHUNKS=chunks)
+    return out[..., :O]
