@@ -29,7 +29,14 @@ def _decode_vs_full(rank, world, name, prompt_len, total, chunks, fused_step=Fal
             pieces.append(model(tokens[:, pos:pos + size], inference_context=ctx))
             ctx.advance(size)
             pos += size
-    return full, torch.cat(pieces, dim=1)
+        # generation's contexts ask for the last position's logits only: the last layer's MLP runs on it alone
+        last_only = HyenaInferenceContext(max_batch_size=2, max_sequence_length=total,
+                                          materialize_only_last_token_logits=True)
+        lasts = []
+        for a, b in ((0, prompt_len), (prompt_len, prompt_len + 5)):
+            lasts.append(model(tokens[:, a:b], inference_context=last_only))
+            last_only.advance(b - a)
+    return full, torch.cat(pieces, dim=1), torch.cat(lasts, dim=1)
 
 
 @pytest.mark.parametrize("name,prompt_len,fused_step,bounded", [  # 3: shorter than the 7-tap hcs window
@@ -41,6 +48,26 @@ def _decode_vs_full(rank, world, name, prompt_len, total, chunks, fused_step=Fal
 def test_cached_decode_equals_full_forward(name, prompt_len, fused_step, bounded):
     total = 72
     chunks = [1] * (total - prompt_len - 5) + [5]  # token by token, then one multi-token chunk
-    ((full, cached),) = run_on_ranks(_decode_vs_full, 1, name, prompt_len, total, chunks, fused_step, bounded)
+    ((full, cached, lasts),) = run_on_ranks(_decode_vs_full, 1, name, prompt_len, total, chunks, fused_step, bounded)
     assert cached.shape == full.shape
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lasts, full[:, [prompt_len - 1, prompt_len + 4]], rtol=1e-5, atol=1e-5)
+
+
+def _last_position_vs_full(rank, world, pattern):
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(5)
+    model = tiny_provider(hybrid_override_pattern=pattern, num_layers=len(pattern)).provide().eval()
+    tokens, _ = dna_batch(2, 24, seed=3)
+    with torch.no_grad():
+        full = model(tokens)
+        ctx = HyenaInferenceContext(max_batch_size=2, max_sequence_length=24, materialize_only_last_token_logits=True)
+        last = model(tokens, inference_context=ctx)
+    return full, last
+
+
+@pytest.mark.parametrize("pattern", ["SDH*S", "*SDH"])  # a Hyena (hcs, hcl) last layer: its MLP on one position
+def test_prefill_last_position_only_equals_full_forward(pattern):
+    ((full, last),) = run_on_ranks(_last_position_vs_full, 1, pattern)
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)

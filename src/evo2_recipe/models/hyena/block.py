@@ -88,28 +88,37 @@ class HyenaStack(MegatronModule):
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         self.input_tensor = input_tensor
 
-    def _layer_call(self, layer, hidden_states, attention_mask, rotary_pos_emb, inference_context):
+    def _layer_call(self, layer, hidden_states, attention_mask, rotary_pos_emb, inference_context,
+                    last_position_only: bool = False):
         with quantization.layer_context(self.config, layer.layer_number - 1):  # FP8/FP4 per layer (not delayed)
             if inference_context is not None and not isinstance(layer, HyenaLayer):
-                out = self._attention_decode(layer, hidden_states, inference_context)
+                out = self._attention_decode(layer, hidden_states, inference_context, last_position_only)
+            elif isinstance(layer, HyenaLayer):
+                out = layer(hidden_states, inference_context=inference_context, last_position_only=last_position_only)
             else:
-                out = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
-                            inference_context=inference_context)
+                out = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
         return out[0] if isinstance(out, tuple) else out
 
     @staticmethod
-    def _attention_decode(layer, hidden_states, inference_context):
-        """Megatron's attention layer with its core attention reading our fixed-size KV cache (RoPE applied there)."""
+    def _attention_decode(layer, hidden_states, inference_context, last_position_only: bool):
+        """Megatron's attention layer with its core attention reading our fixed-size KV cache (RoPE applied there);
+        ``last_position_only``: attention over (and caching) every position, the MLP on the last one only."""
         core = layer.self_attention.core_attention
         core.decode_cache = inference_context.kv_cache(layer.layer_number)
         try:
-            return layer(hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None)
+            if not last_position_only:
+                return layer(hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None)
+            hidden_states, _ = layer._forward_attention(hidden_states, attention_mask=None, rotary_pos_emb=None,
+                                                        inference_context=None)
+            return layer._forward_mlp(hidden_states[-1:], None)
         finally:
             core.decode_cache = None
 
     def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None,
-                num_layers: int | None = None):
-        """``num_layers`` runs only the first layers and returns their output before the final norm (embeddings)."""
+                num_layers: int | None = None, last_position_only: bool = False):
+        """``num_layers`` runs only the first layers and returns their output before the final norm (embeddings).
+        ``last_position_only`` (generation, last pipeline stage): the output is the last position's, (1, B, H), and
+        the last layer's MLP runs on that position alone (every layer still caches the whole prompt)."""
         if not self.pre_process:
             hidden_states = self.input_tensor
         cfg = self.config
@@ -117,9 +126,11 @@ class HyenaStack(MegatronModule):
             if cfg.recompute_granularity == "full" and self.training and inference_context is None:
                 hidden_states = self._recompute_forward(hidden_states, attention_mask, rotary_pos_emb)
             else:
-                for layer in self.layers[:num_layers]:
+                layers = self.layers[:num_layers]
+                for i, layer in enumerate(layers):
+                    last = last_position_only and self.post_process and i == len(layers) - 1
                     hidden_states = self._layer_call(layer, hidden_states, attention_mask, rotary_pos_emb,
-                                                     inference_context)
+                                                     inference_context, last and hidden_states.shape[0] > 1)
         if num_layers is not None:
             return hidden_states
         if self.final_norm is not None:  # fp32 residual -> params dtype (TE's norm refuses mixed dtypes)

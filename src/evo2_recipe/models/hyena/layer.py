@@ -47,10 +47,14 @@ class HyenaLayer(MegatronModule):
                                 tp_group=pg_collection.tp if pg_collection is not None else None)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None, inference_context=None,
-                **_unused):
+                last_position_only: bool = False, **_unused):
+        """``last_position_only``: the mixer sees (and caches) every position, the MLP branch runs on the last one
+        only and the output is (1, B, H) - a prefill's last layer, when only the next token's logits are asked for."""
         state = inference_context.hyena_state(self.layer_number) if inference_context is not None else None
         y, bias = self.mixer(self.norm(hidden_states.to(self.config.params_dtype)), state)
         hidden_states, x = self._join(hidden_states, y, bias, self.config.params_dtype)
+        if last_position_only:
+            hidden_states, x = hidden_states[-1:], x[-1:]
         m, bias = self.mlp(self.pre_mlp_layernorm(x))
         return self._join(hidden_states, m, bias), None
 

@@ -90,13 +90,14 @@ class HyenaModel(LanguageModule):
                                           if self.post_process and self.output_layer.weight is not None
                                           else next(self.parameters()).device)
             rotary_pos_emb = None
+        # generation samples from the last position only (with sequence parallelism each rank holds a shard)
+        last_only = (getattr(inference_context, "materialize_only_last_token_logits", False)
+                     and not self.config.sequence_parallel and hidden_layer is None)
         hidden = self.decoder(decoder_input, attention_mask, rotary_pos_emb=rotary_pos_emb,
-                              inference_context=inference_context, num_layers=self._layers_up_to(hidden_layer))
+                              inference_context=inference_context, num_layers=self._layers_up_to(hidden_layer),
+                              last_position_only=last_only)
         if not self.post_process or hidden_layer is not None:
             return hidden
-        last_only = getattr(inference_context, "materialize_only_last_token_logits", False)
-        if last_only and not self.config.sequence_parallel:  # generation samples from the last position only
-            hidden = hidden[-1:]
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
         if labels is None:
