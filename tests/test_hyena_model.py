@@ -116,27 +116,6 @@ def test_bad_configurations():
         parse_pattern("SDH*", 5)
 
 
-def _no_grad_forward(rank, world, mlp_chunk_elements):
-    from evo2_recipe.models.hyena import layer
-
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(3)
-    model = tiny_provider().provide().eval()
-    tokens, _ = dna_batch(2, 40, seed=4)
-    if mlp_chunk_elements is not None:
-        layer.MLP_CHUNK_ELEMENTS = mlp_chunk_elements  # this spawned process only
-    with torch.no_grad():
-        return model(tokens)
-
-
-def test_inference_mlp_in_position_chunks_equals_whole_sequence():
-    """Without autograd the MLP branch of Hyena and attention layers runs on runs of positions (bounded memory at
-    long context): 2 * ffn 128 * batch 2 * 7 positions per run -> 6 runs of 40 positions, the last one short."""
-    (whole,) = run_on_ranks(_no_grad_forward, 1, None)
-    (chunked,) = run_on_ranks(_no_grad_forward, 1, 2 * 128 * 2 * 7)
-    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
-
-
 def _grads_with_recompute(rank, world, granularity):
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(4)

@@ -17,7 +17,7 @@ from torch import nn
 
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import ATTENTION, parse_pattern
-from evo2_recipe.models.hyena.layer import HyenaLayer, mlp_by_position_chunks
+from evo2_recipe.models.hyena.layer import HyenaLayer
 from evo2_recipe.models.hyena.specs import HyenaStackSpec
 
 
@@ -91,34 +91,26 @@ class HyenaStack(MegatronModule):
     def _layer_call(self, layer, hidden_states, attention_mask, rotary_pos_emb, inference_context,
                     last_position_only: bool = False):
         with quantization.layer_context(self.config, layer.layer_number - 1):  # FP8/FP4 per layer (not delayed)
-            if isinstance(layer, HyenaLayer):
-                out = layer(hidden_states, inference_context=inference_context, last_position_only=last_position_only)
-            elif inference_context is not None:
+            if inference_context is not None and not isinstance(layer, HyenaLayer):
                 out = self._attention_decode(layer, hidden_states, inference_context, last_position_only)
+            elif isinstance(layer, HyenaLayer):
+                out = layer(hidden_states, inference_context=inference_context, last_position_only=last_position_only)
             else:
-                out = self._attention(layer, hidden_states, attention_mask=attention_mask,
-                                      rotary_pos_emb=rotary_pos_emb)
+                out = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
         return out[0] if isinstance(out, tuple) else out
 
-    def _attention(self, layer, hidden_states, last_position_only: bool = False, **attention_args):
-        """Megatron's attention layer; without autograd its MLP half runs on runs of positions (bounded memory at long
-        context), or on the last position only."""
-        if torch.is_grad_enabled():
-            return layer(hidden_states, **attention_args)
-        hidden_states, _ = layer._forward_attention(hidden_states, **attention_args)
-        if last_position_only:
-            hidden_states = hidden_states[-1:]
-        L, B = hidden_states.shape[:2]
-        return mlp_by_position_chunks(lambda positions: layer._forward_mlp(hidden_states[positions], None), L, B,
-                                      self.config.ffn_hidden_size)
-
-    def _attention_decode(self, layer, hidden_states, inference_context, last_position_only: bool):
-        """Megatron's attention layer with its core attention reading our fixed-size KV cache (RoPE applied there)."""
+    @staticmethod
+    def _attention_decode(layer, hidden_states, inference_context, last_position_only: bool):
+        """Megatron's attention layer with its core attention reading our fixed-size KV cache (RoPE applied there);
+        ``last_position_only``: attention over (and caching) every position, the MLP on the last one only."""
         core = layer.self_attention.core_attention
         core.decode_cache = inference_context.kv_cache(layer.layer_number)
         try:
-            return self._attention(layer, hidden_states, last_position_only, attention_mask=None,
-                                   rotary_pos_emb=None, inference_context=None)
+            if not last_position_only:
+                return layer(hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None)
+            hidden_states, _ = layer._forward_attention(hidden_states, attention_mask=None, rotary_pos_emb=None,
+                                                        inference_context=None)
+            return layer._forward_mlp(hidden_states[-1:], None)
         finally:
             core.decode_cache = None
 

@@ -22,26 +22,6 @@ from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.mixer import HyenaMixer
 
 
-# Without autograd (scoring, prefill) the position-wise MLP branch runs on runs of positions whose fc1 output holds at
-# most this many elements (1 GiB in bf16): at 131k tokens the whole-sequence fc1 output of evo2_7b is 5.4 GiB.
-MLP_CHUNK_ELEMENTS = 1 << 29
-
-
-def mlp_by_position_chunks(branch, L: int, batch: int, ffn_hidden_size: int) -> torch.Tensor:
-    """``branch(slice)`` -> the layer output (l, B, H) at those positions, over all ``L`` positions: one call while
-    autograd records or the sequence is short, else runs of positions written into one output buffer."""
-    step = max(1, MLP_CHUNK_ELEMENTS // max(2 * ffn_hidden_size * batch, 1))
-    if torch.is_grad_enabled() or step >= L:
-        return branch(slice(None))
-    out = None
-    for a in range(0, L, step):
-        y = branch(slice(a, a + step))
-        if out is None:
-            out = y.new_empty((L, *y.shape[1:]))
-        out[a:a + y.shape[0]] = y
-    return out
-
-
 @dataclass
 class HyenaLayerSubmodules:
     norm: ModuleSpec | type = IdentityOp
@@ -75,12 +55,8 @@ class HyenaLayer(MegatronModule):
         hidden_states, x = self._join(hidden_states, y, bias, self.config.params_dtype)
         if last_position_only:
             hidden_states, x = hidden_states[-1:], x[-1:]
-
-        def mlp_branch(positions: slice) -> torch.Tensor:
-            m, bias = self.mlp(self.pre_mlp_layernorm(x[positions]))
-            return self._join(hidden_states[positions], m, bias)
-
-        return mlp_by_position_chunks(mlp_branch, x.shape[0], x.shape[1], self.config.ffn_hidden_size), None
+        m, bias = self.mlp(self.pre_mlp_layernorm(x))
+        return self._join(hidden_states, m, bias), None
 
     def _join(self, residual: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, low_dtype=None):
         """``residual + (y + bias)`` (and, with ``low_dtype``, the sum cast for the next norm): one fused pass where

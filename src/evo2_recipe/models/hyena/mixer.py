@@ -37,8 +37,10 @@ from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update, modal_step
 
 
-# Inference-mode long convolutions process channels in chunks of about this many (channel x position) elements.
-INFERENCE_CHUNK_ELEMENTS = 1 << 27
+# Inference-mode long convolutions process channels in chunks of about this many (channel x position) elements. A
+# chunk's FFT buffers (padded input, spectra, product, output, cuFFT's copy) take ~56 bytes per element: 3.5 GiB, the
+# largest transient of the evo2_7b forward at 131k tokens (memory trace, H200); 8,192-token forwards are one chunk.
+INFERENCE_CHUNK_ELEMENTS = 1 << 26
 
 
 def _rank_world(group) -> tuple[int, int]:
