@@ -11,9 +11,9 @@ Workloads (the rows of issues 11 and 16):
 * ``decode`` - greedy generation after a 512-token prompt (1b batch 1 and 32, 7b batch 1): prefill seconds and
   decode tokens/s (prefill excluded);
 * ``prefill`` - ``generate`` with one 8,192-token prompt and one new token (1b, 7b): prompt tokens/s, to set beside
-  the ``score`` forward rows, and the time of one forward call waited for on its own (``forward_synced_s``: the
-  latency a single prefill also pays, where back-to-back scoring forwards overlap one call's host work with the
-  previous call's GPU work) (ours only);
+  the ``score`` forward rows (mean of 5 calls), the time of one forward call waited for on its own
+  (``forward_synced_s``: the latency a single prefill also pays, where back-to-back scoring forwards overlap one call's
+  host work with the previous call's GPU work), and median / min / max of 9 single calls of each (ours only);
 * ``long_decode`` - evo2_7b_base, 100,000 new tokens after a 512-token prompt (``EVO2_LONG_DECODE_TOKENS``): total
   seconds, tokens/s, peak GB (ours only: the Hyena state is constant, only the attention KV cache grows);
 * ``deep_decode`` - evo2_7b_base decode rate with 16,384 / 65,536 / 98,304 positions already in the KV cache (a long
@@ -102,18 +102,25 @@ def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False) 
         torch.cuda.reset_peak_memory_stats()
         model = _our_model(size, L + 8, fused)
         prompt = torch.randint(65, 90, (1, L)).tolist()
-        dt = _timed(lambda: generate(model, prompt, SamplingParams(max_new_tokens=1, top_k=1, stop_at_eod=False),
-                                     vocab_size=512, max_batch_size=1), 5)
         x = torch.tensor(prompt, device="cuda")
+
+        def prefill():
+            generate(model, prompt, SamplingParams(max_new_tokens=1, top_k=1, stop_at_eod=False), vocab_size=512,
+                     max_batch_size=1)
 
         def one_forward():  # a single scoring call waited for, as a prefill is: the like-for-like latency
             with torch.no_grad():
                 model(x)
             torch.cuda.synchronize()
 
+        dt = _timed(prefill, 5)
         dt_fwd = _timed(one_forward, 5)
+        calls = {name: sorted(_timed(fn, 1, warmup=False) for _ in range(9)) for name, fn in
+                 (("prefill", prefill), ("forward_synced", one_forward))}  # single calls: a slow one stands out
         rows.append(dict(impl=tag, workload="prefill", size=size, prompt=L, s=round(dt, 4), tok_s=round(L / dt),
-                         forward_synced_s=round(dt_fwd, 4), peak_gb=_peak_gb()))
+                         forward_synced_s=round(dt_fwd, 4), peak_gb=_peak_gb(),
+                         **{f"{name}_median_min_max_ms": [round(1000 * t[i], 1) for i in (4, 0, -1)]
+                            for name, t in calls.items()}))
         print(rows[-1], flush=True)
         if profile and size == PREFILL[0][0]:
             _profile(lambda: generate(model, prompt, SamplingParams(max_new_tokens=1, top_k=1, stop_at_eod=False),
