@@ -111,6 +111,28 @@ def test_fused_prologue_and_epilogue_equal_plain(L, B, C):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="real widths in bf16: GPU only")
+def test_fused_prologue_and_epilogue_bf16_real_width():
+    """evo2_1b_base width at 8,192 tokens in bf16: forward and gradients within bf16 rounding of the plain ops (the
+    kernels round where autograd rounds; only fp32 summation order differs). Relative to each tensor's scale:
+    outputs and g_features <= 1e-2, the projection-conv weight gradient (a sum over 8,192 positions) <= 1e-2."""
+    from evo2_recipe.models.hyena.kernels import gating
+
+    f, wp = _inputs(8192, 1, 1920, dtype=torch.bfloat16)
+    ref, out = ops.hyena_prologue(f, wp), gating.hyena_prologue(f, wp)
+    x1, u = (t.detach().requires_grad_() for t in out)
+    y = torch.randn(1, 1920, 2 * 8192, device=DEVICE, requires_grad=True)
+    z_ref, z = ops.hyena_epilogue(x1, y[..., :8192]), gating.hyena_epilogue(x1, y[..., :8192])
+    g = [torch.randn_like(t) for t in (*ref, z)]
+    pairs = list(zip(out, ref)) + [(z, z_ref)]
+    pairs += list(zip(torch.autograd.grad(out, [f, wp], g[:2]), torch.autograd.grad(ref, [f, wp], g[:2])))
+    pairs += list(zip(torch.autograd.grad(z, [x1, y], g[2]), torch.autograd.grad(z_ref, [x1, y], g[2])))
+    for i, (a, b) in enumerate(pairs):
+        err = (a.float() - b.float()).abs().max() / b.float().abs().max()
+        assert err <= 1e-2, (i, err.item())
+
+
 @pytest.mark.parametrize("L,B,C,skip", [(37, 2, 8, False), (5, 1, 16, True), (70, 3, 72, True)])  # L=5 < 7 taps
 def test_fused_short_conv_epilogue_equals_plain(L, B, C, skip):
     from evo2_recipe.models.hyena.kernels import gating

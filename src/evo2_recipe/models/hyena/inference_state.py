@@ -135,17 +135,17 @@ def modal_chunk_update(state: HyenaLayerState, u_BCL: torch.Tensor, log_poles_GO
     (``kernels.modal_filter.modal_prompt_state``), else :func:`decayed_sum`.
     """
     B, C, T = u_BCL.shape
+    log_poles = None if fused and state.fresh else ops.expand_groups(log_poles_GO.float(), C)  # (C, O)
     if fused:
         from evo2_recipe.models.hyena.kernels.modal_filter import modal_prompt_state
 
         chunk_sum = modal_prompt_state(u_BCL, log_poles_GO)
     else:
-        chunk_sum = decayed_sum(u_BCL.float(), ops.expand_groups(log_poles_GO.float(), C))
+        chunk_sum = decayed_sum(u_BCL.float(), log_poles)
     s_buf = state.modal_state(C, log_poles_GO.shape[-1], u_BCL)
     if state.fresh:
         s_buf.copy_(chunk_sum)
         return None
-    log_poles = ops.expand_groups(log_poles_GO.float(), C)  # (C, O)
     t = torch.arange(1, T + 1, device=u_BCL.device, dtype=torch.float32)
     y_carry = torch.einsum("bco,co,cot->bct", s_buf, ops.expand_groups(residues_GO.float(), C),
                            torch.exp(log_poles[..., None] * t))

@@ -352,18 +352,16 @@ class HyenaOperator(_ShardedDim0):
         return y
 
     def _long_with_state(self, u, state: HyenaLayerState):
+        """A chunk continuing a cached sequence (a fresh slot takes the scoring path, ``HyenaMixer.forward``)."""
         D = self.conv_bias
         if self.operator_type == HYENA_MEDIUM:
             h = self.filter(u.shape[-1])  # (Gp, 128)
             ctx = state.take_window("medium", u, h.shape[-1] - 1)
-            if ctx is None:  # a fresh slot: the window's zeros are the whole sequence's padding
-                return ops.fft_causal_conv(u, h, D)
             u_ext = torch.cat([ctx.to(u.dtype), u], dim=-1)
             return ops.fft_causal_conv(u_ext, h, D)[..., ctx.shape[-1]:]
         y = ops.fft_causal_conv(u, self.filter(u.shape[-1]), D)
-        carry = modal_chunk_update(state, u, self.filter.log_poles(), self.filter.R,
-                                   fused_kernels_enabled(self.config, u))
-        return y if carry is None else y + carry
+        return y + modal_chunk_update(state, u, self.filter.log_poles(), self.filter.R,
+                                      fused_kernels_enabled(self.config, u))
 
 
 @dataclass

@@ -5,8 +5,11 @@ output to channel-first ``x1`` and ``u`` (what the FFT wants). Epilogue: ``z = x
 the output projection wants); for hcs the 7-tap conv runs inside the epilogue (``short_conv_epilogue``, reading the
 prologue's ``u``). The plain path makes ~6 layout and elementwise passes for the same work. (An earlier single
 kernel for the whole hcs path recomputed the projection conv for each of the 7 taps: 5.2 ms per layer on an H200,
-removed.) Plain twins: ``operators.hyena_prologue`` / ``hyena_epilogue`` / ``short_conv_epilogue``; backward
-recomputes them (exact gradients).
+removed.) Plain twins: ``operators.hyena_prologue`` / ``hyena_epilogue`` / ``short_conv_epilogue``. The prologue's
+and epilogue's backward are one kernel each (the prologue's recomputes x2 and v and writes per-block parts of the
+weight gradient, summed after); the short-conv epilogue's backward recomputes its plain twin under autograd. (Before,
+the recomputed plain prologue - an fp32 depthwise conv and strided elementwise passes - cost the 1b training step
+about a fifth of its GPU time; profiler, H200.)
 """
 
 from __future__ import annotations
@@ -100,6 +103,82 @@ def _short_epilogue_fwd(x1_ptr, u_ptr, w_ptr, skip_ptr, z_ptr, L, C, stride_zl, 
              mask=m)
 
 
+@triton.jit
+def _prologue_grads_at(f_ptr, wp_ptr, gx1_ptr, gu_ptr, t, b, c, L, C, stride_fl, cmask, BLOCK_L: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """Gradients at the projection-conv outputs of positions ``t``: (g_x1, g_x2, g_v) fp32, each rounded to the
+    activation dtype as autograd's ``u = x2 * v`` leaves them (x2 and v recomputed, rounded like the forward)."""
+    act = gx1_ptr.dtype.element_ty
+    m = (t < L)[:, None] & cmask[None, :]
+    offs = b * C * L + c.to(tl.int64)[None, :] * L + t[:, None]
+    g1 = tl.load(gx1_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    gu = tl.load(gu_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    x2 = _proj_conv(f_ptr, wp_ptr, t, c, 1, L, stride_fl, cmask, BLOCK_L, BLOCK_C).to(act).to(tl.float32)
+    v = _proj_conv(f_ptr, wp_ptr, t, c, 2, L, stride_fl, cmask, BLOCK_L, BLOCK_C).to(act).to(tl.float32)
+    return g1, (gu * v).to(act).to(tl.float32), (gu * x2).to(act).to(tl.float32)
+
+
+@triton.jit
+def _tap_grad(f_ptr, g, s, c, lane: tl.constexpr, j: tl.constexpr, L, stride_fl, cmask):
+    """``sum_s g[s] f[s - 2 + j, 3c + lane]`` over this block's positions: one tap's weight-gradient part (C,)."""
+    src = s - 2 + j
+    m = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
+    f = tl.load(f_ptr + src.to(tl.int64)[:, None] * stride_fl + (3 * c + lane)[None, :], mask=m, other=0.0)
+    return tl.sum(g * f.to(tl.float32), axis=0)
+
+
+@triton.jit
+def _prologue_bwd(f_ptr, wp_ptr, gx1_ptr, gu_ptr, gf_ptr, gw_ptr, L, C, B, stride_fl, stride_fb,
+                  BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """g_features (L, B, 3C) of this block's positions and its part of g_w (3C, 3): ``g_f[s] = sum_j w[j] G[s+2-j]``
+    (the conv's transpose: G at this block and the next two positions), ``g_w[j] += sum_s G[s] f[s-2+j]``."""
+    s = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    f_b = f_ptr + b * stride_fb
+    acc0 = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    for d in tl.static_range(3):  # G at s + d meets tap j = 2 - d
+        g0, g1, g2 = _prologue_grads_at(f_b, wp_ptr, gx1_ptr, gu_ptr, s + d, b, c, L, C, stride_fl, cmask,
+                                        BLOCK_L, BLOCK_C)
+        acc0 += g0 * tl.load(wp_ptr + (3 * c + 0) * 3 + 2 - d, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc1 += g1 * tl.load(wp_ptr + (3 * c + 1) * 3 + 2 - d, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc2 += g2 * tl.load(wp_ptr + (3 * c + 2) * 3 + 2 - d, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if d == 0:  # this block's own positions: its part of the weight gradient, (nL, B, 3C, 3) fp32
+            part = gw_ptr + ((tl.program_id(0) * B + b) * 3 * C + 3 * c) * 3
+            for j in tl.static_range(3):
+                tl.store(part + 0 * 3 + j, _tap_grad(f_b, g0, s, c, 0, j, L, stride_fl, cmask), mask=cmask)
+                tl.store(part + 1 * 3 + j, _tap_grad(f_b, g1, s, c, 1, j, L, stride_fl, cmask), mask=cmask)
+                tl.store(part + 2 * 3 + j, _tap_grad(f_b, g2, s, c, 2, j, L, stride_fl, cmask), mask=cmask)
+    m = (s < L)[:, None] & cmask[None, :]
+    out = gf_ptr + b * stride_fb + s.to(tl.int64)[:, None] * stride_fl + (3 * c)[None, :]
+    dtype = gf_ptr.dtype.element_ty
+    tl.store(out + 0, acc0.to(dtype), mask=m)
+    tl.store(out + 1, acc1.to(dtype), mask=m)
+    tl.store(out + 2, acc2.to(dtype), mask=m)
+
+
+@triton.jit
+def _epilogue_bwd(x1_ptr, y_ptr, gz_ptr, gx1_ptr, gy_ptr, L, C, stride_yb, stride_yc, stride_zl, stride_zb,
+                  BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``z = x1 * y`` (y rounded to x1's dtype) backwards: g_x1 = g_z y, g_y = g_z x1, each rounded as autograd's
+    mul leaves them; g_y (B, C, L) contiguous in y's dtype."""
+    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = (t < L)[:, None] & (c < C)[None, :]
+    act = x1_ptr.dtype.element_ty
+    offs = b * C * L + c.to(tl.int64)[None, :] * L + t[:, None]
+    x1 = tl.load(x1_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + b * stride_yb + c.to(tl.int64)[None, :] * stride_yc + t[:, None], mask=m, other=0.0)
+    gz = tl.load(gz_ptr + b * stride_zb + t.to(tl.int64)[:, None] * stride_zl + c[None, :], mask=m, other=0.0)
+    gz = gz.to(tl.float32)
+    tl.store(gx1_ptr + offs, (gz * y.to(act).to(tl.float32)).to(act), mask=m)
+    tl.store(gy_ptr + offs, (gz * x1).to(act).to(gy_ptr.dtype.element_ty), mask=m)
+
+
 def _grid(L, B, C):
     return (triton.cdiv(L, BLOCK_L), B, triton.cdiv(C, BLOCK_C))
 
@@ -107,18 +186,26 @@ def _grid(L, B, C):
 class _Prologue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, w_proj):
-        ctx.save_for_backward(features, w_proj)
         L, B, C3 = features.shape
-        f = features.contiguous()
+        f, w = features.contiguous(), w_proj.contiguous()
+        ctx.save_for_backward(f, w)
+        ctx.w_dtype = w_proj.dtype
         x1 = torch.empty((B, C3 // 3, L), dtype=features.dtype, device=features.device)
         u = torch.empty_like(x1)
-        _prologue_fwd[_grid(L, B, C3 // 3)](f, w_proj.contiguous(), x1, u, L, C3 // 3, f.stride(0), f.stride(1),
+        _prologue_fwd[_grid(L, B, C3 // 3)](f, w, x1, u, L, C3 // 3, f.stride(0), f.stride(1),
                                             BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C)
         return x1, u
 
     @staticmethod
     def backward(ctx, g_x1, g_u):
-        return recompute_backward(ops.hyena_prologue, ctx.saved_tensors, (g_x1, g_u))
+        f, w = ctx.saved_tensors
+        L, B, C3 = f.shape
+        grid = _grid(L, B, C3 // 3)
+        g_f = torch.empty_like(f)
+        g_w_parts = torch.empty((grid[0], B, C3, 3), dtype=torch.float32, device=f.device)
+        _prologue_bwd[grid](f, w, g_x1.contiguous(), g_u.contiguous(), g_f, g_w_parts, L, C3 // 3, B, f.stride(0),
+                            f.stride(1), BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C)
+        return g_f, g_w_parts.sum((0, 1)).to(ctx.w_dtype)
 
 
 class _Epilogue(torch.autograd.Function):
@@ -135,7 +222,15 @@ class _Epilogue(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_z):
-        return recompute_backward(ops.hyena_epilogue, ctx.saved_tensors, (g_z,))
+        x1, y = ctx.saved_tensors
+        B, C, L = x1.shape
+        x1 = x1.contiguous()
+        y = y if y.stride(-1) == 1 else y.contiguous()
+        g_z = g_z if g_z.stride(-1) == 1 else g_z.contiguous()
+        g_x1, g_y = torch.empty_like(x1), torch.empty((B, C, L), dtype=y.dtype, device=y.device)
+        _epilogue_bwd[_grid(L, B, C)](x1, y, g_z, g_x1, g_y, L, C, y.stride(0), y.stride(1), g_z.stride(0),
+                                      g_z.stride(1), BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C)
+        return g_x1, g_y
 
 
 class _ShortConvEpilogue(torch.autograd.Function):
