@@ -2,6 +2,10 @@
 
 Used by the multi-process CPU tests (TP/CP/PP equivalence) and handy for small local experiments. Each rank enables
 CPU mode when asked, initialises ``torch.distributed`` and saves its return value with ``torch.save``.
+
+CPU ranks are forked from a fork server that imported megatron-core and Megatron-Bridge once (a fresh interpreter
+spends ~20 s importing them on a 2-core machine); the caller's environment is passed along, since a fork server's
+children otherwise see the server's. CUDA ranks are spawned fresh: forking after CUDA initialisation is unsafe.
 """
 
 from __future__ import annotations
@@ -27,8 +31,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What the fork server imports before forking ranks (an import that fails here is retried in the rank).
+_FORK_SERVER_PRELOAD = ["evo2_recipe.compat.cpu", "evo2_recipe.training.recipe", "evo2_recipe.inference.api"]
+
+
 def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, cpu: bool, quiet: bool,
-                args: tuple) -> None:
+                args: tuple, environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
     if quiet:  # spawned processes start with fresh logging: keep the parent's default-verbosity filter
         logging.basicConfig(level=logging.INFO)
         quiet_dependency_logs()
@@ -57,9 +67,12 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, cpu: bool 
 
     ``fn`` must be importable by name (defined at module level). A failure on any rank raises here.
     """
+    if cpu:
+        mp.get_context("forkserver").set_forkserver_preload(_FORK_SERVER_PRELOAD)  # read when the server starts
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
-            _rank_entry, args=(fn, world_size, free_port(), out_dir, cpu, dependency_logs_quiet(), args),
-            nprocs=world_size, start_method="spawn", join=True,
+            _rank_entry, args=(fn, world_size, free_port(), out_dir, cpu, dependency_logs_quiet(), args,
+                               dict(os.environ)),
+            nprocs=world_size, start_method="forkserver" if cpu else "spawn", join=True,
         )
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
