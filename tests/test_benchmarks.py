@@ -38,6 +38,24 @@ def test_trace_summary_matches_the_profilers_own_totals(tmp_path):
     assert mm["ms_per_step"] * 3 == pytest.approx(own["aten::mm"].cpu_time_total / 1e3, rel=0.02)
 
 
+def test_trace_summary_attributes_gpu_idle_time_to_the_host_op_running(tmp_path):
+    """Without GPU events the whole step is one idle stretch; its middle falls in the host's 30 ms sleep."""
+    import time
+
+    from torch.profiler import record_function
+
+    trace = tmp_path / "trace.json"
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=1, active=2),
+                 on_trace_ready=lambda p: p.export_chrome_trace(str(trace))) as prof:
+        for _ in range(3):
+            with record_function("host_wait"):
+                time.sleep(0.03)
+            prof.step()
+    s = _trace_summary().summarise(str(trace))
+    assert all(r["idle_gaps"] == 1 and r["idle_ms"] == pytest.approx(r["wall_ms"]) for r in s["steps"])
+    assert s["idle"][0]["name"] == "host_wait" and s["idle"][0]["ms_per_step"] >= 30
+
+
 def test_trace_summary_refuses_a_trace_without_steps(tmp_path):
     trace = tmp_path / "t.json"
     with profile(activities=[ProfilerActivity.CPU]) as prof:

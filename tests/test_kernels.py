@@ -272,3 +272,21 @@ def test_split_kv_decode_attention_equals_masked_sdpa(b, H, Hkv, N, D, dtype):
     assert got.dtype == dtype and got.shape == ref.shape
     tol = 1e-5 if dtype == torch.float32 else 2 ** -8 * ref.abs().max().item()
     torch.testing.assert_close(got.float(), ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("shape,dtype", [((7, 2, 10), torch.float32), ((5, 2056), LOW), ((3, 1, 6), LOW)])
+def test_fused_bilinear_glu_equals_plain(shape, dtype):
+    """y = a * b of fc1's halves and its one-pass backward: identical to autograd's (each product rounded once);
+    F = 1028 spans two column blocks, F = 3 and 5 are odd."""
+    from evo2_recipe.models.hyena.kernels.glu import bilinear_glu
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_()
+    gy = torch.randn(*shape[:-1], shape[-1] // 2, generator=g).to(DEVICE, dtype)
+    out, ref = bilinear_glu(x), ops.bilinear_glu(x)
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    (gx,), (gx_ref,) = torch.autograd.grad(out, x, gy), torch.autograd.grad(ref, x, gy)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="even last dimension"):
+        bilinear_glu(x[..., :-1])

@@ -8,6 +8,7 @@ Pipeline parallelism splits the pattern into equal contiguous stages. Layers kee
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
@@ -15,7 +16,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from torch import nn
 
+from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
+from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.config import ATTENTION, parse_pattern
 from evo2_recipe.models.hyena.layer import HyenaLayer
 from evo2_recipe.models.hyena.specs import HyenaStackSpec
@@ -25,10 +28,14 @@ def _identity(x):
     return x
 
 
-def _bilinear_glu(x):
-    """``a * b`` of fc1's two halves: megatron's GLU with the identity gate and offset 0, in one pass."""
-    a, b = x.chunk(2, dim=-1)
-    return a * b
+def _bilinear_glu(config, x):
+    """``a * b`` of fc1's two halves (megatron's GLU with the identity gate and offset 0): the fused kernel, whose
+    backward is one pass, wherever the Hyena kernels run."""
+    if fused_kernels_enabled(config, x):
+        from evo2_recipe.models.hyena.kernels.glu import bilinear_glu
+
+        return bilinear_glu(x)
+    return ops.bilinear_glu(x)
 
 
 def pipeline_layer_range(num_layers: int, pp_group=None) -> range:
@@ -79,7 +86,7 @@ class HyenaStack(MegatronModule):
         mlp_config.bias_activation_fusion = False
         if mlp_config.glu_linear_offset == 0 and mlp_config.activation_func_clamp_value is None:
             mlp_config.use_te_activation_func = True
-            mlp_config.activation_func = _bilinear_glu
+            mlp_config.activation_func = functools.partial(_bilinear_glu, layer.config)
         else:
             mlp_config.activation_func = _identity
         layer.mlp.config = mlp_config

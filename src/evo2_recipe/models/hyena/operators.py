@@ -125,6 +125,13 @@ def short_conv_epilogue(x1_BCL: torch.Tensor, u_BCL: torch.Tensor, w_CK: torch.T
     return hyena_epilogue(x1_BCL, short_conv(u_BCL, w_CK, skip_C))
 
 
+def bilinear_glu(x: torch.Tensor) -> torch.Tensor:
+    """The MLP gate of every Evo 2 layer after layer 0 (ARC models, spec 1.4): megatron's GLU with the identity
+    activation and no offset, ``a * b`` of fc1's two halves; (..., 2F) -> (..., F)."""
+    a, b = x.chunk(2, dim=-1)
+    return a * b
+
+
 def residual_add(residual: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A layer's branch joining the residual stream: ``residual + (y + bias)``, the branch rounded to its own dtype
     first and the sum in the stream's dtype (fp32 with ``fp32_residual_connection``)."""
