@@ -1,9 +1,5 @@
 """Checkpoint converters: Savanna -> MBridge -> Vortex -> MBridge round trips, strictness, all 12 sizes' key sets."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,9 +8,8 @@ from evo2_recipe.checkpoint.savanna import mbridge_to_savanna, savanna_to_mbridg
 from evo2_recipe.checkpoint.vortex import export_to_vortex, import_from_vortex
 from evo2_recipe.models.providers import REFERENCE_SIZES, get_provider
 from evo2_recipe.utils.spawn import run_on_ranks
+from cli_helpers import run_cli
 from hyena_helpers import tiny_provider
-
-BIN = Path(sys.executable).parent
 
 
 def _tiny_weights(rank, world, name):
@@ -26,8 +21,8 @@ def _tiny_weights(rank, world, name):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def _cli(tool, *args):
-    return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=300)
+def _cli(tool, *args, fresh=False):
+    return run_cli(tool, *args, timeout=300, fresh=fresh)
 
 
 def test_round_trip_tables_arc_model():
@@ -280,7 +275,7 @@ def test_converters_keep_source_dtypes_and_refuse_unknown_vortex_tensors(tmp_pat
     assert {t.dtype for t in mb32.values()} == {torch.float32}
     assert yaml.safe_load((iter_dir / "run_config.yaml").read_text())["model"]["seq_length"] == p.seq_length
     r = _cli("evo2_export_mbridge_to_vortex", "--mbridge-ckpt-dir", str(tmp_path / "mb32"),
-             "--output-path", str(tmp_path / "back.pt"), *common)
+             "--output-path", str(tmp_path / "back.pt"), *common, fresh=True)  # a new interpreter's whole output
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Traceback" not in r.stderr + r.stdout and "FP8GlobalStateManager" not in r.stderr  # clean default output
     back = torch.load(tmp_path / "back.pt", weights_only=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from evo2_recipe.utils.spawn import run_on_ranks
 from train_helpers import TINY, run_train
 
@@ -19,7 +20,7 @@ SEQS = {"seqA": "ACGTTGCAACGGTACCGTTAGGCTAACGTTGCATGCAAGT", "seqB": "TTGACCA", "
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     proc = run_train([*TINY, "--max-steps", "4", "--eval-interval", "4", "--result-dir", str(root),
-                      "--disable-tensorboard-logger", "--hybrid-override-pattern", "SDH*"])
+                      "--disable-tensorboard-logger", "--hybrid-override-pattern", "SDH*"], fresh=True)
     assert_clean_output(proc)
     return root / "evo2" / "checkpoints"
 
@@ -37,11 +38,16 @@ def fasta(tmp_path_factory):
     return path
 
 
-def _cli(tool, args, nproc=1):
-    env_cmd = [str(BIN / tool), *args, "--cpu"] if nproc == 1 else [
-        str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--no-python", str(BIN / tool), *args, "--cpu"]
-    return subprocess.run(env_cmd, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "EVO2_CPU": "1", "OMP_NUM_THREADS": "1"})
+CLI_ENV = {"EVO2_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _cli(tool, args, nproc=1, fresh=False):
+    """One process (forked from the warm server unless ``fresh``: then a new interpreter, whose whole output the
+    clean-output checks read) or ``nproc`` ranks under torchrun."""
+    if nproc == 1:
+        return run_cli(tool, *args, "--cpu", env=CLI_ENV, fresh=fresh)
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--no-python", str(BIN / tool), *args, "--cpu"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **CLI_ENV})
 
 
 def _direct_log_probs(rank, world, ckpt_dir, seqs):
@@ -62,7 +68,7 @@ def _direct_log_probs(rank, world, ckpt_dir, seqs):
 def test_predict_log_probs_equal_direct_forward(ckpt, fasta, tmp_path):
     r = _cli("predict_evo2", ["--fasta", str(fasta), "--ckpt-dir", str(ckpt), "--output-dir", str(tmp_path),
                               "--output-log-prob-seqs", "--log-prob-collapse-option", "per_token",
-                              "--micro-batch-size", "2"])
+                              "--micro-batch-size", "2"], fresh=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_clean_output(r)
     pred = torch.load(tmp_path / "predictions__rank_0__dp_rank_0.pt", weights_only=True)
@@ -241,7 +247,8 @@ def test_infer_cli_jsonl(ckpt, tmp_path):
     prompts.write_text('{"id": "a", "prompt": "acgtacgg"}\n\n{"prompt": "GGATC"}\n')
     out = tmp_path / "gen.jsonl"
     r = _cli("infer_evo2", ["--ckpt-dir", str(ckpt), "--prompt-file", str(prompts), "--max-new-tokens", "5",
-                            "--top-k", "1", "--max-batch-size", "2", "--output-file", str(out), "--return-log-probs"])
+                            "--top-k", "1", "--max-batch-size", "2", "--output-file", str(out), "--return-log-probs"],
+             fresh=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_clean_output(r)
     recs = [json.loads(line) for line in out.read_text().splitlines()]
@@ -256,11 +263,22 @@ def test_infer_default_tag_prompt(ckpt, tmp_path):
     """The default prompt is a phylogenetic tag; tag characters are tokens like any other."""
     out = tmp_path / "gen.jsonl"
     r = _cli("infer_evo2", ["--ckpt-dir", str(ckpt), "--max-new-tokens", "4", "--top-k", "1",
-                            "--output-file", str(out)])
+                            "--output-file", str(out)], fresh=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_clean_output(r)
     (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert rec["prompt"].startswith("|d__Bacteria;") and rec["usage"]["completion_tokens"] >= 1
+
+
+def _load_error(rank, world, ckpt_dir, tokenizer_path):
+    """The message of the error ``Evo2.from_checkpoint`` raises (the Python API's bad input)."""
+    from evo2_recipe.inference.api import Evo2
+
+    try:
+        Evo2.from_checkpoint(ckpt_dir, tokenizer_path=tokenizer_path)
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        return f"{type(e).__name__}: {e}"
+    return "no error"
 
 
 def test_bad_inputs_give_clear_errors(ckpt, fasta, tmp_path):
@@ -270,24 +288,14 @@ def test_bad_inputs_give_clear_errors(ckpt, fasta, tmp_path):
     empty.write_text("")
     bad = tmp_path / "bad.fa"
     bad.write_text(">x\nACGT\u4e2dZ\n")
-    env = {**__import__("os").environ, "EVO2_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cases = [  # (command, expected return code or None for any failure, message on stderr)
-        ([str(BIN / "predict_evo2"), "--fasta", str(empty), "--ckpt-dir", str(ckpt), "--cpu"], 2,
-         "the file is empty"),
-        ([str(BIN / "predict_evo2"), "--fasta", str(bad), "--ckpt-dir", str(ckpt), "--cpu"], 2,
-         "character '\u4e2d' at position 5 cannot be encoded"),
-        ([str(BIN / "predict_evo2"), "--fasta", str(fasta), "--ckpt-dir", str(tmp_path / "nope"), "--cpu"], 2,
-         "checkpoint not found"),
-        ([str(BIN / "infer_evo2"), "--ckpt-dir", str(tmp_path), "--prompt", "ACGT", "--cpu"], 2,
-         "not a Megatron-Bridge checkpoint"),
-        ([sys.executable, "-c", "from evo2_recipe.inference.api import Evo2; "
-          f"Evo2.from_checkpoint({str(ckpt)!r}, tokenizer_path={str(default_tokenizer_path(512))!r})"], None,
-         "use the matching tokenizer"),
+    cases = [  # (tool, arguments, message on stderr); each exits with status 2
+        ("predict_evo2", ["--fasta", empty, "--ckpt-dir", ckpt], "the file is empty"),
+        ("predict_evo2", ["--fasta", bad, "--ckpt-dir", ckpt], "character '\u4e2d' at position 5 cannot be encoded"),
+        ("predict_evo2", ["--fasta", fasta, "--ckpt-dir", tmp_path / "nope"], "checkpoint not found"),
+        ("infer_evo2", ["--ckpt-dir", tmp_path, "--prompt", "ACGT"], "not a Megatron-Bridge checkpoint"),
     ]
-    # the five processes at once: each spends most of its time importing
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for cmd, _, _ in cases]
-    for proc, (cmd, code, message) in zip(procs, cases):
-        _, err = proc.communicate(timeout=600)
-        assert (proc.returncode == code if code is not None else proc.returncode != 0), (cmd, err[-2000:])
-        assert message in err, (cmd, err[-2000:])
+    for tool, args, message in cases:
+        r = _cli(tool, [str(a) for a in args])
+        assert r.returncode == 2 and message in r.stderr, (tool, args, r.stderr[-2000:])
+    (err,) = run_on_ranks(_load_error, 1, str(ckpt), str(default_tokenizer_path(512)))
+    assert "use the matching tokenizer" in err, err

@@ -1,19 +1,16 @@
 """LoRA (issue 12): tying rules, recompute gradients, adapters equal to their merge, and the end-to-end flow on the
 bundled real phage genomes (train a base, LoRA fine-tune it, resume, predict/generate, merge, TP=2)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from evo2_recipe.utils.spawn import run_on_ranks
 from train_helpers import losses, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SEQS = ["GAGTTTTATCGCTTCCATGACGCAGAAGTTAACACTTTCGGATATTTCTGATGAGTCGAAAAATTATCTTGATAAAGCAGGAATTACTACTGCTTGTTTACG",
         "ACGTTGCAACGGTACCGTTAGGCTAACG", "TTGACCA"]
 
@@ -121,8 +118,7 @@ def phage(tmp_path_factory):
     cfg.write_text(f"- datapaths: [{ROOT / 'examples/data/wichman2005_phix174_like.fasta'}]\n"
                    f"  output_dir: {root / 'data'}\n  output_prefix: phage\n  train_split: 0.8\n"
                    f"  valid_split: 0.1\n  test_split: 0.1\n  append_eod: true\n  seed: 1234\n  overwrite: true\n")
-    subprocess.run([str(BIN / "preprocess_evo2"), "--config", str(cfg), "--no-progress"], check=True,
-                   capture_output=True)
+    assert run_cli("preprocess_evo2", "--config", cfg, "--no-progress").returncode == 0
     data = root / "data.yaml"
     data.write_text("".join(f"- dataset_prefix: {root}/data/phage_nucleotide_fast_tokenizer_256_{s}\n"
                             f"  dataset_split: {split}\n  dataset_weight: 1.0\n"
@@ -192,8 +188,7 @@ def test_lora_checkpoint_predicts_and_equals_its_merge(phage, lora_run, tmp_path
     _, _, base = phage
     _, _, ckpt = lora_run
     merged = tmp_path / "merged"
-    r = subprocess.run([str(BIN / "evo2_merge_lora"), "--lora-ckpt-dir", str(ckpt), "--dst-ckpt-dir", str(merged)],
-                       capture_output=True, text=True, env={**os.environ, "EVO2_CPU": "1"})
+    r = run_cli("evo2_merge_lora", "--lora-ckpt-dir", ckpt, "--dst-ckpt-dir", merged, env={"EVO2_CPU": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     ((lora, dense),) = run_on_ranks(_both, 1, str(ckpt), str(merged))
     for a, b in zip(lora[0], dense[0]):
@@ -207,13 +202,12 @@ def test_lora_checkpoint_predicts_and_equals_its_merge(phage, lora_run, tmp_path
     # the CLI tools take the LoRA checkpoint directly
     fa = tmp_path / "s.fa"
     fa.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(SEQS)))
-    env = {**os.environ, "EVO2_CPU": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([str(BIN / "predict_evo2"), "--fasta", str(fa), "--ckpt-dir", str(ckpt), "--output-dir",
-                        str(tmp_path / "pred"), "--output-log-prob-seqs", "--cpu"], capture_output=True, text=True,
-                       env=env)
+    env = {"EVO2_CPU": "1", "OMP_NUM_THREADS": "1"}
+    p = run_cli("predict_evo2", "--fasta", fa, "--ckpt-dir", ckpt, "--output-dir", tmp_path / "pred",
+                "--output-log-prob-seqs", "--cpu", env=env)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    i = subprocess.run([str(BIN / "infer_evo2"), "--ckpt-dir", str(ckpt), "--prompt", "ACGT", "--max-new-tokens",
-                        "5", "--top-k", "1", "--cpu"], capture_output=True, text=True, env=env)
+    i = run_cli("infer_evo2", "--ckpt-dir", ckpt, "--prompt", "ACGT", "--max-new-tokens", "5", "--top-k", "1", "--cpu",
+                env=env)
     assert i.returncode == 0 and "Traceback" not in i.stderr, i.stderr[-3000:]
 
 

@@ -1,19 +1,14 @@
 """``evo2_selftest`` (issue 14 item 6): the bundled reference checkpoint reproduces its recorded outputs on this
 install, and a perturbed weight is caught with a clear report."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
+from cli_helpers import run_cli
 from evo2_recipe.inference import selftest
 
-BIN = Path(sys.executable).parent
 
-
-def _run(*args):
-    return subprocess.run([str(BIN / "evo2_selftest"), "--cpu", *args], capture_output=True, text=True, timeout=600)
+def _run(*args, fresh=False):
+    return run_cli("evo2_selftest", "--cpu", *args, timeout=600, fresh=fresh)
 
 
 def test_bundled_checkpoint_is_small_and_passes():
@@ -22,7 +17,7 @@ def test_bundled_checkpoint_is_small_and_passes():
     expected = selftest.load_expected()
     assert 0.3 < expected["accuracy"] < 1 and expected["loss"] < 1.3  # a trained model, not a random one
     assert "quickstart.sh" in expected["made_by"]
-    r = _run()
+    r = _run(fresh=True)  # the installation check as a user starts it: its whole output
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.strip().endswith("PASS") and "100.0% matching nucleotides" in r.stdout
     assert "Traceback" not in r.stderr

@@ -11,6 +11,7 @@ import torch
 
 from evo2_recipe.checkpoint.dcp_utils import tensor_keys
 
+from cli_helpers import run_cli
 from train_helpers import TINY, losses, run_train, train_cmd, val_losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +75,7 @@ def test_finetune_from_stripped_checkpoint_at_other_tp(tmp_path):
                       "--tensor-model-parallel-size", "2", "--disable-tensorboard-logger"], nproc=2)
     base_losses = losses(base.stdout)
     stripped = tmp_path / "stripped"
-    out = subprocess.run([str(Path(os.sys.executable).parent / "evo2_remove_optimizer"), "--src",
-                          str(tmp_path / "base/evo2/checkpoints"), "--dst", str(stripped)],
-                         capture_output=True, text=True)
+    out = run_cli("evo2_remove_optimizer", "--src", tmp_path / "base/evo2/checkpoints", "--dst", stripped)
     assert out.returncode == 0, out.stderr
     ft = run_train([*TINY, "--max-steps", "3", "--eval-interval", "3", "--result-dir", str(tmp_path / "ft"),
                     "--finetune-ckpt-dir", str(stripped), "--disable-tensorboard-logger"])

@@ -31,6 +31,13 @@ def test_settings_validation():
                       activation_checkpointing="selective")
     assert cfg.model.params_dtype == torch.float32 and not cfg.model.share_embeddings_and_output_weights
     assert cfg.model.recompute_granularity == "selective"
+    cfg = evo2_pretrain_config()
+    cfg.dataset.mock = True
+    profile = ["profiling.use_pytorch_profiler=true", "profiling.profile_step_start=2", "profiling.profile_step_end=3"]
+    assert apply_overrides(cfg, profile).profiling.use_pytorch_profiler  # the trace goes beside the TensorBoard logs
+    cfg.logger.tensorboard_dir = None  # --disable-tensorboard-logger: Bridge would write to ./torch_profile
+    with pytest.raises(ValueError, match="drop --disable-tensorboard-logger"):
+        apply_overrides(cfg, profile)
 
 
 def test_weight_decay_groups():

@@ -9,17 +9,13 @@ scale as in trained models) so every tensor of the export affects the logits. At
 placements (ours/TE ``1/sqrt(ms+eps)``, Vortex ``1/(rms+eps)``) differ by ~1e-6 relative.
 """
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from evo2_recipe.utils.spawn import run_on_ranks
 from hyena_helpers import dna_batch, randomise_weights_, tiny_provider
 
-BIN = Path(sys.executable).parent
 ATOL = 1e-4
 
 
@@ -101,9 +97,8 @@ def parity(tmp_path_factory):
     (ours,) = run_on_ranks(_our_logits_of_each, 1, str(root))
     stderr = {}
     for name in NAMES:
-        r = subprocess.run([str(BIN / "evo2_export_mbridge_to_vortex"), "--mbridge-ckpt-dir", str(root / name / "mb"),
-                            "--output-path", str(root / name / "vortex" / "tiny.pt"), "--model-size", name],
-                           capture_output=True, text=True, timeout=300)
+        r = run_cli("evo2_export_mbridge_to_vortex", "--mbridge-ckpt-dir", root / name / "mb",
+                    "--output-path", root / name / "vortex" / "tiny.pt", "--model-size", name, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         stderr[name] = r.stderr
     (vortex,) = run_on_ranks(_vortex_logits_of_each, 1, str(root), [tokens for tokens, _, _ in ours])

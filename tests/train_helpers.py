@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli_helpers import run_cli
+
 BIN = Path(sys.executable).parent
 LOSS_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)")
 VAL_RE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
@@ -31,9 +33,15 @@ def _port():
         return s.getsockname()[1]
 
 
-def run_train(args, nproc=1, timeout=600, check=True):
-    env = {**os.environ, "EVO2_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(train_cmd(args, nproc), capture_output=True, text=True, timeout=timeout, env=env)
+def run_train(args, nproc=1, timeout=600, check=True, fresh=False):
+    """train_evo2 on ``nproc`` ranks (torchrun), or as one process forked from the warm server (``fresh``: a new
+    interpreter, for checks of its whole output; see cli_helpers)."""
+    env = {"EVO2_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    if nproc == 1:
+        proc = run_cli("train_evo2", *args, env=env, timeout=timeout, fresh=fresh)
+    else:
+        proc = subprocess.run(train_cmd(args, nproc), capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **env})
     if check and proc.returncode != 0:
         raise AssertionError(f"train_evo2 failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

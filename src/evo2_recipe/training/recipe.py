@@ -317,6 +317,11 @@ def apply_overrides(cfg: ConfigContainer, overrides: list[str]) -> ConfigContain
     if cp > 1 and cfg.model.seq_length % (2 * cp):
         raise ValueError(f"sequence length {cfg.model.seq_length} must be divisible by 2*context-parallel-size = "
                          f"{2 * cp}")
+    prof = cfg.profiling
+    if prof is not None and prof.use_pytorch_profiler and cfg.logger.tensorboard_dir is None:
+        # Megatron-Bridge writes the trace to <tensorboard_dir>/../torch_profile: "None/../" is the working directory
+        raise ValueError("profiling.use_pytorch_profiler=true writes its trace beside the TensorBoard logs "
+                         "(<result-dir>/<experiment>/torch_profile/): drop --disable-tensorboard-logger")
     return cfg
 
 

@@ -35,6 +35,14 @@ def free_port() -> int:
 _FORK_SERVER_PRELOAD = ["evo2_recipe.compat.cpu", "evo2_recipe.training.recipe", "evo2_recipe.inference.api"]
 
 
+def fork_server_context():
+    """The multiprocessing context whose processes fork from a server that has imported :data:`_FORK_SERVER_PRELOAD`
+    (started on first use, shared by every later process of this interpreter). Not for CUDA work."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_FORK_SERVER_PRELOAD)  # read when the server starts
+    return ctx
+
+
 def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, cpu: bool, quiet: bool,
                 args: tuple, environ: dict[str, str]) -> None:
     os.environ.clear()
@@ -68,7 +76,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, cpu: bool 
     ``fn`` must be importable by name (defined at module level). A failure on any rank raises here.
     """
     if cpu:
-        mp.get_context("forkserver").set_forkserver_preload(_FORK_SERVER_PRELOAD)  # read when the server starts
+        fork_server_context()
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _rank_entry, args=(fn, world_size, free_port(), out_dir, cpu, dependency_logs_quiet(), args,

@@ -186,6 +186,11 @@ def _grid(L, B, C, block_l=BLOCK_L, block_c=BLOCK_C):
     return (triton.cdiv(L, block_l), B, triton.cdiv(C, block_c))
 
 
+def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides over the leading dims (y may be the FFT buffer's first half), unit stride last."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 class _Prologue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, w_proj):
@@ -214,12 +219,11 @@ class _Prologue(torch.autograd.Function):
 class _Epilogue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, y):
+        x1, y = x1.contiguous(), _unit_stride_last(y)
         ctx.save_for_backward(x1, y)
         B, C, L = x1.shape
         z = torch.empty((L, B, C), dtype=x1.dtype, device=x1.device)
-        if y.stride(-1) != 1:
-            y = y.contiguous()
-        _epilogue_fwd[_grid(L, B, C)](x1.contiguous(), y, z, L, C, y.stride(0), y.stride(1), z.stride(0), z.stride(1),
+        _epilogue_fwd[_grid(L, B, C)](x1, y, z, L, C, y.stride(0), y.stride(1), z.stride(0), z.stride(1),
                                       BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C)
         return z
 
@@ -227,9 +231,7 @@ class _Epilogue(torch.autograd.Function):
     def backward(ctx, g_z):
         x1, y = ctx.saved_tensors
         B, C, L = x1.shape
-        x1 = x1.contiguous()
-        y = y if y.stride(-1) == 1 else y.contiguous()
-        g_z = g_z if g_z.stride(-1) == 1 else g_z.contiguous()
+        g_z = _unit_stride_last(g_z)
         g_x1, g_y = torch.empty_like(x1), torch.empty((B, C, L), dtype=y.dtype, device=y.device)
         _epilogue_bwd[_grid(L, B, C)](x1, y, g_z, g_x1, g_y, L, C, y.stride(0), y.stride(1), g_z.stride(0),
                                       g_z.stride(1), BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C)
