@@ -18,8 +18,8 @@ from torch import nn
 
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
-from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.config import ATTENTION, parse_pattern
+from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.layer import HyenaLayer
 from evo2_recipe.models.hyena.specs import HyenaStackSpec
 
