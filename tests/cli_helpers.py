@@ -8,7 +8,6 @@ quietly), so tests of clean default output pass ``fresh=True`` for a real subpro
 
 import atexit
 import importlib.metadata
-import logging
 import os
 import subprocess
 import sys
@@ -30,8 +29,9 @@ def _exit_code(value) -> int:
 
 
 def _cli_entry(tool: str, argv: list[str], env: dict[str, str], out_path: str, err_path: str) -> None:
-    os.environ.clear()
-    os.environ.update(env)
+    from evo2_recipe.utils.spawn import start_like_a_fresh_process
+
+    start_like_a_fresh_process(env)
     if "OMP_NUM_THREADS" in env:  # read by a fresh interpreter at start; the forked one has the server's setting
         import torch
 
@@ -40,12 +40,6 @@ def _cli_entry(tool: str, argv: list[str], env: dict[str, str], out_path: str, e
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(handle, fd)
         os.close(handle)
-    # a fresh interpreter has no logging configured when main() starts; the server's imports configured some (a
-    # dependency's basicConfig on stdout), which would make the CLI's own basicConfig a no-op
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.setLevel(logging.WARNING)
     sys.argv = [tool, *argv]
     code = 1
     try:

@@ -43,10 +43,21 @@ def fork_server_context():
     return ctx
 
 
-def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, cpu: bool, quiet: bool,
-                args: tuple, environ: dict[str, str]) -> None:
+def start_like_a_fresh_process(environ: dict[str, str]) -> None:
+    """In a fork-server child: the caller's environment and no logging configured, as a new interpreter starts (the
+    server's imports configured some - a dependency's ``basicConfig`` on stdout - which would turn the child's own
+    ``basicConfig`` into a no-op)."""
     os.environ.clear()
     os.environ.update(environ)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, cpu: bool, quiet: bool,
+                args: tuple, environ: dict[str, str]) -> None:
+    start_like_a_fresh_process(environ)
     if quiet:  # spawned processes start with fresh logging: keep the parent's default-verbosity filter
         logging.basicConfig(level=logging.INFO)
         quiet_dependency_logs()
@@ -76,7 +87,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, cpu: bool 
     ``fn`` must be importable by name (defined at module level). A failure on any rank raises here.
     """
     if cpu:
-        fork_server_context()
+        fork_server_context()  # sets what the server imports before it starts
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _rank_entry, args=(fn, world_size, free_port(), out_dir, cpu, dependency_logs_quiet(), args,
