@@ -82,7 +82,8 @@ if [[ " $what " == *" train16 "* ]]; then  # issue 16: train_evo2 rows - 1b bf16
   common=(-d examples/configs/phage_dataset.yaml --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1
           --global-batch-size 1 --max-steps "${TRAIN_STEPS:-200}" --warmup-steps 10 --constant-steps 0
           --eval-interval "${TRAIN_STEPS:-200}" --eval-iters 2 --log-interval 20 --workers 2
-          --disable-tensorboard-logger --no-activation-checkpointing)
+          --disable-tensorboard-logger --no-activation-checkpointing ${TRAIN_GRAPH---cuda-graph})
+  # TRAIN_GRAPH="" runs them without the full-iteration CUDA graph (--cuda-graph, the default here)
   for i in $(seq "${TRAIN16_REPEATS:-2}"); do
     for run in "bf16 --mixed-precision-recipe bf16_mixed" \
                "fp8cs --mixed-precision-recipe bf16_with_fp8_current_scaling_mixed"; do
@@ -102,7 +103,7 @@ if [[ " $what " == *" trainprof "* ]]; then  # issue 16: where a 1b training ste
   rm -rf /tmp/tprof
   train_run train_profile /tmp/tprof 2 --mock-data --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1 \
     --global-batch-size 1 --max-steps 44 --warmup-steps 2 --constant-steps 0 --eval-interval 1000 --eval-iters 1 \
-    --log-interval 20 --workers 2 --no-activation-checkpointing profiling.use_pytorch_profiler=true \
+    --log-interval 20 --workers 2 --no-activation-checkpointing ${TRAIN_GRAPH---cuda-graph} profiling.use_pytorch_profiler=true \
     profiling.profile_step_start=40 profiling.profile_step_end=43
   python3 benchmarks/trace_summary.py /tmp/tprof/evo2/torch_profile/rank-0.json.gz --top 30 --gap-us 50 \
     > "$OUT/train_trace.txt" 2>&1

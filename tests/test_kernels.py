@@ -151,6 +151,27 @@ def test_fused_short_conv_epilogue_equals_plain(L, B, C, skip):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="real widths in bf16: GPU only")
+@pytest.mark.parametrize("skip", [False, True])
+def test_fused_short_conv_epilogue_bf16_real_width(skip):
+    """evo2_1b_base width at 8,192 tokens in bf16: z and the gradients of x1, u, w (a sum over 8,192 positions) and
+    the NV skip within 1e-2 of each tensor's scale of the plain ops (the kernels round where autograd rounds)."""
+    from evo2_recipe.models.hyena.kernels import gating
+
+    g = torch.Generator().manual_seed(3)
+    x1, u = (torch.randn(1, 1920, 8192, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(2))
+    w = (torch.randn(1920, 7, generator=g) / 3).to(DEVICE, torch.bfloat16).requires_grad_()
+    b = torch.randn(1920, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() if skip else None
+    args = [x1, u, w] + ([b] if skip else [])
+    ref, out = ops.short_conv_epilogue(x1, u, w, b), gating.short_conv_epilogue(x1, u, w, b)
+    grad = torch.randn(ref.shape, generator=g).to(DEVICE, torch.bfloat16)
+    pairs = [(out, ref)] + list(zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)))
+    for name, (a, r) in zip(("z", "x1", "u", "w", "b"), pairs):
+        err = (a.float() - r.float()).abs().max() / r.float().abs().max()
+        assert err <= 1e-2, (name, err.item())
+
+
 # Triton's interpreter casts fp32 -> bf16 by truncation, the GPU (and torch) round to nearest: fp16 on the CPU
 LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 

@@ -112,3 +112,18 @@ def test_finetune_from_a_base_without_te_metadata(tmp_path, te_written):
     cfg = mock_config(mixed_precision_recipe=None, finetune_ckpt_dir=str(tmp_path))
     assert cfg.checkpoint.pretrained_checkpoint == str(tmp_path.resolve())
     assert cfg.checkpoint.dist_ckpt_strictness == ("assume_ok_unexpected" if te_written else "log_unexpected")
+
+
+def test_cuda_graph_config():
+    """``--cuda-graph``: megatron's full-iteration graph, one memory pool per capture, and the host-side NaN checks
+    (not capturable) off - the combination Megatron-Bridge's validation accepts; refused on CPU."""
+    from megatron.bridge.utils.cuda_graph import is_full_iteration_cuda_graph
+
+    plain = mock_config()
+    assert plain.rerun_state_machine.check_for_nan_in_loss and plain.ddp.check_for_nan_in_grad
+    assert not is_full_iteration_cuda_graph(plain.model)
+    cfg = mock_config(cuda_graph=True)
+    assert is_full_iteration_cuda_graph(cfg.model) and not cfg.model.cuda_graph_use_single_mempool
+    assert not cfg.rerun_state_machine.check_for_nan_in_loss and not cfg.ddp.check_for_nan_in_grad
+    with pytest.raises(ValueError, match="needs a GPU"):
+        evo2_pretrain_config(cuda_graph=True, cpu=True)

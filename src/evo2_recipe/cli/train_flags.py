@@ -91,6 +91,8 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     F(("--no-renormalize-loss",), "model.to_upper", const="weighted"),
     F(("--cross-entropy-loss-fusion",), "model.cross_entropy_loss_fusion"),
     F(("--no-calculate-per-token-loss",), "model.calculate_per_token_loss", const=False),
+    F(("--cuda-graph",), "recipe.cuda_graph",
+      help="replay each training step as one CUDA graph (GPU; turns off the per-step NaN checks of loss and grads)"),
     F(("--no-activation-checkpointing",), "recipe.activation_checkpointing", const="none", group="ac"),
     F(("--selective-activation-checkpointing",), "recipe.activation_checkpointing", const="selective", group="ac"),
     F(("--activation-checkpoint-recompute-num-layers",), "model.recompute_num_layers", int),

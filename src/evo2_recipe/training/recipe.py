@@ -25,6 +25,7 @@ from megatron.bridge.training.config import (  # noqa: E402
     OptimizerConfigOverrideProvider,
     OptimizerConfigOverrideProviderContext,
     ProfilingConfig,
+    RerunStateMachineConfig,
     RNGConfig,
     SchedulerConfig,
     TrainingConfig,
@@ -133,6 +134,7 @@ def evo2_pretrain_config(
     # None: on when Transformer Engine or Apex is installed. Without them megatron-core 0.19's distributed optimizer
     # (torch Adam path) does not restore Adam moments on resume, so the plain optimizer is used (same math at DP=1).
     use_distributed_optimizer: bool | None = None,
+    cuda_graph: bool = False,
     cpu: bool = False,
 ) -> ConfigContainer:
     """Evo 2 pretraining (or fine-tuning) as Megatron-Bridge's ``ConfigContainer`` with the reference recipe's defaults
@@ -158,6 +160,14 @@ def evo2_pretrain_config(
         raise ValueError(f"activation_checkpointing {activation_checkpointing!r}: use default, none or selective")
     if mixed_precision_recipe is None:  # fp32 training (CPU mode)
         model_fields.update(params_dtype=torch.float32, bf16=False, pipeline_dtype=torch.float32)
+    if cuda_graph:
+        if cpu:
+            raise ValueError("--cuda-graph captures the training step as a CUDA graph: it needs a GPU (drop it on CPU)")
+        # Megatron-core's full-iteration graph (forward + backward of every micro-batch, replayed each step) removes
+        # the host's per-op Python and launch time, which bounds the 1b step on an H200 (benchmarks/RESULTS.md). Each
+        # capture gets its own memory pool: Bridge deletes the training graph before the final evaluation, and
+        # capturing the evaluation graph into the deleted graph's shared pool trips PyTorch's allocator assert.
+        model_fields.update(cuda_graph_impl="full_iteration", cuda_graph_use_single_mempool=False)
     model = get_provider(model_size, **model_fields)
 
     decay = decay_steps if decay_steps is not None else max_steps - warmup_steps - constant_steps
@@ -212,7 +222,7 @@ def evo2_pretrain_config(
             raise ValueError(f"--mixed-precision-recipe {mixed_precision_recipe} needs Transformer Engine")
     overlap_param_gather = "fp4" in (mixed_precision_recipe or "") or "mxfp8" in (mixed_precision_recipe or "")
     ddp = DistributedDataParallelConfig(
-        check_for_nan_in_grad=True, grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_param_gather,
+        check_for_nan_in_grad=not cuda_graph,  # a host-side check: not capturable in the graph grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_param_gather,
         overlap_param_gather=overlap_param_gather, align_param_gather=False,
         use_distributed_optimizer=use_distributed_optimizer, average_in_collective=False,
     )
@@ -240,6 +250,8 @@ def evo2_pretrain_config(
                                     record_shapes=True, nvtx_ranges=True)
     cfg = ConfigContainer(
         rng=RNGConfig(seed=seed),
+        # the NaN-loss check reads the loss on the host every micro-batch: not capturable in the graph
+        rerun_state_machine=RerunStateMachineConfig(check_for_nan_in_loss=not cuda_graph),
         train=train,
         validation=ValidationConfig(eval_interval=eval_interval, eval_iters=32),
         model=model,

@@ -55,15 +55,3 @@ def describe_subquadratic_request() -> str:
                 "own fused Triton kernels (the NVIDIA package is not wired in yet)")
     return "--use-subquadratic-ops: subquadratic_ops_torch is not installed; using evo2-recipe's fused Triton kernels"
 
-
-def recompute_backward(plain_fn, saved: tuple, grad_outputs: tuple) -> tuple:
-    """Gradients of a fused op by re-running its plain twin under autograd (exact; one extra forward)."""
-    inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in saved]
-    with torch.enable_grad():
-        outputs = plain_fn(*inputs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
-    grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-                 if wanted and pairs else ())
-    return tuple(next(grads, None) if t is not None and t.requires_grad else None for t in inputs)

@@ -5,11 +5,13 @@ output to channel-first ``x1`` and ``u`` (what the FFT wants). Epilogue: ``z = x
 the output projection wants); for hcs the 7-tap conv runs inside the epilogue (``short_conv_epilogue``, reading the
 prologue's ``u``). The plain path makes ~6 layout and elementwise passes for the same work. (An earlier single
 kernel for the whole hcs path recomputed the projection conv for each of the 7 taps: 5.2 ms per layer on an H200,
-removed.) Plain twins: ``operators.hyena_prologue`` / ``hyena_epilogue`` / ``short_conv_epilogue``. The prologue's
-and epilogue's backward are one kernel each (the prologue's recomputes x2 and v and writes per-block parts of the
-weight gradient, summed after); the short-conv epilogue's backward recomputes its plain twin under autograd. (Before,
-the recomputed plain prologue - an fp32 depthwise conv and strided elementwise passes - cost the 1b training step
-about a fifth of its GPU time; profiler, H200.)
+removed.) Plain twins: ``operators.hyena_prologue`` / ``hyena_epilogue`` / ``short_conv_epilogue``.
+
+Backward: the prologue's is one kernel (it recomputes x2 and v at the three shifts and writes per-block parts of the
+weight gradient, summed after); the hcs epilogue's is two: the gate's gradients (the 7-tap conv recomputed), then the
+depthwise conv's backward (``causal_conv_backward``: input gradient, per-block parts of the weight and skip
+gradients). (Re-running the plain twins under autograd instead cost the 1b step about a fifth of its GPU time, and
+the hcs one ~7 ms per step; profiler, H200.)
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import triton
 import triton.language as tl
 
 from evo2_recipe.models.hyena import operators as ops
-from evo2_recipe.models.hyena.kernels import recompute_backward
 
 BLOCK_L, BLOCK_C = 32, 64
 # the prologue's backward holds three accumulators and recomputes x2, v at three shifts: smaller tiles run faster
-# (H200 sweep at the 1b training shape: 16 x 32 541 us, 32 x 64 840 us, 64 x 128 1.36 ms)
+# (H200 sweep at the 1b training shape: 16 x 32 541 us, 32 x 64 840 us, 64 x 128 1.36 ms; splitting it into a gate
+# pass writing the conv-output gradients interleaved plus the shared conv backward was slower, 0.75 + 0.13 ms)
 BWD_BLOCK_L, BWD_BLOCK_C = 16, 32
+CONV_BWD_BLOCK_L, CONV_BWD_BLOCK_C = 64, 64
 
 
 @triton.jit
@@ -80,6 +83,26 @@ def _epilogue_fwd(x1_ptr, y_ptr, z_ptr, L, C, stride_yb, stride_yc, stride_zl, s
 
 
 @triton.jit
+def _short_conv_out(u_ptr, w_ptr, skip_ptr, row, t, c, cmask, L, K: tl.constexpr, HAS_SKIP: tl.constexpr,
+                    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, dtype: tl.constexpr):
+    """hcs conv output ``y`` at positions ``t`` (last tap on the current token, + the NV skip ``b u``), rounded to
+    ``dtype`` where the plain path rounds it; ``row`` = each channel's (B, C, L) row offset."""
+    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(K):
+        src = t - (K - 1) + k
+        m = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
+        w = tl.load(w_ptr + c * K + k, mask=cmask, other=0.0).to(tl.float32)
+        acc += tl.load(u_ptr + row + src[:, None], mask=m, other=0.0).to(tl.float32) * w[None, :]
+    y = acc.to(dtype)  # the plain conv returns u's dtype
+    if HAS_SKIP:  # y + u * b, each rounded like the plain path
+        m = (t < L)[:, None] & cmask[None, :]
+        u = tl.load(u_ptr + row + t[:, None], mask=m, other=0.0)
+        skip = tl.load(skip_ptr + c, mask=cmask, other=0.0).to(dtype)
+        y = (y.to(tl.float32) + (u.to(tl.float32) * skip.to(tl.float32)[None, :]).to(dtype).to(tl.float32)).to(dtype)
+    return y
+
+
+@triton.jit
 def _short_epilogue_fwd(x1_ptr, u_ptr, w_ptr, skip_ptr, z_ptr, L, C, stride_zl, stride_zb, K: tl.constexpr,
                         HAS_SKIP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -87,23 +110,33 @@ def _short_epilogue_fwd(x1_ptr, u_ptr, w_ptr, skip_ptr, z_ptr, L, C, stride_zl, 
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     row = b * C * L + c.to(tl.int64)[None, :] * L  # (B, C, L) contiguous
-    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
-    for k in tl.static_range(K):  # last tap on the current token
-        src = t - (K - 1) + k
-        m = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
-        w = tl.load(w_ptr + c * K + k, mask=cmask, other=0.0).to(tl.float32)
-        acc += tl.load(u_ptr + row + src[:, None], mask=m, other=0.0).to(tl.float32) * w[None, :]
+    y = _short_conv_out(u_ptr, w_ptr, skip_ptr, row, t, c, cmask, L, K, HAS_SKIP, BLOCK_L, BLOCK_C,
+                        x1_ptr.dtype.element_ty)
     m = (t < L)[:, None] & cmask[None, :]
-    dtype = x1_ptr.dtype.element_ty
-    y = acc.to(dtype)  # the plain conv returns u's dtype
-    if HAS_SKIP:  # y + u * b, each rounded like the plain path
-        u = tl.load(u_ptr + row + t[:, None], mask=m, other=0.0)
-        skip = tl.load(skip_ptr + c, mask=cmask, other=0.0).to(dtype)
-        y = (y.to(tl.float32) + (u.to(tl.float32) * skip.to(tl.float32)[None, :]).to(dtype).to(tl.float32)).to(dtype)
     x1 = tl.load(x1_ptr + row + t[:, None], mask=m, other=0.0)
     z = x1.to(tl.float32) * y.to(tl.float32)
     tl.store(z_ptr + b * stride_zb + t.to(tl.int64)[:, None] * stride_zl + c[None, :], z.to(z_ptr.dtype.element_ty),
              mask=m)
+
+
+@triton.jit
+def _short_epilogue_bwd(x1_ptr, u_ptr, w_ptr, skip_ptr, gz_ptr, gx1_ptr, gy_ptr, L, C, stride_zl, stride_zb,
+                        K: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``z = x1 * y`` backwards with ``y`` recomputed: g_x1 = g_z y, g_y = g_z x1 (B, C, L), rounded as autograd's mul
+    leaves them; the conv's own backward is :func:`_causal_conv_bwd`."""
+    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    act = x1_ptr.dtype.element_ty
+    row = b * C * L + c.to(tl.int64)[None, :] * L
+    y = _short_conv_out(u_ptr, w_ptr, skip_ptr, row, t, c, cmask, L, K, HAS_SKIP, BLOCK_L, BLOCK_C, act)
+    m = (t < L)[:, None] & cmask[None, :]
+    x1 = tl.load(x1_ptr + row + t[:, None], mask=m, other=0.0).to(tl.float32)
+    gz = tl.load(gz_ptr + b * stride_zb + t.to(tl.int64)[:, None] * stride_zl + c[None, :], mask=m, other=0.0)
+    gz = gz.to(tl.float32)
+    tl.store(gx1_ptr + row + t[:, None], (gz * y.to(tl.float32)).to(act), mask=m)
+    tl.store(gy_ptr + row + t[:, None], (gz * x1).to(act), mask=m)
 
 
 @triton.jit
@@ -161,6 +194,44 @@ def _prologue_bwd(f_ptr, wp_ptr, gx1_ptr, gu_ptr, gf_ptr, gw_ptr, L, C, B, strid
     tl.store(out + 0, acc0.to(dtype), mask=m)
     tl.store(out + 1, acc1.to(dtype), mask=m)
     tl.store(out + 2, acc2.to(dtype), mask=m)
+
+
+@triton.jit
+def _causal_conv_bwd(x_ptr, w_ptr, g_ptr, skip_ptr, gx_ptr, gw_ptr, gskip_ptr, L, C, B, stride_l, stride_c, stride_b,
+                     K: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Backward of the depthwise causal conv ``y[s, c] = sum_j w[c, j] x[s-K+1+j, c]`` (+ ``skip[c] x[s, c]``) from
+    ``g`` = dL/dy (strides over positions, channels, batch; ``g`` and ``g_x`` share x's):
+    ``g_x[s] = sum_j w[j] g[s+K-1-j]`` (fp32 sum rounded to x's dtype, the skip's ``g b`` added as autograd adds
+    the two), and this block's parts of ``g_w[c, j] = sum_s g[s] x[s-K+1+j]`` and ``g_skip[c] = sum_s g[s] x[s]``
+    (fp32, (nL, B, C, K) and (nL, B, C), summed by the caller)."""
+    s = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    col = b * stride_b + c.to(tl.int64)[None, :] * stride_c
+    act = gx_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    for j in tl.static_range(K):  # g at s + K-1-j meets tap j
+        src = s + (K - 1) - j
+        m = (src < L)[:, None] & cmask[None, :]
+        g = tl.load(g_ptr + col + src.to(tl.int64)[:, None] * stride_l, mask=m, other=0.0).to(tl.float32)
+        acc += g * tl.load(w_ptr + c * K + j, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    m = (s < L)[:, None] & cmask[None, :]
+    own = col + s.to(tl.int64)[:, None] * stride_l
+    g = tl.load(g_ptr + own, mask=m, other=0.0).to(tl.float32)
+    gx = acc.to(act)
+    part = (tl.program_id(0) * B + b) * C + c
+    if HAS_SKIP:
+        x = tl.load(x_ptr + own, mask=m, other=0.0).to(tl.float32)
+        skip = tl.load(skip_ptr + c, mask=cmask, other=0.0).to(act).to(tl.float32)
+        gx = (gx.to(tl.float32) + (g * skip[None, :]).to(act).to(tl.float32)).to(act)
+        tl.store(gskip_ptr + part, tl.sum((g * x).to(act).to(tl.float32), axis=0), mask=cmask)
+    tl.store(gx_ptr + own, gx, mask=m)
+    for j in tl.static_range(K):
+        src = s - (K - 1) + j
+        mj = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + col + src.to(tl.int64)[:, None] * stride_l, mask=mj, other=0.0).to(tl.float32)
+        tl.store(gw_ptr + part * K + j, tl.sum(g * x, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -241,10 +312,11 @@ class _Epilogue(torch.autograd.Function):
 class _ShortConvEpilogue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, u, w, skip):
+        x1, u, w = x1.contiguous(), u.contiguous(), w.contiguous()
         ctx.save_for_backward(x1, u, w, skip)
         B, C, L = x1.shape
         z = torch.empty((L, B, C), dtype=x1.dtype, device=x1.device)
-        _short_epilogue_fwd[_grid(L, B, C)](x1.contiguous(), u.contiguous(), w.contiguous(),
+        _short_epilogue_fwd[_grid(L, B, C)](x1, u, w,
                                             skip if skip is not None else w, z, L, C, z.stride(0), z.stride(1),
                                             K=w.shape[-1], HAS_SKIP=skip is not None, BLOCK_L=BLOCK_L,
                                             BLOCK_C=BLOCK_C)
@@ -252,7 +324,31 @@ class _ShortConvEpilogue(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_z):
-        return recompute_backward(ops.short_conv_epilogue, ctx.saved_tensors, (g_z,))
+        x1, u, w, skip = ctx.saved_tensors
+        B, C, L = x1.shape
+        g_z = _unit_stride_last(g_z)
+        g_x1, g_y = torch.empty_like(x1), torch.empty_like(x1)
+        _short_epilogue_bwd[_grid(L, B, C)](x1, u, w, skip if skip is not None else w, g_z, g_x1, g_y, L, C,
+                                            g_z.stride(0), g_z.stride(1), K=w.shape[-1], HAS_SKIP=skip is not None,
+                                            BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C)
+        g_u, g_w, g_skip = causal_conv_backward(u, w, g_y, skip)
+        return g_x1, g_u, g_w.to(w.dtype), None if skip is None else g_skip.to(x1.dtype).to(skip.dtype)
+
+
+def causal_conv_backward(x_BCL: torch.Tensor, w_CK: torch.Tensor, g_BCL: torch.Tensor, skip_C: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of the depthwise causal conv (last tap on the current token, + ``skip * x``) from ``g`` = dL/dy, all
+    (B, C, L) contiguous: ``(g_x, g_w (C, K) fp32, g_skip (C,) fp32 or None)``."""
+    B, C, L = x_BCL.shape
+    K = w_CK.shape[-1]
+    grid = _grid(L, B, C, CONV_BWD_BLOCK_L, CONV_BWD_BLOCK_C)
+    g_x = torch.empty_like(x_BCL)
+    g_w_parts = torch.empty((grid[0], B, C, K), dtype=torch.float32, device=x_BCL.device)
+    g_skip_parts = torch.empty((grid[0], B, C), dtype=torch.float32, device=x_BCL.device) if skip_C is not None else None
+    _causal_conv_bwd[grid](x_BCL, w_CK, g_BCL, skip_C if skip_C is not None else w_CK, g_x, g_w_parts,
+                           g_skip_parts if skip_C is not None else g_w_parts, L, C, B, 1, L, C * L, K=K,
+                           HAS_SKIP=skip_C is not None, BLOCK_L=CONV_BWD_BLOCK_L, BLOCK_C=CONV_BWD_BLOCK_C)
+    return g_x, g_w_parts.sum((0, 1)), None if skip_C is None else g_skip_parts.sum((0, 1))
 
 
 def hyena_prologue(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
