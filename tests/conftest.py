@@ -1,5 +1,6 @@
 """Test setup: CPU mode for megatron (no GPU in CI) unless CUDA is present; GPU tests skip without CUDA."""
 
+import importlib.util
 import os
 
 import pytest
@@ -14,6 +15,11 @@ if not torch.cuda.is_available():
     from evo2_recipe.compat import cpu
 
     cpu.enable()
+elif importlib.util.find_spec("transformer_engine") is not None:
+    # Transformer Engine loads cuDNN through ctypes on first import. Imported after torch has loaded its own cuDNN (a
+    # kernel test ran attention first), it picked the H200 image's system libcudnn_heuristic, which failed on the
+    # mixed versions ("undefined symbol ... libcudnn_graph.so.9"; thirteenth session): import it before any test.
+    import transformer_engine.pytorch  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):

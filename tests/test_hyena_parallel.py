@@ -1,4 +1,5 @@
-"""TP=2, CP=2 and PP=2 (2 gloo processes) give the same logits and gradients as 1 process (fp32).
+"""TP=2, CP=2 and PP=2 (2 gloo processes) give the same logits and gradients as 1 process (fp32), with the plain
+operators and (TP=2, CP=2) with the fused Triton kernels.
 
 Weights move between layouts through megatron dist-checkpointing (save at 1 process, load resharded). Gradients are
 written the same way (param.data <- grad, then a sharded save) so they are compared as full global tensors.
@@ -18,12 +19,13 @@ B, L = 2, 64
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _logits_and_grads(rank, world, tp, cp, pp, sp, weights_dir, grads_dir, name):
+def _logits_and_grads(rank, world, tp, cp, pp, sp, weights_dir, grads_dir, name, fused=False):
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              context_parallel_size=cp)
     tensor_parallel.model_parallel_cuda_manual_seed(11)
     torch.manual_seed(11)
-    provider = tiny_provider(name, tp=tp, cp=cp, pp=pp, sp=sp)
+    # fused: the Triton kernels (CPU: Triton's interpreter) against the plain operators of the 1-process reference
+    provider = tiny_provider(name, tp=tp, cp=cp, pp=pp, sp=sp, **({"use_fused_hyena_kernels": True} if fused else {}))
     model = provider.provide()
     if world == 1:
         dist_checkpointing.save(model.sharded_state_dict(), weights_dir)
@@ -79,20 +81,23 @@ def _load_plain(rank, world, *dirs):
 def _layouts(rank, world, cases, root):
     """Every case in one spawned process group (3 spawns for the whole module instead of 3 per layout)."""
     results = []
-    for i, (name, tp, cp, pp, sp) in enumerate(cases):
+    for i, (name, tp, cp, pp, sp, *fused) in enumerate(cases):
         results.append(_logits_and_grads(rank, world, tp, cp, pp, sp, f"{root}/w_{name}", f"{root}/g{world}_{i}",
-                                         name))
+                                         name, *fused))
         parallel_state.destroy_model_parallel()
     return results
 
 
 NAMES = ["striped_hyena_tiny", "striped_hyena_tiny_nv"]
-CASES = {  # (model, tp, cp, pp, sp)
+CASES = {  # (model, tp, cp, pp, sp[, fused kernels])
     "tp2": ("striped_hyena_tiny", 2, 1, 1, False),
     "tp2_nv": ("striped_hyena_tiny_nv", 2, 1, 1, False),
     "tp2_sp": ("striped_hyena_tiny", 2, 1, 1, True),
     "cp2": ("striped_hyena_tiny", 1, 2, 1, False),
     "pp2": ("striped_hyena_tiny", 1, 1, 2, False),
+    "tp2_fused": ("striped_hyena_tiny", 2, 1, 1, False, True),
+    "cp2_fused": ("striped_hyena_tiny", 1, 2, 1, False, True),
+    "cp2_nv_fused": ("striped_hyena_tiny_nv", 1, 2, 1, False, True),
 }
 
 
@@ -114,7 +119,8 @@ def layouts(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_parallel_layout_equals_one_process(layouts, case):
-    """TP=2 (ARC and NV models), TP=2 with sequence parallelism, CP=2 and PP=2 against one process."""
+    """TP=2 (ARC and NV models), TP=2 with sequence parallelism, CP=2 and PP=2 against one process; TP=2 and CP=2
+    (ARC and NV) also with the fused kernels."""
     ref_logits, par_logits, ref, par = layouts[case]
     torch.testing.assert_close(par_logits, ref_logits, **TOL)
     keys = [k for k in ref if not k.endswith("decay") and isinstance(ref[k], torch.Tensor)]

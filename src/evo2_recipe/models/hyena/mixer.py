@@ -405,19 +405,50 @@ class HyenaMixer(MegatronModule):
     def _operator(self, features_LBC3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole sequence (no decode state): ``z`` (L, B, Hp) and ``u = x2 * v`` (B, Hp, L). The fused Triton
         prologue/epilogue when enabled, else the plain operators (same math)."""
-        if self.mixer.cp_group is None and fused_kernels_enabled(self.config, features_LBC3):
-            from evo2_recipe.models.hyena.kernels import gating
-
-            x1, u = gating.hyena_prologue(features_LBC3, self.hyena_proj_conv.short_conv_weight)  # (B, Hp, L) each
+        if fused_kernels_enabled(self.config, features_LBC3):
+            x1, u = self._fused_prologue(features_LBC3)  # (B, Hp, L) each
             op = self.mixer
             if op.operator_type == HYENA_SHORT:  # the 7-tap conv runs inside the epilogue
-                return gating.short_conv_epilogue(x1, u, op.short_conv.weight_CK(op.channels), op.short_skip()), u
+                return self._fused_short_epilogue(x1, u), u
+            from evo2_recipe.models.hyena.kernels import gating
+
             return gating.hyena_epilogue(x1, op.convolve(u)), u
         features = causal_conv_with_context(features_LBC3.permute(1, 2, 0), self.hyena_proj_conv,
                                             self.hyena_proj_conv.kernel_size - 1, None, "proj", self.mixer.cp_group)
         x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]  # channel-interleaved (spec 2.3)
         u = x2 * v
         return self.mixer(x1, u).permute(2, 0, 1).contiguous(), u
+
+    def _fused_prologue(self, features_LBC3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused prologue -> x1, u (B, Hp, L). Under context parallelism each zigzag half runs with its left
+        neighbour's last ``K-1`` feature rows prepended (the outputs of those rows are dropped), as
+        :func:`causal_conv_with_context` gives the plain conv its left context."""
+        from evo2_recipe.models.hyena.kernels import gating
+
+        w = self.hyena_proj_conv.short_conv_weight
+        group = self.mixer.cp_group
+        if group is None:
+            return gating.hyena_prologue(features_LBC3, w)
+        halo = self.hyena_proj_conv.kernel_size - 1
+        lefts = cp_comm.halo_left_context(features_LBC3.permute(1, 2, 0), halo, group)  # (B, 3Hp, halo) each
+        halves = [gating.hyena_prologue(torch.cat([left.permute(2, 0, 1).to(f.dtype), f]), w)
+                  for left, f in zip(lefts, features_LBC3.chunk(2, dim=0))]
+        return tuple(torch.cat([half[i][..., halo:] for half in halves], dim=-1) for i in range(2))
+
+    def _fused_short_epilogue(self, x1_BCL: torch.Tensor, u_BCL: torch.Tensor) -> torch.Tensor:
+        """hcs: the 7-tap conv and the gate in one kernel -> z (L, B, Hp); under context parallelism per zigzag half
+        with the left neighbour's last ``u`` values prepended (their gated outputs dropped)."""
+        from evo2_recipe.models.hyena.kernels import gating
+
+        op = self.mixer
+        w, skip = op.short_conv.weight_CK(op.channels), op.short_skip()
+        if op.cp_group is None:
+            return gating.short_conv_epilogue(x1_BCL, u_BCL, w, skip)
+        halo = w.shape[-1] - 1
+        lefts = cp_comm.halo_left_context(u_BCL, halo, op.cp_group)
+        return torch.cat([gating.short_conv_epilogue(nn.functional.pad(x1, (halo, 0)),
+                                                     torch.cat([left.to(u.dtype), u], dim=-1), w, skip)[halo:]
+                          for left, x1, u in zip(lefts, x1_BCL.chunk(2, dim=-1), u_BCL.chunk(2, dim=-1))])
 
     def forward(self, x_LBH: torch.Tensor, state: HyenaLayerState | None = None):
         features, _ = quantization.hyena_input_projection(self.config, self.dense_projection, x_LBH)  # (L, B, 3Hp)
