@@ -26,7 +26,8 @@ def add_model_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="FP8 (delayed scaling) for the Hyena input projections only, as Arc ran the FP8-sensitive "
                         "original 1b/40b checkpoints; use with bf16_mixed. Needs Transformer Engine")
     p.add_argument("--use-subquadratic-ops", action="store_true",
-                   help="fused Hyena kernels (ours, in Triton, CUDA; opt-in until measured)")
+                   help="NVIDIA's subquadratic-ops-torch for the Hyena convolutions where it is installed and serves "
+                        "the GPU (checked at start; else evo2-recipe's own kernels, said in the log)")
     p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
 
 

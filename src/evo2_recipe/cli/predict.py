@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"from torchrun: torchrun --nnodes {args.num_nodes} --nproc-per-node {args.devices} ...")
     overrides = {k: v for k, v in (("num_layers", args.num_layers),
                                    ("hybrid_override_pattern", args.hybrid_override_pattern),
-                                   ("seq_len_interpolation_factor", args.seq_len_interpolation_factor)) if v is not None}
+                                   ("seq_len_interpolation_factor", args.seq_len_interpolation_factor),
+                                   ("use_subquadratic_ops", args.use_subquadratic_ops or None)) if v is not None}
     apply_runtime_mode(args)
     from megatron.core import parallel_state
 
@@ -101,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                    sequence_parallel=False if args.no_sequence_parallel else None,
                                    mixed_precision_recipe=args.mixed_precision_recipe,
                                    vortex_style_fp8=args.vortex_style_fp8 or None,
-                                   use_fused_kernels=True if args.use_subquadratic_ops else None, seed=args.seed,
-                                   model_overrides=overrides)
+                                   seed=args.seed, model_overrides=overrides)
         for name, seq in records:
             evo.tokenizer.tokenize_checked(seq.upper(), f"record '{name}'")  # fail before any work
     except (FastaFormatError, FileNotFoundError, NotADirectoryError, CheckpointError, ValueError) as e:

@@ -71,10 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logger.info("model size %s, run directory %s", getattr(args, "model_size", recipe_defaults()["model_size"]),
                 str(cfg.checkpoint.save).removesuffix("/checkpoints"))
-    if cfg.model.use_fused_hyena_kernels:
-        from evo2_recipe.models.hyena.kernels import describe_subquadratic_request
-
-        logger.info(describe_subquadratic_request())
     from evo2_recipe.training.metrics import ThroughputCallback
 
     pretrain(cfg, hyena_forward_step, callbacks=[ThroughputCallback()])

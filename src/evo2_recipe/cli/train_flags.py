@@ -86,7 +86,9 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     F(("--add-bias-output",), "model.add_bias_output"),
     F(("--seq-len-interpolation-factor",), "model.seq_len_interpolation_factor", float),
     F(("--no-fp32-residual-connection",), "model.fp32_residual_connection", const=False),
-    F(("--use-subquadratic-ops",), "model.use_fused_hyena_kernels", help="fused Hyena kernels (ours, Triton, CUDA)"),
+    F(("--use-subquadratic-ops",), "model.use_subquadratic_ops",
+      help="NVIDIA's subquadratic-ops-torch for the Hyena convolutions where it is installed and serves the GPU "
+           "(checked against the plain operators at start; else evo2-recipe's own kernels, said in the log)"),
     F(("--spike-no-more-embedding-init",), "recipe.spike_no_more_embedding_init"),
     F(("--no-renormalize-loss",), "model.to_upper", const="weighted"),
     F(("--cross-entropy-loss-fusion",), "model.cross_entropy_loss_fusion"),

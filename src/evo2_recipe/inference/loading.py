@@ -136,10 +136,7 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     if vortex_style_fp8:
         provider.vortex_style_fp8 = True
     if use_fused_kernels is not None:
-        from evo2_recipe.models.hyena.kernels import describe_subquadratic_request
-
         provider.use_fused_hyena_kernels = use_fused_kernels
-        logger.info(describe_subquadratic_request())
     provider.finalize()  # refuses FP8 without Transformer Engine
     from megatron.core import parallel_state
 

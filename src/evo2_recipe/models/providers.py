@@ -103,6 +103,7 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
     hyena_filter_no_wd: bool = True  # no weight decay on the modal filters (p, R, gamma); see recipe.py
     vortex_style_fp8: bool = False
     use_fused_hyena_kernels: bool | None = None  # None: the measured-faster kernels on CUDA; True: all; False: none
+    use_subquadratic_ops: bool = False  # NVIDIA's subquadratic-ops-torch where it serves (kernels/subquadratic.py)
     embedding_init_method_std: float | None = 0.02
     use_cpu_initialization: bool = False
 

@@ -33,7 +33,7 @@ from evo2_recipe.models.hyena import context_parallel as cp_comm
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
-from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
+from evo2_recipe.models.hyena.kernels import fused_kernels_enabled, subquadratic
 from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update, modal_step
 
 
@@ -402,22 +402,37 @@ class HyenaMixer(MegatronModule):
             tp_group=tp_group,
         )
 
-    def _operator(self, features_LBC3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole sequence (no decode state): ``z`` (L, B, Hp) and ``u = x2 * v`` (B, Hp, L). The fused Triton
-        prologue/epilogue when enabled, else the plain operators (same math)."""
+    def _operator(self, features_LBC3: torch.Tensor, need_u: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A whole sequence (no decode state): ``z`` (L, B, Hp) and ``u = x2 * v`` (B, Hp, L; None when not
+        ``need_u`` and NVIDIA's package ran the block). NVIDIA's subquadratic-ops when asked for and it serves, else
+        the fused Triton prologue/epilogue when enabled, else the plain operators (same math)."""
+        op = self.mixer
+        sq = (getattr(self.config, "use_subquadratic_ops", False) and op.cp_group is None and subquadratic.serves(features_LBC3))
+        if sq and not need_u and op.operator_type != HYENA_LONG:
+            return subquadratic.short_block(features_LBC3, self.hyena_proj_conv.short_conv_weight,
+                                            *self._direct_mixer_taps()), None
         if fused_kernels_enabled(self.config, features_LBC3):
             x1, u = self._fused_prologue(features_LBC3)  # (B, Hp, L) each
-            op = self.mixer
             if op.operator_type == HYENA_SHORT:  # the 7-tap conv runs inside the epilogue
                 return self._fused_short_epilogue(x1, u), u
             from evo2_recipe.models.hyena.kernels import gating
 
+            if sq and op.operator_type == HYENA_LONG:
+                return gating.hyena_epilogue(x1, subquadratic.fft_conv(u, op._filter_CK(u.shape[-1]), op.conv_bias)), u
             return gating.hyena_epilogue(x1, op.convolve(u)), u
         features = causal_conv_with_context(features_LBC3.permute(1, 2, 0), self.hyena_proj_conv,
-                                            self.hyena_proj_conv.kernel_size - 1, None, "proj", self.mixer.cp_group)
+                                            self.hyena_proj_conv.kernel_size - 1, None, "proj", op.cp_group)
         x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]  # channel-interleaved (spec 2.3)
         u = x2 * v
         return self.mixer(x1, u).permute(2, 0, 1).contiguous(), u
+
+    def _direct_mixer_taps(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hcs / hcm as a direct conv: per-channel taps (Hp, K) with the last on the current token, and the skip
+        (NV hcs bias, hcm ``D``; None for ARC hcs)."""
+        op = self.mixer
+        if op.operator_type == HYENA_SHORT:
+            return op.short_conv.weight_CK(op.channels), op.short_skip()
+        return op._filter_CK(1).flip(-1), op.conv_bias  # the medium filter has a fixed length
 
     def _fused_prologue(self, features_LBC3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused prologue -> x1, u (B, Hp, L). Under context parallelism each zigzag half runs with its left
@@ -457,7 +472,7 @@ class HyenaMixer(MegatronModule):
         if state is not None and features.shape[0] == 1:  # one decode token
             return self.dense(self._decode_step(features, state))
         if state is None or state.fresh:  # a whole sequence, or a new prompt's prefill: the scoring forward's path
-            z, u = self._operator(features)
+            z, u = self._operator(features, need_u=state is not None)
             if state is not None:
                 self._store_prompt_state(features, u, state)
             return self.dense(z)

@@ -5,9 +5,9 @@ On by default on CUDA (:func:`fused_kernels_enabled`), each measured faster than
 (``modal_filter.py``) and the one-token decode step (``hyena_decode.py``).
 Opt-in: the split-KV decode attention (``decode_attention.py``: :func:`split_kv_attention_enabled`), slower than the
 masked SDPA at every cache depth measured. ``use_fused_hyena_kernels=False`` on the provider or
-``EVO2_FUSED_KERNELS=0`` turns every kernel off (the plain operators); ``True`` / ``=1`` (or ``--use-subquadratic-ops``
-on the tools) also turns on the opt-in one. On CPU the tests run the kernels under Triton's interpreter
-(``TRITON_INTERPRET=1``).
+``EVO2_FUSED_KERNELS=0`` turns every kernel off (the plain operators); ``True`` / ``=1`` also turns on the opt-in one.
+``--use-subquadratic-ops`` (``use_subquadratic_ops``) hands the Hyena convolutions to NVIDIA's package where it serves
+(``subquadratic.py``). On CPU the tests run the kernels under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -46,12 +46,3 @@ def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
     if x.is_cuda:
         return True
     return bool(asked) and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def describe_subquadratic_request() -> str:
-    """What ``--use-subquadratic-ops`` (the reference's flag) does here, for the log."""
-    if importlib.util.find_spec("subquadratic_ops_torch") is not None:
-        return ("--use-subquadratic-ops: subquadratic_ops_torch is installed, but this version runs evo2-recipe's "
-                "own fused Triton kernels (the NVIDIA package is not wired in yet)")
-    return "--use-subquadratic-ops: subquadratic_ops_torch is not installed; using evo2-recipe's fused Triton kernels"
-

@@ -1,0 +1,1 @@
+"""Contract stand-in for NVIDIA's subquadratic-ops-torch (see ../README.md)."""
