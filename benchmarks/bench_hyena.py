@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--recompute", action="store_true", help="full activation recompute (the size's default)")
     ap.add_argument("--vocab-size", type=int, default=512)
+    ap.add_argument("--use-subquadratic-ops", action="store_true", help="NVIDIA's subquadratic-ops-torch where it serves")
     ap.add_argument("--profile", action="store_true", help="torch-profiler table (GPU time) of one step, rank 0")
     args = ap.parse_args()
 
@@ -43,7 +44,7 @@ def main() -> None:
                                            recompute_num_layers=None)
     provider = get_provider(args.model_size, vocab_size=args.vocab_size, seq_length=args.seq_length,
                             tensor_model_parallel_size=args.tp, context_parallel_size=args.cp,
-                            sequence_parallel=args.tp > 1, **extra)
+                            sequence_parallel=args.tp > 1, use_subquadratic_ops=args.use_subquadratic_ops, **extra)
     provider.finalize()
     model = provider.provide().cuda()
     B, L = args.micro_batch_size, args.seq_length

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
-#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [train16] [trainprof] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
+#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [train16] [trainprof] [subquadratic] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
 # Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
 # /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
 set -uo pipefail
@@ -109,6 +109,14 @@ if [[ " $what " == *" trainprof "* ]]; then  # issue 16: where a 1b training ste
     > "$OUT/train_trace.txt" 2>&1
   grep -E "^ProfilerStep" "$OUT/train_trace.txt"; sed -n "/host ops/,\$p" "$OUT/train_trace.txt" | head -12
   rm -rf /tmp/tprof/evo2/checkpoints
+fi
+
+if [[ " $what " == *" subquadratic "* ]]; then  # issue 16 item 2: NVIDIA's package (after gpu_subquadratic_wheels.sh)
+  NVIDIA_TF32_OVERRIDE=0 python3 -m pytest -q -rfE tests/test_subquadratic.py 2>&1 | tail -4
+  for flag in "" --use-subquadratic-ops; do
+    python3 benchmarks/bench_hyena.py --model-size evo2_1b_base --seq-length 8192 $flag 2>&1 \
+      | grep -E "tokens_per_s|subquadratic|Error" | tail -3
+  done
 fi
 
 if [[ " $what " == *" resume "* ]]; then  # issue 15 item 4: bf16 + fp32 filters, distributed optimizer, save/resume
