@@ -121,6 +121,8 @@ def test_cuda_graph_config():
 
     plain = mock_config()
     assert plain.rerun_state_machine.check_for_nan_in_loss and plain.ddp.check_for_nan_in_grad
+    assert plain.ddp.grad_reduce_in_fp32 and not plain.ddp.overlap_grad_reduce  # the recipe's, not DDP's defaults
+    assert evo2_pretrain_config(grad_reduce_in_fp32=False).ddp.grad_reduce_in_fp32 is False
     assert not is_full_iteration_cuda_graph(plain.model)
     cfg = mock_config(cuda_graph=True)
     assert is_full_iteration_cuda_graph(cfg.model) and not cfg.model.cuda_graph_use_single_mempool

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         evo = Evo2.from_checkpoint(str(args.ckpt_dir), tp=args.tensor_parallel_size, sequence_parallel=False,
                                    mixed_precision_recipe=args.mixed_precision_recipe,
                                    vortex_style_fp8=args.vortex_style_fp8 or None,
-                                   model_overrides={"use_subquadratic_ops": True} if args.use_subquadratic_ops else None)
+                                   model_overrides={"use_subquadratic_ops": True} if args.use_subquadratic_ops
+                                   else None)
         evo.tokenize([r["prompt"] for r in prompts])
     except (FileNotFoundError, NotADirectoryError, CheckpointError, ValueError) as e:
         p.exit(2, f"infer_evo2: error: {e}\n")

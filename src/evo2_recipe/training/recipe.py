@@ -222,7 +222,8 @@ def evo2_pretrain_config(
             raise ValueError(f"--mixed-precision-recipe {mixed_precision_recipe} needs Transformer Engine")
     overlap_param_gather = "fp4" in (mixed_precision_recipe or "") or "mxfp8" in (mixed_precision_recipe or "")
     ddp = DistributedDataParallelConfig(
-        check_for_nan_in_grad=not cuda_graph,  # a host-side check: not capturable in the graph grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_param_gather,
+        check_for_nan_in_grad=not cuda_graph,  # a host-side check: not capturable in the graph
+        grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_param_gather,
         overlap_param_gather=overlap_param_gather, align_param_gather=False,
         use_distributed_optimizer=use_distributed_optimizer, average_in_collective=False,
     )

@@ -407,7 +407,8 @@ class HyenaMixer(MegatronModule):
         ``need_u`` and NVIDIA's package ran the block). NVIDIA's subquadratic-ops when asked for and it serves, else
         the fused Triton prologue/epilogue when enabled, else the plain operators (same math)."""
         op = self.mixer
-        sq = (getattr(self.config, "use_subquadratic_ops", False) and op.cp_group is None and subquadratic.serves(features_LBC3))
+        sq = (getattr(self.config, "use_subquadratic_ops", False) and op.cp_group is None
+              and subquadratic.serves(features_LBC3))
         if sq and not need_u and op.operator_type != HYENA_LONG:
             return subquadratic.short_block(features_LBC3, self.hyena_proj_conv.short_conv_weight,
                                             *self._direct_mixer_taps()), None

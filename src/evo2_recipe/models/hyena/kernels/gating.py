@@ -344,7 +344,8 @@ def causal_conv_backward(x_BCL: torch.Tensor, w_CK: torch.Tensor, g_BCL: torch.T
     grid = _grid(L, B, C, CONV_BWD_BLOCK_L, CONV_BWD_BLOCK_C)
     g_x = torch.empty_like(x_BCL)
     g_w_parts = torch.empty((grid[0], B, C, K), dtype=torch.float32, device=x_BCL.device)
-    g_skip_parts = torch.empty((grid[0], B, C), dtype=torch.float32, device=x_BCL.device) if skip_C is not None else None
+    g_skip_parts = (torch.empty((grid[0], B, C), dtype=torch.float32, device=x_BCL.device) if skip_C is not None
+                    else None)
     _causal_conv_bwd[grid](x_BCL, w_CK, g_BCL, skip_C if skip_C is not None else w_CK, g_x, g_w_parts,
                            g_skip_parts if skip_C is not None else g_w_parts, L, C, B, 1, L, C * L, K=K,
                            HAS_SKIP=skip_C is not None, BLOCK_L=CONV_BWD_BLOCK_L, BLOCK_C=CONV_BWD_BLOCK_C)
