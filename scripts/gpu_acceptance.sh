@@ -99,11 +99,13 @@ if [[ " $what " == *" train16 "* ]]; then  # issue 16: train_evo2 rows - 1b bf16
   rm -rf /tmp/t16_7b
 fi
 
-if [[ " $what " == *" trainprof "* ]]; then  # issue 16: where a 1b training step goes (TE spec, mock data)
+# issue 16: where a 1b training step goes (TE spec, mock data; TRAINPROF_FLAGS="--mixed-precision-recipe ..." for FP8)
+if [[ " $what " == *" trainprof "* ]]; then
   rm -rf /tmp/tprof
   train_run train_profile /tmp/tprof 2 --mock-data --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1 \
     --global-batch-size 1 --max-steps 44 --warmup-steps 2 --constant-steps 0 --eval-interval 1000 --eval-iters 1 \
-    --log-interval 20 --workers 2 --no-activation-checkpointing ${TRAIN_GRAPH---cuda-graph} profiling.use_pytorch_profiler=true \
+    --log-interval 20 --workers 2 --no-activation-checkpointing ${TRAIN_GRAPH---cuda-graph} ${TRAINPROF_FLAGS:-} \
+    profiling.use_pytorch_profiler=true \
     profiling.profile_step_start=40 profiling.profile_step_end=43
   python3 benchmarks/trace_summary.py /tmp/tprof/evo2/torch_profile/rank-0.json.gz --top 30 --gap-us 50 \
     > "$OUT/train_trace.txt" 2>&1
