@@ -1,5 +1,5 @@
 """TP=2, CP=2 and PP=2 (2 gloo processes) give the same logits and gradients as 1 process (fp32), with the plain
-operators and (TP=2, CP=2) with the fused Triton kernels.
+operators and (TP=2, CP=2, PP=2) with the fused Triton kernels.
 
 Weights move between layouts through megatron dist-checkpointing (save at 1 process, load resharded). Gradients are
 written the same way (param.data <- grad, then a sharded save) so they are compared as full global tensors.
@@ -98,6 +98,7 @@ CASES = {  # (model, tp, cp, pp, sp[, fused kernels])
     "tp2_fused": ("striped_hyena_tiny", 2, 1, 1, False, True),
     "cp2_fused": ("striped_hyena_tiny", 1, 2, 1, False, True),
     "cp2_nv_fused": ("striped_hyena_tiny_nv", 1, 2, 1, False, True),
+    "pp2_fused": ("striped_hyena_tiny", 1, 1, 2, False, True),
 }
 
 
@@ -119,8 +120,8 @@ def layouts(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_parallel_layout_equals_one_process(layouts, case):
-    """TP=2 (ARC and NV models), TP=2 with sequence parallelism, CP=2 and PP=2 against one process; TP=2 and CP=2
-    (ARC and NV) also with the fused kernels."""
+    """TP=2 (ARC and NV models), TP=2 with sequence parallelism, CP=2 and PP=2 against one process; TP=2, CP=2
+    (ARC and NV) and PP=2 also with the fused kernels."""
     ref_logits, par_logits, ref, par = layouts[case]
     torch.testing.assert_close(par_logits, ref_logits, **TOL)
     keys = [k for k in ref if not k.endswith("decay") and isinstance(ref[k], torch.Tensor)]
