@@ -36,7 +36,7 @@ def serves(x: torch.Tensor) -> bool:
             logger.info("--use-subquadratic-ops: %s %s runs the hcs/hcm blocks and the hcl convolution on %s", PACKAGE,
                         _version(), device)
         else:
-            logger.warning("--use-subquadratic-ops: %s %s; using evo2-recipe's fused Triton kernels", PACKAGE, reason)
+            logger.warning("--use-subquadratic-ops: %s %s; evo2-recipe's own kernels run instead", PACKAGE, reason)
     return _served[device]
 
 
@@ -53,7 +53,7 @@ def short_block(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor, w_mixer_C
     dtype = x.dtype
     skip = skip_C if skip_C is not None else w_mixer_CK.new_zeros(w_mixer_CK.shape[0])
     z = b2b_causal_conv1d(x, w_proj_C3K.to(dtype), w_mixer_CK.to(dtype), skip.to(dtype))  # (B, C, L)
-    return z.permute(2, 0, 1)
+    return z.permute(2, 0, 1).contiguous()  # sequence-first for the output projection, as our epilogue writes it
 
 
 def fft_conv(u_BCL: torch.Tensor, h_CK: torch.Tensor, skip_C: torch.Tensor) -> torch.Tensor:
