@@ -267,19 +267,15 @@ class HyenaOperator(_ShardedDim0):
         filter flipped with ``D`` folded into the current tap. hcl: ``h[0] = sum_o R_o``, so ``y = (sum_o R_o + D) u
         + sum_o R_o lambda_o s_o`` and ``s <- lambda s + u``.
         """
-        if self.operator_type == HYENA_SHORT:
+        if self.operator_type in (HYENA_SHORT, HYENA_MEDIUM):
             def taps():
-                w = self.short_conv.weight_CK(self.channels).float().clone()
-                if self.conv_bias is not None:
-                    w[:, -1] += self.short_skip().float()
+                w, skip = self.direct_taps()
+                w = w.float().clone()
+                if skip is not None:
+                    w[:, -1] += skip.float()
                 return w.contiguous()
-            return "short", state.constant("short_taps", taps)
-        if self.operator_type == HYENA_MEDIUM:
-            def taps():
-                h = self._filter_CK(1).flip(-1).contiguous()  # the medium filter has a fixed length
-                h[:, -1] += self.conv_bias.float()
-                return h
-            return "medium", state.constant("medium_taps", taps)
+            kind = "short" if self.operator_type == HYENA_SHORT else "medium"
+            return kind, state.constant(f"{kind}_taps", taps)
 
         def modal():
             poles = torch.exp(ops.expand_groups(self.filter.log_poles(), self.channels))  # (Hp, O)
@@ -287,6 +283,13 @@ class HyenaOperator(_ShardedDim0):
             return (poles.contiguous(), (residues * poles).contiguous(),
                     (residues.sum(-1) + self.conv_bias.float())[:, None].contiguous())
         return ("modal", *state.constant("modal", modal))
+
+    def direct_taps(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hcs / hcm as a direct conv: per-channel taps (Hp, K) with the last on the current token, and the skip
+        (NV hcs bias, hcm ``D``; None for ARC hcs)."""
+        if self.operator_type == HYENA_SHORT:
+            return self.short_conv.weight_CK(self.channels), self.short_skip()
+        return self._filter_CK(1).flip(-1), self.conv_bias  # the medium filter has a fixed length
 
     def _short(self, u, state):
         w, skip = self.short_conv.weight_CK(self.channels), self.short_skip()
@@ -411,7 +414,7 @@ class HyenaMixer(MegatronModule):
               and subquadratic.serves(features_LBC3))
         if sq and not need_u and op.operator_type != HYENA_LONG:
             return subquadratic.short_block(features_LBC3, self.hyena_proj_conv.short_conv_weight,
-                                            *self._direct_mixer_taps()), None
+                                            *op.direct_taps()), None
         if fused_kernels_enabled(self.config, features_LBC3):
             x1, u = self._fused_prologue(features_LBC3)  # (B, Hp, L) each
             if op.operator_type == HYENA_SHORT:  # the 7-tap conv runs inside the epilogue
@@ -426,14 +429,6 @@ class HyenaMixer(MegatronModule):
         x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]  # channel-interleaved (spec 2.3)
         u = x2 * v
         return self.mixer(x1, u).permute(2, 0, 1).contiguous(), u
-
-    def _direct_mixer_taps(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hcs / hcm as a direct conv: per-channel taps (Hp, K) with the last on the current token, and the skip
-        (NV hcs bias, hcm ``D``; None for ARC hcs)."""
-        op = self.mixer
-        if op.operator_type == HYENA_SHORT:
-            return op.short_conv.weight_CK(op.channels), op.short_skip()
-        return op._filter_CK(1).flip(-1), op.conv_bias  # the medium filter has a fixed length
 
     def _fused_prologue(self, features_LBC3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused prologue -> x1, u (B, Hp, L). Under context parallelism each zigzag half runs with its left
