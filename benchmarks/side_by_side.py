@@ -201,7 +201,7 @@ def _profile(run, what: str) -> None:
         torch.cuda.synchronize()
     table = prof.key_averages()
     print(table.table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
-    print(table.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
 # ---- Vortex (subprocess) ---------------------------------------------------------------------------------------------

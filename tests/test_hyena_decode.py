@@ -66,7 +66,7 @@ def _last_position_vs_full(rank, world, pattern):
     return full, last
 
 
-@pytest.mark.parametrize("pattern", ["SDH*S", "*SDH"])  # a Hyena (hcs, hcl) last layer: its MLP on one position
+@pytest.mark.parametrize("pattern", ["SDH*S", "*SDH", "SDH*"])  # last layer hcs, hcl, attention (last query only)
 def test_prefill_last_position_only_equals_full_forward(pattern):
     ((full, last),) = run_on_ranks(_last_position_vs_full, 1, pattern)
     assert last.shape == (2, 1, full.shape[-1])

@@ -109,15 +109,20 @@ class HyenaStack(MegatronModule):
     @staticmethod
     def _attention_decode(layer, hidden_states, inference_context, last_position_only: bool):
         """Megatron's attention layer with its core attention reading our fixed-size KV cache (RoPE applied there);
-        ``last_position_only``: attention over (and caching) every position, the MLP on the last one only."""
+        ``last_position_only``: every position's key and value cached, the last query attended and the MLP run on
+        the last position only."""
         core = layer.self_attention.core_attention
         core.decode_cache = inference_context.kv_cache(layer.layer_number)
         try:
             if not last_position_only:
                 return layer(hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None)
-            hidden_states, _ = layer._forward_attention(hidden_states, attention_mask=None, rotary_pos_emb=None,
-                                                        inference_context=None)
-            return layer._forward_mlp(hidden_states[-1:], None)
+            # megatron's _forward_attention with the last position's residual (the input norm is fused into
+            # linear_qkv in both specs: the residual is the layer input)
+            core.decode_cache.last_query_only = True
+            out_with_bias = layer.self_attention(hidden_states, attention_mask=None)  # (1, b, H)
+            residual = hidden_states[-1:].float() if layer.config.fp32_residual_connection else hidden_states[-1:]
+            bda = layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)
+            return layer._forward_mlp(bda(out_with_bias, residual, layer.hidden_dropout), None)
         finally:
             core.decode_cache = None
 

@@ -172,6 +172,9 @@ class KVCache:
 
     def __init__(self, storage: _Storage, layer_number: int, rows: slice):
         self._storage, self._layer, self._rows = storage, layer_number, rows
+        # Set by the block for a last layer whose later positions nobody reads (generation): every key and value is
+        # still cached, the output is the last query's, (1, b, heads*d).
+        self.last_query_only = False
 
     def attend(self, query, key, value, softmax_scale=None) -> torch.Tensor:
         """``(L, b, heads, d)`` q/k/v of new tokens (no RoPE yet) -> ``(L, b, heads*d)`` attention over the cache.
@@ -205,6 +208,11 @@ class KVCache:
             q, n = query.permute(1, 2, 0, 3), st.attend_len  # (b, heads, L, d)
             k, v = k_cache[:, :, :n], v_cache[:, :, :n]
             mask = (torch.arange(n, device=query.device)[None, None, :] <= pos[:, :, None])[:, None]
+        causal = mask is None
+        if self.last_query_only and L > 1:
+            q, L, causal = q[:, :, -1:], 1, False  # a fresh prompt's last query sees every key: no mask
+            if mask is not None:
+                mask, pos = mask[:, :, -1:], pos[:, -1:]
         if mask is not None and L == 1 and split_kv_attention_enabled(self._storage.model_config, q):
             from evo2_recipe.models.hyena.kernels.decode_attention import split_kv_decode_attention
 
@@ -212,7 +220,7 @@ class KVCache:
             return out.permute(2, 0, 1, 3).reshape(L, b, nh * d)
         if k.shape[1] != nh:  # GQA: repeat key/value groups
             k, v = k.repeat_interleave(nh // k.shape[1], dim=1), v.repeat_interleave(nh // v.shape[1], dim=1)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
                                              scale=softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(L, b, nh * d)
 

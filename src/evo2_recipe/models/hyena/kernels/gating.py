@@ -24,9 +24,10 @@ from evo2_recipe.models.hyena import operators as ops
 
 BLOCK_L, BLOCK_C = 32, 64
 # the prologue's backward holds three accumulators and recomputes x2, v at three shifts: smaller tiles run faster
-# (H200 sweep at the 1b training shape: 16 x 32 541 us, 32 x 64 840 us, 64 x 128 1.36 ms; splitting it into a gate
-# pass writing the conv-output gradients interleaved plus the shared conv backward was slower, 0.75 + 0.13 ms)
-BWD_BLOCK_L, BWD_BLOCK_C = 16, 32
+# (H200 sweeps at the 1b training shape, weight-gradient sum included: 8 x 32 with 2 warps 451 us, 8 x 16 with 1 warp
+# 450, 16 x 32 with 4 warps 563, 32 x 64 840, 64 x 128 1.36 ms; splitting it into a gate pass writing the conv-output
+# gradients interleaved plus the shared conv backward was slower, 0.75 + 0.13 ms)
+BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS = 8, 32, 2
 CONV_BWD_BLOCK_L, CONV_BWD_BLOCK_C = 64, 64
 
 
@@ -283,7 +284,7 @@ class _Prologue(torch.autograd.Function):
         g_f = torch.empty_like(f)
         g_w_parts = torch.empty((grid[0], B, C3, 3), dtype=torch.float32, device=f.device)
         _prologue_bwd[grid](f, w, g_x1.contiguous(), g_u.contiguous(), g_f, g_w_parts, L, C3 // 3, B, f.stride(0),
-                            f.stride(1), BLOCK_L=BWD_BLOCK_L, BLOCK_C=BWD_BLOCK_C)
+                            f.stride(1), BLOCK_L=BWD_BLOCK_L, BLOCK_C=BWD_BLOCK_C, num_warps=BWD_WARPS)
         return g_f, g_w_parts.sum((0, 1)).to(ctx.w_dtype)
 
 
