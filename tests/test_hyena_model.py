@@ -90,32 +90,6 @@ def test_tiny_forward_backward(name):
     assert abs(r["loss"].mean().item() - math.log(512)) < 0.5  # random init: near-uniform predictions
 
 
-def _no_grad_vs_autograd_linears(rank, world, name):
-    from evo2_recipe.models.hyena import local_layers
-    from hyena_helpers import randomise_weights_
-
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    model = randomise_weights_(tiny_provider(name).provide())  # non-zero biases: a dropped bias shows
-    linears = [m for m in model.modules() if isinstance(m, (local_layers.RowParallelLinear,
-                                                             local_layers.RMSNormColumnParallelLinear))]
-    skip_bias = {m.skip_bias_add for m in linears if m.bias is not None}
-    tokens, _ = dna_batch()
-    with_autograd = model(tokens).detach()  # megatron's linear path
-    with torch.no_grad():
-        plain = model(tokens)  # the F.linear shortcut
-    return len(linears), skip_bias, with_autograd, plain
-
-
-@pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
-def test_inference_linear_shortcut_equals_megatron_linear(name):
-    """Under no_grad on one TP rank the local spec's linears call F.linear directly (host time of a prefill); the
-    logits must equal megatron's autograd path, biases added or handed on (skip_bias_add) alike."""
-    (n, skip_bias, ref, fast) = run_on_ranks(_no_grad_vs_autograd_linears, 1, name)[0]
-    assert n >= 8 and skip_bias  # every layer's linears are the local classes; some carry a bias
-    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-
-
 def test_flops_formula():
     from evo2_recipe.models.providers import get_provider, num_floating_point_operations
 

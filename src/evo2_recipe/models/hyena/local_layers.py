@@ -4,10 +4,6 @@
 * :class:`RMSNormColumnParallelLinear` - RMSNorm fused in front of a megatron ``ColumnParallelLinear``; its norm weight
   is called ``layer_norm_weight`` exactly like ``TELayerNormColumnParallelLinear``, so checkpoints move between the TE
   and local specs, and the Hyena pre-mixer norm exists in both (the reference's local spec drops it).
-* :class:`RowParallelLinear` - megatron's, with the inference shortcut below.
-* Both linears run ``F.linear`` directly under ``no_grad`` on one tensor-parallel rank: megatron's path is then the
-  same product behind an autograd Function and identity region copies, ~100 us of host time per call on the H200's
-  host against ~15 us, and the 1b prefill of an 8,192-token prompt is bound by host time (RESULTS, tenth session).
 * :class:`SDPAttention` - core attention through ``F.scaled_dot_product_attention`` (flash/cuDNN kernels on GPU; the
   megatron local ``DotProductAttention`` materialises the full score matrix and refuses context parallelism). With CP
   it all-gathers K/V over the CP group and masks by global zigzag positions.
@@ -20,7 +16,6 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.utils import get_pg_size
 from torch import nn
 
 from evo2_recipe.models.hyena import context_parallel as cp_comm
@@ -44,23 +39,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.to(self.weight.dtype), (x.shape[-1],), self.weight, self.eps)
 
 
-def _plain_product(linear, weight=None) -> bool:
-    """True where megatron's linear would compute exactly ``F.linear``: no autograd, one TP rank, own weight."""
-    return (not torch.is_grad_enabled() and weight is None and get_pg_size(linear.tp_group) == 1
-            and not linear.config.defer_embedding_wgrad_compute)
-
-
-class RowParallelLinear(tensor_parallel.RowParallelLinear):
-    """megatron's ``RowParallelLinear``; ``F.linear`` under ``no_grad`` on one TP rank (module docstring)."""
-
-    def forward(self, x: torch.Tensor):
-        if not _plain_product(self):
-            return super().forward(x)
-        if self.skip_bias_add:
-            return F.linear(x, self.weight), self.bias
-        return F.linear(x, self.weight, self.bias), None
-
-
 class RMSNormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     """``ColumnParallelLinear(rmsnorm(x))`` with the norm weight named ``layer_norm_weight``."""
 
@@ -79,11 +57,7 @@ class RMSNormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor, weight=None, runtime_gather_output=None):
         x = F.rms_norm(x.to(self.layer_norm_weight.dtype), (x.shape[-1],), self.layer_norm_weight, self.eps)
-        if _plain_product(self, weight):  # gather_output is an identity on one rank
-            out, bias = F.linear(x, self.weight, None if self.skip_bias_add else self.bias), (
-                self.bias if self.skip_bias_add else None)
-        else:
-            out, bias = super().forward(x, weight=weight, runtime_gather_output=runtime_gather_output)
+        out, bias = super().forward(x, weight=weight, runtime_gather_output=runtime_gather_output)
         return ((out, x), bias) if self.return_layernorm_output else (out, bias)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -21,12 +22,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from evo2_recipe.compat.megatron_fixes import transformer_engine_available
 from evo2_recipe.models.hyena.layer import HyenaLayer, HyenaLayerSubmodules
-from evo2_recipe.models.hyena.local_layers import (
-    RMSNorm,
-    RMSNormColumnParallelLinear,
-    RowParallelLinear,
-    SDPAttention,
-)
+from evo2_recipe.models.hyena.local_layers import RMSNorm, RMSNormColumnParallelLinear, SDPAttention
 from evo2_recipe.models.hyena.mixer import HyenaMixer, HyenaMixerSubmodules
 
 
