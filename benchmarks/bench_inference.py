@@ -6,8 +6,8 @@
 Scoring: forward passes over random DNA of ``--seq-length`` (log-probs computed), tokens/s. Decoding: greedy cached
 generation from a 512-base prompt; prefill (generate 1 token) is timed alone and subtracted, so the decode rate is
 generated tokens/s of the decode steps only (all sequences of the batch counted). ``--profile`` prints the torch
-profiler's top ops over 16 decode steps of the first batch size. Vortex on the same shapes:
-``../shared/bench/vortex_bench.py gen``.
+profiler's top ops over 16 decode steps of the first batch size. Ours and Arc's Vortex side by side on the same shapes
+(random weights, Vortex in the same run): ``python benchmarks/side_by_side.py decode prefill --vortex``.
 """
 
 import argparse

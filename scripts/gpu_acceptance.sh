@@ -84,12 +84,12 @@ if [[ " $what " == *" train16 "* ]]; then  # issue 16: train_evo2 rows - 1b bf16
           --eval-interval "${TRAIN_STEPS:-200}" --eval-iters 2 --log-interval 20 --workers 2
           --disable-tensorboard-logger --no-activation-checkpointing ${TRAIN_GRAPH---cuda-graph})
   # TRAIN_GRAPH="" runs them without the full-iteration CUDA graph (--cuda-graph, the default here)
+  # TRAIN16_RECIPES: the Megatron-Bridge mixed-precision recipes to compare (e.g. add
+  # bf16_with_fp8_delayed_scaling_mixed, bf16_with_fp8_subchannel_scaling_mixed)
   for i in $(seq "${TRAIN16_REPEATS:-2}"); do
-    for run in "bf16 --mixed-precision-recipe bf16_mixed" \
-               "fp8cs --mixed-precision-recipe bf16_with_fp8_current_scaling_mixed"; do
-      set -- $run; tag=$1; shift
-      train_run "train16_${tag}_$i" "/tmp/t16_$tag" 12 "${common[@]}" "$@"
-      rm -rf "/tmp/t16_$tag"
+    for recipe in ${TRAIN16_RECIPES:-bf16_mixed bf16_with_fp8_current_scaling_mixed}; do
+      train_run "train16_${recipe}_$i" "/tmp/t16_$recipe" 12 "${common[@]}" --mixed-precision-recipe "$recipe"
+      rm -rf "/tmp/t16_$recipe"
     done
   done
   # the step lines come first; the checkpoint written at the end is cut by the timeout

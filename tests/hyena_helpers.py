@@ -35,3 +35,24 @@ def randomise_weights_(model, seed=11):
         else:
             p.mul_(1 + 0.2 * noise)
     return model
+
+
+def loss_and_grads_per_option(name, option_sets, device="cpu", length=45):
+    """``{key: (loss, {param: grad})}`` of the tiny model ``name`` built once per ``option_sets`` entry (``key ->
+    provider overrides``), all with the same randomised weights and batch: how a kernel switch is compared with the
+    path it replaces. Runs inside a rank (model parallel state initialised here)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(5)
+    out, weights = {}, None
+    for key, overrides in option_sets.items():
+        model = tiny_provider(name, **overrides).provide().to(device)  # GPU: compiled kernels; CPU: interpreter
+        if weights is None:
+            weights = randomise_weights_(model).state_dict()
+        model.load_state_dict(weights)
+        tokens, labels = (t.to(device) for t in dna_batch(2, length))
+        loss = model(tokens, labels=labels).mean()  # O(1) gradients, so 1e-5 is a few fp32 ulps of them
+        loss.backward()
+        out[key] = (loss.detach().cpu(), {k: v.grad.cpu() for k, v in model.named_parameters()})
+    return out

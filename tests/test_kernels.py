@@ -57,24 +57,9 @@ def test_fused_modal_prompt_state_equals_plain(B, C, G, O, T):
 
 
 def _model_fused_vs_plain(rank, world, name):
-    from megatron.core import parallel_state, tensor_parallel
+    from hyena_helpers import loss_and_grads_per_option
 
-    from hyena_helpers import dna_batch, randomise_weights_, tiny_provider
-
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(5)
-    out, weights = {}, None
-    for fused in (False, True):
-        p = tiny_provider(name, use_fused_hyena_kernels=fused)
-        model = p.provide().to(DEVICE)  # GPU: the compiled kernels; CPU: the Triton interpreter
-        if weights is None:
-            weights = randomise_weights_(model).state_dict()
-        model.load_state_dict(weights)
-        tokens, labels = (t.to(DEVICE) for t in dna_batch(2, 45))
-        loss = model(tokens, labels=labels).mean()  # O(1) gradients, so 1e-5 is a few fp32 ulps of them
-        loss.backward()
-        out[fused] = (loss.detach().cpu(), {k: v.grad.cpu() for k, v in model.named_parameters()})
-    return out
+    return loss_and_grads_per_option(name, {f: {"use_fused_hyena_kernels": f} for f in (False, True)}, DEVICE)
 
 
 @pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])

@@ -22,10 +22,8 @@ def _with_and_without_package(rank, world, name, contract_dir):
     whether the package was used, and the package module's log."""
     import sys
 
-    from megatron.core import parallel_state, tensor_parallel
-
     from evo2_recipe.models.hyena.kernels import subquadratic
-    from hyena_helpers import dna_batch, randomise_weights_, tiny_provider
+    from hyena_helpers import loss_and_grads_per_option
 
     if contract_dir:
         sys.path.insert(0, contract_dir)
@@ -34,18 +32,8 @@ def _with_and_without_package(rank, world, name, contract_dir):
     handler.emit = lambda record: messages.append(record.getMessage())
     logging.getLogger(subquadratic.__name__).addHandler(handler)
     logging.getLogger(subquadratic.__name__).setLevel(logging.INFO)
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(5)
-    out, weights = {}, None
-    for sq in (False, True):
-        model = tiny_provider(name, use_fused_hyena_kernels=True, use_subquadratic_ops=sq).provide().to(DEVICE)
-        if weights is None:
-            weights = randomise_weights_(model).state_dict()
-        model.load_state_dict(weights)
-        tokens, labels = (t.to(DEVICE) for t in dna_batch(2, 45))
-        loss = model(tokens, labels=labels).mean()
-        loss.backward()
-        out[sq] = (loss.detach().cpu(), {k: v.grad.cpu() for k, v in model.named_parameters()})
+    out = loss_and_grads_per_option(name, {sq: {"use_fused_hyena_kernels": True, "use_subquadratic_ops": sq}
+                                           for sq in (False, True)}, DEVICE)
     return out, subquadratic._served.get(torch.device(DEVICE).type), messages
 
 
