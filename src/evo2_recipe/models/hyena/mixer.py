@@ -374,10 +374,11 @@ class HyenaMixerSubmodules:
 
 
 def _aligned(halo: int, multiple: int = 16) -> int:
-    """Rows to prepend for a ``halo``-row left context: zeros, then the halo, a multiple of 16 in all. The kernels'
-    (B, C, L) rows are vectorised only when L is a multiple of 16; a half of 2,048 rows plus a 2-row halo was not
-    (CP=2 profile on the H200: the fused prologue 160 us per 2,050-row half against 112 us for 8,192 rows on one
-    GPU). The zeros only reach outputs that are dropped with the halo's."""
+    """Rows to prepend for a ``halo``-row left context: zeros, then the halo, a multiple of 16 in all. Triton
+    specialises a kernel on integer arguments divisible by 16, which is what lets it prove the (B, C, L) rows aligned
+    and use vector loads; a half of 2,048 rows plus a 2-row halo lost that (CP=2 profile on the H200: the fused
+    prologue 160 us per 2,050-row half against 112 us for 8,192 rows on one GPU; the padded version is not yet
+    measured). The zeros only reach outputs that are dropped with the halo's."""
     return -(-halo // multiple) * multiple
 
 
