@@ -40,7 +40,26 @@ def fork_server_context():
     (started on first use, shared by every later process of this interpreter). Not for CUDA work."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_FORK_SERVER_PRELOAD)  # read when the server starts
+    _start_fork_server_without_gpus()
     return ctx
+
+
+def _start_fork_server_without_gpus() -> None:
+    """Start the fork server (if it is not running) with no GPU visible. On a GPU host its imports could initialise
+    CUDA, and a child forked from a process with CUDA initialised fails on its first CUDA call ("Cannot re-initialize
+    CUDA in forked subprocess", which TorchDynamo's stream lookup makes even in CPU mode: seen on the H200). Children
+    get the caller's environment back (:func:`start_like_a_fresh_process`), so they may still use a GPU."""
+    from multiprocessing import forkserver
+
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
 def start_like_a_fresh_process(environ: dict[str, str]) -> None:
