@@ -373,13 +373,16 @@ class HyenaMixerSubmodules:
     dense: ModuleSpec | type
 
 
-def _aligned(halo: int, multiple: int = 16) -> int:
-    """Rows to prepend for a ``halo``-row left context: zeros, then the halo, a multiple of 16 in all. Triton
-    specialises a kernel on integer arguments divisible by 16, which is what lets it prove the (B, C, L) rows aligned
-    and use vector loads; a half of 2,048 rows plus a 2-row halo lost that (CP=2 profile on the H200: the fused
-    prologue 160 us per 2,050-row half against 112 us for 8,192 rows on one GPU; the padded version is not yet
+def _fused_left_contexts(x_BCL: torch.Tensor, halo: int, group) -> tuple[list[torch.Tensor], int]:
+    """Left contexts of the two zigzag halves for the fused kernels, ``(B, C, pad)`` each: zeros, then the
+    neighbour's last ``halo`` samples, ``pad`` a multiple of 16 (the kernels drop the first ``pad`` outputs).
+    Triton specialises a kernel on integer arguments divisible by 16, which is what lets it prove the (B, C, L) rows
+    aligned and use vector loads; a half of 2,048 rows plus a 2-row halo lost that (CP=2 profile on the H200: the
+    fused prologue 160 us per 2,050-row half against 112 us for 8,192 rows on one GPU; the padded version is not yet
     measured). The zeros only reach outputs that are dropped with the halo's."""
-    return -(-halo // multiple) * multiple
+    pad = -(-halo // 16) * 16
+    lefts = cp_comm.halo_left_context(x_BCL, halo, group)
+    return [nn.functional.pad(left, (pad - halo, 0)) for left in lefts], pad
 
 
 class HyenaMixer(MegatronModule):
@@ -450,10 +453,8 @@ class HyenaMixer(MegatronModule):
         if group is None:
             return gating.hyena_prologue(features_LBC3, w)
         halo = self.hyena_proj_conv.kernel_size - 1
-        lefts = cp_comm.halo_left_context(features_LBC3.permute(1, 2, 0), halo, group)  # (B, 3Hp, halo) each
-        pad = _aligned(halo)
-        halves = [gating.hyena_prologue(torch.cat([nn.functional.pad(left, (pad - halo, 0)).permute(2, 0, 1)
-                                                   .to(f.dtype), f]), w)
+        lefts, pad = _fused_left_contexts(features_LBC3.permute(1, 2, 0), halo, group)  # (B, 3Hp, pad) each
+        halves = [gating.hyena_prologue(torch.cat([left.permute(2, 0, 1).to(f.dtype), f]), w)
                   for left, f in zip(lefts, features_LBC3.chunk(2, dim=0))]
         return tuple(torch.cat([half[i][..., pad:] for half in halves], dim=-1) for i in range(2))
 
@@ -467,11 +468,9 @@ class HyenaMixer(MegatronModule):
         if op.cp_group is None:
             return gating.short_conv_epilogue(x1_BCL, u_BCL, w, skip)
         halo = w.shape[-1] - 1
-        lefts = cp_comm.halo_left_context(u_BCL, halo, op.cp_group)
-        pad = _aligned(halo)
+        lefts, pad = _fused_left_contexts(u_BCL, halo, op.cp_group)
         return torch.cat([gating.short_conv_epilogue(nn.functional.pad(x1, (pad, 0)),
-                                                     torch.cat([nn.functional.pad(left, (pad - halo, 0)).to(u.dtype),
-                                                                u], dim=-1), w, skip)[pad:]
+                                                     torch.cat([left.to(u.dtype), u], dim=-1), w, skip)[pad:]
                           for left, x1, u in zip(lefts, x1_BCL.chunk(2, dim=-1), u_BCL.chunk(2, dim=-1))])
 
     def forward(self, x_LBH: torch.Tensor, state: HyenaLayerState | None = None):
