@@ -1,8 +1,7 @@
 """Ours vs Arc's Vortex on the same shapes, in one process each, random weights, bf16: the peer beside every number.
 
     python benchmarks/side_by_side.py score decode long prefill long_decode deep_decode [--fused] [--vortex] \
-        [--vortex-kernels] [--no-cuda-graph] [--profile] \
-        [--json out.json]
+        [--vortex-kernels] [--no-cuda-graph] [--profile] [--precision RECIPE] [--json out.json]
 
 Workloads (the rows of issues 11 and 16):
 * ``score``  - forward of evo2_1b_base at 8,192 tokens (batch 1 and 4) and evo2_7b_base at 8,192: tokens/s, peak GB;
@@ -60,30 +59,47 @@ def _timed(fn, iters: int, warmup: bool = True) -> float:
 
 
 # ---- ours ------------------------------------------------------------------------------------------------------------
-def _our_model(size: str, seq_len: int, fused: bool):
-    from megatron.core.transformer.module import Float16Module
-
+def _our_model(size: str, seq_len: int, fused: bool, precision: str | None = None):
+    from evo2_recipe.inference.loading import wrap_for_inference
+    from evo2_recipe.models.precision import apply_precision_recipe
     from evo2_recipe.models.providers import get_provider
 
     p = get_provider(size, vocab_size=512, seq_length=max(seq_len, 8192), recompute_granularity=None,
                      recompute_method=None, recompute_num_layers=None,
                      use_fused_hyena_kernels=True if fused else None)  # None: the decode kernel on CUDA
+    if precision:  # a Megatron-Bridge recipe, as predict_evo2 --mixed-precision-recipe applies it
+        apply_precision_recipe(p, precision, on_gpu=True)
     p.finalize()
-    return Float16Module(p, p.provide().cuda()).eval()  # provide() keeps the Hyena filters fp32
+    return wrap_for_inference(p, p.provide().cuda())  # provide() keeps the Hyena filters fp32
 
 
-def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False) -> list[dict]:
+def _fp8_error(model, x) -> dict:
+    """Logits of the FP8 model against the same weights with FP8 off (bf16 GEMMs): relative L2, top-1 agreement."""
+    config = model.module.config
+    with torch.no_grad():
+        low = model(x).float()
+        fp8, config.fp8 = config.fp8, None  # the stack enters FP8 contexts only while config.fp8 is set
+        try:
+            ref = model(x).float()
+        finally:
+            config.fp8 = fp8
+    return dict(logits_rel_l2_vs_bf16=float((low - ref).norm() / ref.norm()),
+                top1_agreement_vs_bf16=round(float((low.argmax(-1) == ref.argmax(-1)).float().mean()), 4))
+
+
+def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False,
+         precision: str | None = None) -> list[dict]:
     from evo2_recipe.inference.generation import SamplingParams, generate
     from evo2_recipe.utils.distributed import init_distributed
 
     init_distributed(seed=0)
-    rows, tag = [], "ours" + ("+fused" if fused else "")
+    rows, tag = [], "ours" + ("+fused" if fused else "") + (f"@{precision}" if precision else "")
     forwards = ((SCORE if "score" in what else []) + (LONG if "long" in what else [])
                 + (MILLION if "million" in what else []))
     for size, L, B in forwards:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        model = _our_model(size, L, fused)
+        model = _our_model(size, L, fused, precision)
         x = torch.randint(65, 90, (B, L), device="cuda")
         with torch.no_grad():
             if L > 131072:  # one timed call; the warm-up (kernel compilation) on a short prefix
@@ -93,6 +109,8 @@ def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False) 
                 dt = _timed(lambda: model(x), 1 if L > 32768 else 5)
         rows.append(dict(impl=tag, workload="forward", size=size, seq=L, batch=B, s=round(dt, 4),
                          tok_s=round(B * L / dt), peak_gb=_peak_gb()))
+        if model.module.config.fp8 and L <= 32768:
+            rows[-1].update(_fp8_error(model, x))
         print(rows[-1], flush=True)
         if profile and (size, L, B) in (SCORE[0], SCORE[2], LONG[1]):
             _profile(lambda: model(x), f"forward of {size}, {L:,} tokens x {B}")
@@ -289,16 +307,19 @@ def main() -> None:
     ap.add_argument("--fused-only", action="store_true", help="measure ours with the fused Triton kernels only")
     ap.add_argument("--profile", action="store_true", help="torch-profiler tables of one 1b and 7b forward (score), the 131k forward (long), 16 decode steps (1b, batch 1), the 1b "
                     "prefill and 8 steps at a 64k-deep cache (deep_decode)")
+    ap.add_argument("--precision", metavar="RECIPE", help="our model under this Megatron-Bridge mixed-precision recipe "
+                    "(as predict_evo2 --mixed-precision-recipe; FP8 recipes need Transformer Engine and add the "
+                    "logits' error against the same weights in bf16); default bf16_mixed")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--_vortex-child", dest="child", choices=["stock", "kernels"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("ROWS " + json.dumps(vortex(args.what, args.child == "kernels")), flush=True)
         return
-    rows = [] if args.fused_only else ours(args.what, args.cuda_graph, False, args.profile)
+    rows = [] if args.fused_only else ours(args.what, args.cuda_graph, False, args.profile, args.precision)
     if args.fused or args.fused_only:
         torch.cuda.empty_cache()
-        rows += ours(args.what, args.cuda_graph, True, args.profile and args.fused_only)
+        rows += ours(args.what, args.cuda_graph, True, args.profile and args.fused_only, args.precision)
     for flavour, on in (("stock", args.vortex), ("kernels", args.vortex_kernels)):
         if on:  # a fresh process: Vortex's CUDA state and memory never mix with ours
             out = subprocess.run([sys.executable, __file__, *args.what, "--_vortex-child", flavour],

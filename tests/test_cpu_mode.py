@@ -189,3 +189,19 @@ def test_importing_library_modules_patches_nothing():
     env = {k: v for k, v in os.environ.items() if k != "EVO2_CPU"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_te_spec_is_the_default_only_with_a_visible_gpu(monkeypatch):
+    """A GPU host with TE installed but no GPU visible (CUDA_VISIBLE_DEVICES="", CPU ranks) builds the local spec:
+    TE's layers raise "TransformerEngine needs CUDA" (H200, fork-server ranks of test_hyena_decode)."""
+    from evo2_recipe.compat import megatron_fixes
+    from evo2_recipe.models.providers import get_provider
+
+    monkeypatch.setattr(megatron_fixes, "transformer_engine_available", lambda: True)
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        assert megatron_fixes.te_spec_by_default() is gpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    p = get_provider("striped_hyena_tiny", vocab_size=512)
+    p.finalize()
+    assert p.use_te is False

@@ -22,6 +22,19 @@ def test_bf16_recipe_config_validates():
     assert cfg.model.recompute_granularity == "full" and cfg.model.recompute_num_layers == 5
 
 
+@pytest.mark.parametrize("world,tp,flag,expected", [(1, 1, None, False), (2, 2, None, False), (4, 2, None, True),
+                                                    (4, 1, False, False), (1, 1, True, True)])
+def test_fp8_parameters_only_where_they_are_gathered(monkeypatch, world, tp, flag, expected):
+    """FP8 recipes keep FP8 parameters (the reference's fp8_param_gather) only with more than one data-parallel rank,
+    unless asked: on one rank there is no gather and the per-step re-quantisation only costs."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    recipe = {} if flag is None else {"fp8_param_gather": flag}
+    cfg = evo2_pretrain_config("evo2_1b_base", mixed_precision_recipe="bf16_with_fp8_current_scaling_mixed",
+                               tensor_model_parallel_size=tp, **recipe)
+    assert cfg.mixed_precision.fp8 and cfg.mixed_precision.fp8_param_gather is expected
+    assert cfg.mixed_precision.fp8_param is expected
+
+
 def test_settings_validation():
     with pytest.raises(ValueError, match="exactly one data source"):
         apply_overrides(evo2_pretrain_config(), [])

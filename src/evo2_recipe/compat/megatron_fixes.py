@@ -104,6 +104,14 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def te_spec_by_default() -> bool:
+    """Whether models default to the Transformer Engine layer spec: TE imports *and* a GPU is visible (TE's layers
+    refuse to build without CUDA, e.g. under ``CUDA_VISIBLE_DEVICES=""`` on a GPU host with TE installed)."""
+    import torch
+
+    return torch.cuda.is_available() and transformer_engine_available()
+
+
 def _compile_helpers_prebuilt() -> None:
     """Stand-in for megatron's ``compile_helpers``: the pip wheel ships the extension prebuilt."""
     importlib.import_module("megatron.core.datasets.helpers_cpp")

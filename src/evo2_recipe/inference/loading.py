@@ -172,18 +172,24 @@ def load_for_inference(ckpt_dir: str | Path, *, tp: int = 1, cp: int = 1, pp: in
     unloaded = sorted(set(model.state_dict()) - loaded - fresh)
     if unloaded:
         raise CheckpointError(f"{iter_dir}: {len(unloaded)} model entries not loaded: {unloaded[:10]}")
+    model = wrap_for_inference(provider, model)
+    logger.info("Model initialized with %d layers (%s%s)", provider.num_layers, recipe,
+                ", vortex-style FP8" if provider.vortex_style_fp8 else "")
+    return LoadedModel(model, provider, tokenizer, iter_dir, provider.num_layers)
+
+
+def wrap_for_inference(provider, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` as inference runs it: bf16/fp16 weights on GPU (``provide()`` keeps the Hyena filters fp32), FP8/FP4
+    sequence padding where the recipe asks for it, eval mode."""
     if (provider.bf16 or provider.fp16) and torch.cuda.is_available():
         from megatron.core.transformer.module import Float16Module
 
-        model = Float16Module(provider, model)  # bf16/fp16 weights; provide() keeps the filters fp32
+        model = Float16Module(provider, model)
     if provider.fp8 or provider.fp4:
         from megatron.core.fp8_utils import prepare_model_for_fp8_inference
 
         prepare_model_for_fp8_inference(model)  # pads sequences to what FP8 GEMMs need (decode steps are 1 token)
-    model.eval()
-    logger.info("Model initialized with %d layers (%s%s)", provider.num_layers, recipe,
-                ", vortex-style FP8" if provider.vortex_style_fp8 else "")
-    return LoadedModel(model, provider, tokenizer, iter_dir, provider.num_layers)
+    return model.eval()
 
 
 def _model_entries(keys, dropped=None) -> set[str]:

@@ -28,7 +28,7 @@ from megatron.bridge.models.transformer_config import TransformerConfig  # noqa:
 from megatron.bridge.utils.instantiate_utils import register_allowed_target_prefix  # noqa: E402
 from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size  # noqa: E402
 
-from evo2_recipe.compat.megatron_fixes import transformer_engine_available  # noqa: E402
+from evo2_recipe.compat.megatron_fixes import te_spec_by_default  # noqa: E402
 from evo2_recipe.models.hyena import quantization  # noqa: E402
 from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT  # noqa: E402
 from evo2_recipe.models.hyena.model import HyenaModel  # noqa: E402
@@ -96,7 +96,7 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
     recompute_method: str | None = "uniform"
     recompute_num_layers: int | None = 4
     # Hyena switches (spec 1.3 / 1.4)
-    use_te: bool | None = None  # None: Transformer Engine whenever it imports
+    use_te: bool | None = None  # None: Transformer Engine whenever it imports and a GPU is visible
     use_short_conv_bias: bool = False
     remove_activation_post_first_layer: bool = True
     add_attn_proj_bias: bool = True
@@ -109,7 +109,7 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
 
     def finalize(self) -> None:
         if self.use_te is None:
-            self.use_te = transformer_engine_available()
+            self.use_te = te_spec_by_default()
         if not self.use_te:  # these fusions need TE or Apex kernels
             self.apply_rope_fusion = False
             self.masked_softmax_fusion = False

@@ -7,6 +7,7 @@ exclusions live in :class:`HyenaOptimizerConfigOverrideProvider`.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,22 @@ def written_without_te(ckpt_dir: str) -> bool:
     return "decoder.final_norm.weight" in keys and "decoder.final_norm._extra_state" not in keys
 
 
+def _fp8_param_gather_pays(recipe_default: bool, model_parallel_size: int) -> bool:
+    """The recipe's ``fp8_param_gather`` unless nothing is gathered (one data-parallel rank), where it only costs.
+
+    FP8 parameters halve the distributed optimizer's parameter all-gather, but after every step the optimizer
+    re-quantises its fp32 shard into them through Transformer Engine's unaligned (1 x N) cast-transpose kernel: 71 ms
+    of a 1b step at 8,192 tokens on one H200 (FP8 then ran at 0.78x bf16; without it 1.11-1.15x, RESULTS.md). With a
+    single data-parallel rank (WORLD_SIZE from torchrun / model-parallel size) there is no gather to save.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if recipe_default and world // model_parallel_size <= 1:
+        logger.info("FP8 parameters (fp8_param_gather) off: one data-parallel rank has no parameter all-gather for "
+                    "them to shrink (mixed_precision.fp8_param_gather=true mixed_precision.fp8_param=true forces them)")
+        return False
+    return recipe_default
+
+
 def evo2_pretrain_config(
     model_size: str = "evo2_1b_base", *,
     seq_length: int = 8192,
@@ -111,7 +128,7 @@ def evo2_pretrain_config(
     workers: int = 8,
     mixed_precision_recipe: str | None = "bf16_mixed",  # None: fp32 (the CPU default)
     fp8_wgrad: bool = True,
-    fp8_param_gather: bool = True,
+    fp8_param_gather: bool | None = None,  # None: on when parameters are all-gathered (data-parallel size > 1)
     grad_reduce_in_fp32: bool = True,
     activation_checkpointing: str = "default",  # default (the provider's full recompute) | none | selective
     spike_no_more_embedding_init: bool = False,
@@ -214,6 +231,8 @@ def evo2_pretrain_config(
     if mixed_precision_recipe is not None:
         mixed_precision = get_mixed_precision_config(mixed_precision_recipe)
         if mixed_precision.fp8:  # FP8 knobs only mean something in an FP8 recipe
+            if fp8_param_gather is None:
+                fp8_param_gather = _fp8_param_gather_pays(mixed_precision.fp8_param_gather, tp * pp * cp)
             mixed_precision.fp8_wgrad = fp8_wgrad
             mixed_precision.fp8_param_gather = fp8_param_gather
             mixed_precision.fp8_param = fp8_param_gather

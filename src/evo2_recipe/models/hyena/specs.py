@@ -20,7 +20,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from evo2_recipe.compat.megatron_fixes import transformer_engine_available
+from evo2_recipe.compat.megatron_fixes import te_spec_by_default, transformer_engine_available
 from evo2_recipe.models.hyena.layer import HyenaLayer, HyenaLayerSubmodules
 from evo2_recipe.models.hyena.local_layers import RMSNorm, RMSNormColumnParallelLinear, SDPAttention
 from evo2_recipe.models.hyena.mixer import HyenaMixer, HyenaMixerSubmodules
@@ -150,9 +150,10 @@ def te_stack_spec() -> HyenaStackSpec:
 
 
 def get_hyena_stack_spec(use_te: bool | None = None) -> HyenaStackSpec:
-    """TE spec when ``use_te`` (default: whenever Transformer Engine imports), local spec otherwise."""
+    """TE spec when ``use_te`` (default: whenever Transformer Engine imports and a GPU is visible), local spec
+    otherwise."""
     if use_te is None:
-        use_te = transformer_engine_available()
+        use_te = te_spec_by_default()
     if use_te and not transformer_engine_available():
         raise RuntimeError("use_te=True but transformer_engine.pytorch does not import; set use_te=False")
     return te_stack_spec() if use_te else local_stack_spec()
