@@ -99,6 +99,18 @@ def test_fp8_context_entered_like_megatron_transformer_block(recipe):
     assert calls[-1] == ("fp8", 0, True)  # build-time context (FP8 parameters) per layer
 
 
+def test_delayed_scaling_inference_warns_about_uncalibrated_scales(caplog):
+    from evo2_recipe.models.precision import apply_precision_recipe
+    from evo2_recipe.models.providers import get_provider
+
+    for recipe, warned in (("bf16_with_fp8_delayed_scaling_mixed", True),
+                           ("bf16_with_fp8_current_scaling_mixed", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="evo2_recipe.models.precision"):
+            apply_precision_recipe(get_provider("striped_hyena_tiny", vocab_size=512), recipe, on_gpu=True)
+        assert ("use bf16_with_fp8_current_scaling_mixed" in caplog.text) is warned
+
+
 def test_fp8_without_transformer_engine_is_an_error():
     from evo2_recipe.models.precision import apply_precision_recipe, mixed_precision_config
     from evo2_recipe.models.providers import get_provider

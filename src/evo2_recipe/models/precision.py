@@ -51,4 +51,11 @@ def apply_precision_recipe(provider, recipe: str | None, *, on_gpu: bool) -> str
         provider.params_dtype = torch.float32
         return FP32
     provider.fp8_param = False  # weights are loaded in high precision; TE quantizes them per GEMM
+    if mp.fp8 and mp.fp8_recipe == "delayed":
+        logger.warning(
+            "%s for inference: Transformer Engine updates delayed-scaling factors only while gradients are on, so "
+            "scoring and generation use the factors stored with the checkpoint, or 1.0 where it stores none "
+            "(converted and bf16-trained checkpoints): on a random-weight evo2_1b_base that left the logits 109%% "
+            "off the bf16 ones (benchmarks/RESULTS.md). For FP8 inference use bf16_with_fp8_current_scaling_mixed.",
+            effective)
     return effective
