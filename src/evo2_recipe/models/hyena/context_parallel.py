@@ -92,12 +92,17 @@ def seq_to_channel_split(x_BCL: torch.Tensor, group) -> torch.Tensor:
     # (CP target ranks, B, C/CP, Ll): slice j of the channels goes to rank j.
     send = x_BCL.reshape(B, cp, C // cp, Ll).permute(1, 0, 2, 3)
     recv = _AllToAll.apply(send, group)  # recv[i] = rank i's two chunks for my channel slice
-    chunks = recv.reshape(cp, B, C // cp, 2, Ll // 2)
+    return gathered_shards_to_natural(recv.reshape(cp, B, C // cp, Ll), dim=-1)
+
+
+def gathered_shards_to_natural(shards: torch.Tensor, dim: int) -> torch.Tensor:
+    """``(CP, *shard)``: every rank's zigzag shard -> the whole tensor in natural order along the shard's ``dim``."""
+    cp = shards.shape[0]
     order = [None] * (2 * cp)
     for i in range(cp):
         a, b = zigzag_chunk_ids(i, cp)
-        order[a], order[b] = chunks[i, :, :, 0], chunks[i, :, :, 1]
-    return torch.cat(order, dim=-1)
+        order[a], order[b] = shards[i].chunk(2, dim=dim)
+    return torch.cat(order, dim=dim)
 
 
 def channel_to_seq_split(y_BcL: torch.Tensor, group) -> torch.Tensor:
@@ -118,8 +123,3 @@ def zigzag_split(x: torch.Tensor, dim: int, rank: int, cp_size: int) -> torch.Te
     chunks = x.chunk(2 * cp_size, dim=dim)
     a, b = zigzag_chunk_ids(rank, cp_size)
     return torch.cat([chunks[a], chunks[b]], dim=dim)
-
-
-def zigzag_positions(seq_len: int, rank: int, cp_size: int, device=None) -> torch.Tensor:
-    """Global positions of this rank's zigzag shard."""
-    return zigzag_split(torch.arange(seq_len, device=device), 0, rank, cp_size)
