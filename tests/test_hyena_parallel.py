@@ -5,6 +5,8 @@ Weights move between layouts through megatron dist-checkpointing (save at 1 proc
 written the same way (param.data <- grad, then a sharded save) so they are compared as full global tensors.
 """
 
+import os
+
 import pytest
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
@@ -16,10 +18,11 @@ from evo2_recipe.utils.spawn import run_on_ranks
 from hyena_helpers import dna_batch, tiny_provider
 
 B, L = 2, 64
+L_HALO = 512  # CP=2 chunks of 128 >= the 127-sample hcm halo: the medium conv exchanges halos, not all-to-alls
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _logits_and_grads(rank, world, tp, cp, pp, sp, weights_dir, grads_dir, name, fused=False):
+def _logits_and_grads(rank, world, tp, cp, pp, sp, weights_dir, grads_dir, name, fused=False, L=L):
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              context_parallel_size=cp)
     tensor_parallel.model_parallel_cuda_manual_seed(11)
@@ -27,7 +30,7 @@ def _logits_and_grads(rank, world, tp, cp, pp, sp, weights_dir, grads_dir, name,
     # fused: the Triton kernels (CPU: Triton's interpreter) against the plain operators of the 1-process reference
     provider = tiny_provider(name, tp=tp, cp=cp, pp=pp, sp=sp, **({"use_fused_hyena_kernels": True} if fused else {}))
     model = provider.provide()
-    if world == 1:
+    if world == 1 and not os.listdir(weights_dir):  # a model's first reference saves the weights all layouts load
         dist_checkpointing.save(model.sharded_state_dict(), weights_dir)
     else:
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), weights_dir))
@@ -81,15 +84,14 @@ def _load_plain(rank, world, *dirs):
 def _layouts(rank, world, cases, root):
     """Every case in one spawned process group (3 spawns for the whole module instead of 3 per layout)."""
     results = []
-    for i, (name, tp, cp, pp, sp, *fused) in enumerate(cases):
+    for i, (name, tp, cp, pp, sp, fused, length) in enumerate(cases):
         results.append(_logits_and_grads(rank, world, tp, cp, pp, sp, f"{root}/w_{name}", f"{root}/g{world}_{i}",
-                                         name, *fused))
+                                         name, fused, length))
         parallel_state.destroy_model_parallel()
     return results
 
 
-NAMES = ["striped_hyena_tiny", "striped_hyena_tiny_nv"]
-CASES = {  # (model, tp, cp, pp, sp[, fused kernels])
+CASES = {  # (model, tp, cp, pp, sp[, fused kernels[, sequence length]])
     "tp2": ("striped_hyena_tiny", 2, 1, 1, False),
     "tp2_nv": ("striped_hyena_tiny_nv", 2, 1, 1, False),
     "tp2_sp": ("striped_hyena_tiny", 2, 1, 1, True),
@@ -99,29 +101,41 @@ CASES = {  # (model, tp, cp, pp, sp[, fused kernels])
     "cp2_fused": ("striped_hyena_tiny", 1, 2, 1, False, True),
     "cp2_nv_fused": ("striped_hyena_tiny_nv", 1, 2, 1, False, True),
     "pp2_fused": ("striped_hyena_tiny", 1, 1, 2, False, True),
+    "cp2_halo": ("striped_hyena_tiny", 1, 2, 1, False, False, L_HALO),
+    "cp2_nv_halo_fused": ("striped_hyena_tiny_nv", 1, 2, 1, False, True, L_HALO),
 }
+
+
+def _case(model, tp, cp, pp, sp, fused=False, length=L):
+    return model, tp, cp, pp, sp, fused, length
+
+
+CASES = {k: _case(*v) for k, v in CASES.items()}
+REFS = sorted({(c[0], c[6]) for c in CASES.values()})  # one 1-process reference per (model, length)
 
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
     """Reference (1 process) and parallel (2 gloo processes) logits, and both gradient sets as plain tensors."""
     root = tmp_path_factory.mktemp("layouts")
-    for d in [f"w_{n}" for n in NAMES] + [f"g1_{i}" for i in range(len(NAMES))] + \
+    for d in [f"w_{n}" for n in {n for n, _ in REFS}] + [f"g1_{i}" for i in range(len(REFS))] + \
              [f"g2_{i}" for i in range(len(CASES))]:
         (root / d).mkdir()
-    (ref_logits,) = run_on_ranks(_layouts, 1, [(n, 1, 1, 1, False) for n in NAMES], str(root))
+    (ref_logits,) = run_on_ranks(_layouts, 1, [(n, 1, 1, 1, False, False, length) for n, length in REFS], str(root))
     par_logits = run_on_ranks(_layouts, 2, list(CASES.values()), str(root))[-1]  # rank 1: the last PP stage
-    ref_dirs = [str(root / f"g1_{NAMES.index(c[0])}") for c in CASES.values()]
+    ref_index = [REFS.index((c[0], c[6])) for c in CASES.values()]
+    ref_dirs = [str(root / f"g1_{i}") for i in ref_index]
     par_dirs = [str(root / f"g2_{i}") for i in range(len(CASES))]
     ((*grads,),) = run_on_ranks(_load_plain, 1, *ref_dirs, *par_dirs)
-    return {case: (ref_logits[NAMES.index(c[0])], par_logits[i], grads[i], grads[len(CASES) + i])
-            for i, (case, c) in enumerate(CASES.items())}
+    return {case: (ref_logits[ref_index[i]], par_logits[i], grads[i], grads[len(CASES) + i])
+            for i, case in enumerate(CASES)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_parallel_layout_equals_one_process(layouts, case):
     """TP=2 (ARC and NV models), TP=2 with sequence parallelism, CP=2 and PP=2 against one process; TP=2, CP=2
-    (ARC and NV) and PP=2 also with the fused kernels."""
+    (ARC and NV) and PP=2 also with the fused kernels; CP=2 at 512 tokens, where the hcm conv takes its left
+    context from the neighbour's halo (at 64 tokens a chunk is shorter than the halo: the all-to-all path)."""
     ref_logits, par_logits, ref, par = layouts[case]
     torch.testing.assert_close(par_logits, ref_logits, **TOL)
     keys = [k for k in ref if not k.endswith("decay") and isinstance(ref[k], torch.Tensor)]

@@ -314,10 +314,13 @@ class HyenaOperator(_ShardedDim0):
 
     def _long(self, u, state):
         group = self.cp_group
+        if self.operator_type == HYENA_MEDIUM and (group is None or u.shape[-1] // 2 >= self.medium_halo):
+            return causal_conv_with_context(u, self._medium_conv, self.medium_halo, state, "medium", group)
         if state is not None:  # CP=1 (HyenaMixer.forward refuses a decode state under context parallelism)
             return self._long_with_state(u, state)
         if group is None:
             return self._fft_conv(u, 0)
+        # hcl's filter spans the whole sequence (and hcm's when a CP chunk is shorter than its halo): all-to-all
         cp_rank = group.rank()
         u_full = cp_comm.seq_to_channel_split(u, group)  # (B, Hp/CP, L)
         y = self._fft_conv(u_full, cp_rank * u_full.shape[1])  # filters of this rank's channels only
@@ -354,14 +357,23 @@ class HyenaOperator(_ShardedDim0):
             y[:, a:a + chunk] = conv(a, min(a + chunk, c))
         return y
 
+    @property
+    def medium_halo(self) -> int:
+        """Samples of left context the hcm FIR reads (taps - 1)."""
+        return self.filter.h.shape[-1] - 1
+
+    def _medium_conv(self, u, left: torch.Tensor | None) -> torch.Tensor:
+        """hcm ``h * u + D u`` (B, Hp, L) continuing ``left`` (B, Hp, 127): the decode state's window or, under
+        context parallelism, the previous chunk's tail - a 128-tap FIR needs nothing older, so CP exchanges halos
+        instead of all-to-alls. No left context: the whole sequence (chunked without autograd)."""
+        if left is None:
+            return self._fft_conv(u, 0)
+        u_ext = torch.cat([left.to(u.dtype), u], dim=-1)
+        return ops.fft_causal_conv(u_ext, self.filter(u_ext.shape[-1]), self.conv_bias)[..., left.shape[-1]:]
+
     def _long_with_state(self, u, state: HyenaLayerState):
-        """A chunk continuing a cached sequence (a fresh slot takes the scoring path, ``HyenaMixer.forward``)."""
+        """hcl: a chunk continuing a cached sequence (a fresh slot takes the scoring path, ``HyenaMixer.forward``)."""
         D = self.conv_bias
-        if self.operator_type == HYENA_MEDIUM:
-            h = self.filter(u.shape[-1])  # (Gp, 128)
-            ctx = state.take_window("medium", u, h.shape[-1] - 1)
-            u_ext = torch.cat([ctx.to(u.dtype), u], dim=-1)
-            return ops.fft_causal_conv(u_ext, h, D)[..., ctx.shape[-1]:]
         y = ops.fft_causal_conv(u, self.filter(u.shape[-1]), D)
         return y + modal_chunk_update(state, u, self.filter.log_poles(), self.filter.R,
                                       fused_kernels_enabled(self.config, u))
