@@ -1,7 +1,7 @@
 """Ours vs Arc's Vortex on the same shapes, in one process each, random weights, bf16: the peer beside every number.
 
     python benchmarks/side_by_side.py score decode long prefill long_decode deep_decode [--fused] [--vortex] \
-        [--vortex-kernels] [--no-cuda-graph] [--profile] [--precision RECIPE] [--json out.json]
+        [--vortex-kernels] [--no-cuda-graph] [--profile] [--precision RECIPE] [--spec te|local] [--json out.json]
 
 Workloads (the rows of issues 11 and 16):
 * ``score``  - forward of evo2_1b_base at 8,192 tokens (batch 1 and 4) and evo2_7b_base at 8,192: tokens/s, peak GB;
@@ -59,14 +59,15 @@ def _timed(fn, iters: int, warmup: bool = True) -> float:
 
 
 # ---- ours ------------------------------------------------------------------------------------------------------------
-def _our_model(size: str, seq_len: int, fused: bool, precision: str | None = None):
+def _our_model(size: str, seq_len: int, fused: bool, precision: str | None = None, use_te: bool | None = None):
     from evo2_recipe.inference.loading import wrap_for_inference
     from evo2_recipe.models.precision import apply_precision_recipe
     from evo2_recipe.models.providers import get_provider
 
     p = get_provider(size, vocab_size=512, seq_length=max(seq_len, 8192), recompute_granularity=None,
                      recompute_method=None, recompute_num_layers=None,
-                     use_fused_hyena_kernels=True if fused else None)  # None: the decode kernel on CUDA
+                     use_fused_hyena_kernels=True if fused else None,  # None: the decode kernel on CUDA
+                     use_te=use_te)  # None: the TE spec where Transformer Engine imports
     if precision:  # a Megatron-Bridge recipe, as predict_evo2 --mixed-precision-recipe applies it
         apply_precision_recipe(p, precision, on_gpu=True)
     p.finalize()
@@ -88,18 +89,19 @@ def _fp8_error(model, x) -> dict:
 
 
 def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False,
-         precision: str | None = None) -> list[dict]:
+         precision: str | None = None, use_te: bool | None = None) -> list[dict]:
     from evo2_recipe.inference.generation import SamplingParams, generate
     from evo2_recipe.utils.distributed import init_distributed
 
     init_distributed(seed=0)
-    rows, tag = [], "ours" + ("+fused" if fused else "") + (f"@{precision}" if precision else "")
+    rows, tag = [], ("ours" + ("+fused" if fused else "") + (f"@{precision}" if precision else "")
+                     + ("" if use_te is None else "+te" if use_te else "+local"))
     forwards = ((SCORE if "score" in what else []) + (LONG if "long" in what else [])
                 + (MILLION if "million" in what else []))
     for size, L, B in forwards:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        model = _our_model(size, L, fused, precision)
+        model = _our_model(size, L, fused, precision, use_te)
         x = torch.randint(65, 90, (B, L), device="cuda")
         with torch.no_grad():
             if L > 131072:  # one timed call; the warm-up (kernel compilation) on a short prefix
@@ -310,16 +312,18 @@ def main() -> None:
     ap.add_argument("--precision", metavar="RECIPE", help="our model under this Megatron-Bridge mixed-precision recipe "
                     "(as predict_evo2 --mixed-precision-recipe; FP8 recipes need Transformer Engine and add the "
                     "logits' error against the same weights in bf16); default bf16_mixed")
+    ap.add_argument("--spec", choices=["te", "local"], help="our layer spec (default: TE where it imports)")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--_vortex-child", dest="child", choices=["stock", "kernels"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("ROWS " + json.dumps(vortex(args.what, args.child == "kernels")), flush=True)
         return
-    rows = [] if args.fused_only else ours(args.what, args.cuda_graph, False, args.profile, args.precision)
+    use_te = None if args.spec is None else args.spec == "te"
+    rows = [] if args.fused_only else ours(args.what, args.cuda_graph, False, args.profile, args.precision, use_te)
     if args.fused or args.fused_only:
         torch.cuda.empty_cache()
-        rows += ours(args.what, args.cuda_graph, True, args.profile and args.fused_only, args.precision)
+        rows += ours(args.what, args.cuda_graph, True, args.profile and args.fused_only, args.precision, use_te)
     for flavour, on in (("stock", args.vortex), ("kernels", args.vortex_kernels)):
         if on:  # a fresh process: Vortex's CUDA state and memory never mix with ours
             out = subprocess.run([sys.executable, __file__, *args.what, "--_vortex-child", flavour],

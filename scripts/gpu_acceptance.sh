@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
-#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [train16] [trainprof] [subquadratic] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
+#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [train16] [trainprof] [score16] [parallel16] [subquadratic] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
 # Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
 # /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
 set -uo pipefail
@@ -111,6 +111,26 @@ if [[ " $what " == *" trainprof "* ]]; then
     > "$OUT/train_trace.txt" 2>&1
   grep -E "^ProfilerStep" "$OUT/train_trace.txt"; sed -n "/host ops/,\$p" "$OUT/train_trace.txt" | head -12
   rm -rf /tmp/tprof/evo2/checkpoints
+fi
+
+if [[ " $what " == *" score16 "* ]]; then  # issue 16: scoring / long rows - local vs TE spec (bf16), FP8 scoring
+  for run in "--spec local" "--spec te" "--spec te --precision bf16_with_fp8_current_scaling_mixed"; do
+    tag=$(echo "$run" | tr -c 'a-z0-9\n' '_')
+    python3 benchmarks/side_by_side.py score long $run --json "$OUT/score16$tag.json" > "$OUT/score16$tag.log" 2>&1
+    grep -E "^\{|failed|Error" "$OUT/score16$tag.log" | grep -v FP8GlobalState
+  done
+  python3 benchmarks/side_by_side.py score long --fused-only --vortex-kernels --spec local 2>&1 | grep -E "^\{'impl': 'vortex"
+fi
+
+if [[ " $what " == *" parallel16 "* ]]; then  # issue 16: CP=2 / TP=2 against one GPU (2-GPU machine, local spec)
+  i=0
+  for run in "1" "2 --cp 2" "1 --model-size striped_hyena_1b_nv_parallel" \
+             "2 --model-size striped_hyena_1b_nv_parallel --tp 2"; do
+    set -- $run; n=$1; shift; i=$((i + 1))
+    torchrun --nproc-per-node "$n" benchmarks/bench_hyena.py --seq-length 8192 --steps 8 "$@" \
+      ${PARALLEL_PROFILE:+--profile} > "$OUT/parallel16_$i.log" 2>&1  # PARALLEL_PROFILE=1: rank 0's kernel table
+    echo "$n GPU(s) $*: $(grep -hE "step_time|Error" "$OUT/parallel16_$i.log" | tail -1)"
+  done
 fi
 
 if [[ " $what " == *" subquadratic "* ]]; then  # issue 16 item 2: NVIDIA's package (after gpu_subquadratic_wheels.sh)
