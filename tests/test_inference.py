@@ -299,3 +299,20 @@ def test_bad_inputs_give_clear_errors(ckpt, fasta, tmp_path):
         assert r.returncode == 2 and message in r.stderr, (tool, args, r.stderr[-2000:])
     (err,) = run_on_ranks(_load_error, 1, str(ckpt), str(default_tokenizer_path(512)))
     assert "use the matching tokenizer" in err, err
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 100, 1 << 25])
+def test_token_log_probs_chunked_from_model_dtype_logits(chunk_elements):
+    """Per-token log-probs taken a few positions at a time from bf16 logits equal one fp32 log-softmax over the whole
+    (B, L, V) tensor (what scoring did before it stopped materialising full-length fp32 logits)."""
+    from evo2_recipe.inference.scoring import token_log_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(2, 37, 16, generator=g)).bfloat16()
+    tokens = torch.randint(0, 16, (2, 37), generator=g)
+    mask = torch.ones(2, 37, dtype=torch.long)
+    mask[1, 30:] = 0
+    per_token, scored = token_log_probs(logits, tokens, mask, chunk_elements=chunk_elements)
+    ref = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    assert per_token.dtype == torch.float32 and scored.tolist() == mask[:, 1:].bool().tolist()
+    torch.testing.assert_close(per_token, ref * mask[:, 1:], rtol=0, atol=0)

@@ -78,13 +78,15 @@ class Evo2:
         multiple = (2 * cp if cp > 1 else 1) * (tp if sp else 1)
         return scoring.pad_batch(ids, self.tokenizer.eod, max(min_length or 0, scoring.cp_min_length(cp)), multiple)
 
-    def logits(self, seqs: list[str], *, prepend_bos: bool = False, min_length: int | None = None):
-        """``(logits (B, L, V), tokens (B, L), mask (B, L))`` for a batch of sequences."""
+    def logits(self, seqs: list[str], *, prepend_bos: bool = False, min_length: int | None = None,
+               fp32: bool = True):
+        """``(logits (B, L, V), tokens (B, L), mask (B, L))`` for a batch of sequences; logits in fp32, or in the
+        model's dtype with ``fp32=False``."""
         ids = self.tokenize(seqs, prepend_bos=prepend_bos)
         tokens, mask = self._pad(ids, min_length)
         if prepend_bos:
             mask[:, 0] = 0
-        return scoring.forward_full(self.model, tokens), tokens, mask
+        return scoring.forward_full(self.model, tokens, fp32=fp32), tokens, mask
 
     def score(self, seqs: list[str], *, reduce: str = "mean", average_reverse_complement: bool = False,
               prepend_bos: bool = False, batch_size: int = 8, mask_phylogenetic_tags: bool = False) -> list:
@@ -105,7 +107,7 @@ class Evo2:
         return results
 
     def _score_batch(self, seqs, reduce, prepend_bos, mask_tags=False):
-        logits, tokens, mask = self.logits(seqs, prepend_bos=prepend_bos)
+        logits, tokens, mask = self.logits(seqs, prepend_bos=prepend_bos, fp32=False)  # fp32 only chunk-wise
         per_token, scored = scoring.token_log_probs(logits, tokens, mask)
         counted = scored
         if mask_tags:

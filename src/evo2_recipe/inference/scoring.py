@@ -51,8 +51,15 @@ def _unzigzag(local: torch.Tensor, dim: int, full_len: int) -> torch.Tensor:
     return out
 
 
+# Per-token log-probabilities go through the positions in chunks of about this many (batch x position x vocabulary)
+# fp32 elements (128 MiB), so full-length fp32 logits and log-softmax never exist: at 1,048,576 tokens they would be
+# 2 GiB each on top of the model-dtype logits (1 GiB), next to a forward that already peaks at ~127 GiB (evo2_7b).
+LOG_PROB_CHUNK_ELEMENTS = 1 << 25
+
+
 @torch.no_grad()
-def forward_full(model, tokens: torch.Tensor, *, hidden: bool = False, hidden_layer: int | None = None) -> torch.Tensor:
+def forward_full(model, tokens: torch.Tensor, *, hidden: bool = False, hidden_layer: int | None = None,
+                 fp32: bool = True) -> torch.Tensor:
     """Run ``model`` on ``(B, L)`` tokens under the current TP/CP layout; return full-sequence outputs on every rank.
 
     Logits come back ``(B, L, V)`` (gathered over the TP vocabulary shards); with ``hidden=True`` (a model built
@@ -69,7 +76,8 @@ def forward_full(model, tokens: torch.Tensor, *, hidden: bool = False, hidden_la
         rank = parallel_state.get_context_parallel_rank()
         tokens, positions = zigzag_split(tokens, 1, rank, cp), zigzag_split(positions, 1, rank, cp)
     out = (model(tokens, positions) if hidden_layer is None else model(tokens, positions, hidden_layer=hidden_layer))
-    out = out.float()
+    if fp32:
+        out = out.float()
     if hidden:  # (L_local[/TP under SP], B, H)
         if getattr(_config(model), "sequence_parallel", False):
             out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
@@ -87,12 +95,19 @@ def _config(model):
     return get_model_config(model)
 
 
-def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Log-probability of each next token ``(B, L-1)`` and the mask of scored positions ``(B, L-1)``."""
-    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    target = tokens[:, 1:].to(lp.device)
-    per_token = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    scored = mask[:, 1:].to(lp.device).bool()
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                    chunk_elements: int = LOG_PROB_CHUNK_ELEMENTS) -> tuple[torch.Tensor, ...]:
+    """Log-probability of each next token ``(B, L-1)`` fp32 and the mask of scored positions ``(B, L-1)``, from
+    logits ``(B, L, V)`` of any dtype: the fp32 log-softmax is taken a chunk of positions at a time."""
+    B, L, V = logits.shape
+    target = tokens[:, 1:].to(logits.device)
+    per_token = torch.empty(B, L - 1, dtype=torch.float32, device=logits.device)
+    step = max(1, chunk_elements // max(B * V, 1))
+    for a in range(0, L - 1, step):
+        b = min(a + step, L - 1)
+        lp = F.log_softmax(logits[:, a:b].float(), dim=-1)
+        per_token[:, a:b] = lp.gather(-1, target[:, a:b].unsqueeze(-1)).squeeze(-1)
+    scored = mask[:, 1:].to(logits.device).bool()
     return per_token * scored, scored
 
 
