@@ -4,9 +4,10 @@ Data arrive zigzag-split: with ``N = 2*CP`` equal chunks, rank ``r`` holds chunk
 order) concatenated along the sequence, which balances causal attention. Two mechanisms:
 
 * :func:`halo_left_context` - the causal FIRs (K=3 projection conv, K=7 hcs, K=128 hcm when a chunk holds at least
-  127 samples) need the last ``K-1`` samples before each local chunk. Every rank all-gathers the ``K-1``-sample tails of its two chunks (tiny) and picks its
-  left neighbours: chunk ``r`` follows chunk ``r-1`` (rank ``r-1``'s first chunk; zeros for ``r = 0``) and chunk
-  ``N-1-r`` follows chunk ``N-2-r`` (rank ``r+1``'s second chunk, or the rank's own first chunk when ``r = CP-1``).
+  127 samples) need the last ``K-1`` samples before each local chunk. Every rank all-gathers the ``K-1``-sample
+  tails of its two chunks (tiny) and picks its left neighbours: chunk ``r`` follows chunk ``r-1`` (rank ``r-1``'s
+  first chunk; zeros for ``r = 0``) and chunk ``N-1-r`` follows chunk ``N-2-r`` (rank ``r+1``'s second chunk, or the
+  rank's own first chunk when ``r = CP-1``).
 * :func:`seq_to_channel_split` / :func:`channel_to_seq_split` - hcl's filter spans the whole sequence, so an
   all-to-all turns ``(B, C, L/CP)`` (sequence split, zigzag) into ``(B, C/CP, L)`` (channel split, natural order)
   and back. Every collective has its adjoint as backward, so gradients are exact.
