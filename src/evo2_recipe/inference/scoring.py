@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
 from evo2_recipe.models.hyena.config import HYENA
-from evo2_recipe.models.hyena.context_parallel import zigzag_split
+from evo2_recipe.models.hyena.context_parallel import gathered_shards_to_natural, zigzag_split
 
 
 def cp_min_length(cp: int) -> int:
@@ -36,19 +36,12 @@ def pad_batch(seqs: list[torch.Tensor], pad_id: int, min_length: int | None = No
     return tokens, mask
 
 
-def _unzigzag(local: torch.Tensor, dim: int, full_len: int) -> torch.Tensor:
+def _unzigzag(local: torch.Tensor, dim: int) -> torch.Tensor:
     """All-gather zigzag shards along ``dim`` over CP and restore natural order."""
     cp = parallel_state.get_context_parallel_world_size()
-    group = parallel_state.get_context_parallel_group()
     pieces = [torch.empty_like(local) for _ in range(cp)]
-    torch.distributed.all_gather(pieces, local.contiguous(), group=group)
-    shape = list(local.shape)
-    shape[dim] = full_len
-    out = local.new_empty(shape)
-    for r, piece in enumerate(pieces):
-        idx = zigzag_split(torch.arange(full_len, device=local.device), 0, r, cp)
-        out.index_copy_(dim, idx, piece)
-    return out
+    torch.distributed.all_gather(pieces, local.contiguous(), group=parallel_state.get_context_parallel_group())
+    return gathered_shards_to_natural(torch.stack(pieces), dim)
 
 
 # Per-token log-probabilities go through the positions in chunks of about this many (batch x position x vocabulary)
@@ -85,7 +78,7 @@ def forward_full(model, tokens: torch.Tensor, *, hidden: bool = False, hidden_la
     else:
         out = tensor_parallel.gather_from_tensor_model_parallel_region(out)  # (B, L_local, V)
     if cp > 1:
-        out = _unzigzag(out, 1, L)
+        out = _unzigzag(out, 1)
     return out
 
 
