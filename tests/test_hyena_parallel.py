@@ -91,7 +91,11 @@ def _layouts(rank, world, cases, root):
     return results
 
 
-CASES = {  # (model, tp, cp, pp, sp[, fused kernels[, sequence length]])
+def _case(model, tp, cp, pp, sp, fused=False, length=L):
+    return model, tp, cp, pp, sp, fused, length
+
+
+CASES = {name: _case(*case) for name, case in {  # (model, tp, cp, pp, sp[, fused kernels[, sequence length]])
     "tp2": ("striped_hyena_tiny", 2, 1, 1, False),
     "tp2_nv": ("striped_hyena_tiny_nv", 2, 1, 1, False),
     "tp2_sp": ("striped_hyena_tiny", 2, 1, 1, True),
@@ -103,14 +107,7 @@ CASES = {  # (model, tp, cp, pp, sp[, fused kernels[, sequence length]])
     "pp2_fused": ("striped_hyena_tiny", 1, 1, 2, False, True),
     "cp2_halo": ("striped_hyena_tiny", 1, 2, 1, False, False, L_HALO),
     "cp2_nv_halo_fused": ("striped_hyena_tiny_nv", 1, 2, 1, False, True, L_HALO),
-}
-
-
-def _case(model, tp, cp, pp, sp, fused=False, length=L):
-    return model, tp, cp, pp, sp, fused, length
-
-
-CASES = {k: _case(*v) for k, v in CASES.items()}
+}.items()}
 REFS = sorted({(c[0], c[6]) for c in CASES.values()})  # one 1-process reference per (model, length)
 
 
