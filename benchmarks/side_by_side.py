@@ -91,6 +91,7 @@ def _fp8_error(model, x) -> dict:
 def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False,
          precision: str | None = None, use_te: bool | None = None) -> list[dict]:
     from evo2_recipe.inference.generation import SamplingParams, generate
+    from evo2_recipe.inference.graphed import MAX_GRAPH_TOKENS, GraphedForward
     from evo2_recipe.utils.distributed import init_distributed
 
     init_distributed(seed=0)
@@ -111,6 +112,14 @@ def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False,
                 dt = _timed(lambda: model(x), 1 if L > 32768 else 5)
         rows.append(dict(impl=tag, workload="forward", size=size, seq=L, batch=B, s=round(dt, 4),
                          tok_s=round(B * L / dt), peak_gb=_peak_gb()))
+        if cuda_graph and B * L <= MAX_GRAPH_TOKENS:  # as predict_evo2 replays repeated shapes
+            graphed, pos = GraphedForward(model), torch.arange(L, device="cuda").expand(B, -1)
+            with torch.no_grad():
+                graphed(x, pos)  # eager: this shape's first sighting; the next call captures it
+                dt_graph = _timed(lambda: graphed(x, pos), 5)
+            rows[-1].update(graph_s=round(dt_graph, 4), graph_tok_s=round(B * L / dt_graph),
+                            graph_peak_gb=_peak_gb(), graph_captured=bool(graphed._graphs))
+            del graphed
         if model.module.config.fp8 and L <= 32768:
             rows[-1].update(_fp8_error(model, x))
         print(rows[-1], flush=True)
@@ -304,7 +313,8 @@ def main() -> None:
     ap.add_argument("--vortex", action="store_true", help="also run stock Vortex")
     ap.add_argument("--vortex-kernels", action="store_true", help="also run Vortex with its Triton kernels")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                    help="our decode with CUDA-graph replay (default; --no-cuda-graph: eager)")
+                    help="our decode with CUDA-graph replay, and score forwards timed replayed too (graph_tok_s, as "
+                         "predict_evo2 replays a repeated batch shape); default on, --no-cuda-graph: eager only")
     ap.add_argument("--fused", action="store_true", help="also measure ours with the fused Triton kernels")
     ap.add_argument("--fused-only", action="store_true", help="measure ours with the fused Triton kernels only")
     ap.add_argument("--profile", action="store_true", help="torch-profiler tables of one 1b and 7b forward (score), the 131k forward (long), 16 decode steps (1b, batch 1), the 1b "

@@ -165,6 +165,35 @@ def test_cuda_graph_decode_equals_eager(one_gpu_process_group):
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]  # seeded sampling is reproducible
 
 
+@pytest.mark.parametrize("spec,recipe", [("local", None), ("te", None), ("te", "bf16_with_fp8_current_scaling_mixed")])
+def test_graphed_scoring_forward_equals_eager(one_gpu_process_group, spec, recipe):
+    """``GraphedForward``: a shape's first call runs eagerly, its second is captured; every replay (new tokens, a
+    second shape in between) gives the eager forward's logits (rel. L2 <= 1e-3: the same kernels, bf16) and returned
+    outputs are not overwritten by later replays."""
+    from evo2_recipe.inference.graphed import GraphedForward
+    from evo2_recipe.inference.loading import wrap_for_inference
+    from evo2_recipe.models.precision import apply_precision_recipe
+    from evo2_recipe.models.providers import get_provider
+
+    if spec == "te":
+        pytest.importorskip("transformer_engine.pytorch")
+    p = get_provider("striped_hyena_tiny", vocab_size=512, use_te=spec == "te")
+    if recipe:
+        apply_precision_recipe(p, recipe, on_gpu=True)
+    p.finalize()
+    model = wrap_for_inference(p, p.provide().cuda())
+    graphs = GraphedForward(model, max_graphs=1)
+    shapes = [(2, 301)] * 3 + [(1, 64)] * 2 + [(2, 301)] * 2
+    calls = [torch.randint(65, 90, shape, device="cuda") for shape in shapes]
+    with torch.no_grad():
+        outs = [graphs(t, torch.arange(t.shape[1], device="cuda").expand(t.shape[0], -1)) for t in calls]
+        eager = [model(t, torch.arange(t.shape[1], device="cuda").expand(t.shape[0], -1)) for t in calls]
+    assert list(graphs._graphs) == [((2, 301), calls[0].device)] and not graphs._failed  # dropped for (1, 64), back
+    for got, want in zip(outs, eager):
+        assert _rel_l2(got, want) <= 1e-3, _rel_l2(got, want)
+    assert _rel_l2(outs[1], outs[2]) > 0.1  # different tokens: the replay saw its new input
+
+
 @pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
 def test_fused_decode_step_fp32_equals_full_forward_and_eager_step(name, one_gpu_process_group, monkeypatch):
     """fp32, TF32 off: token-by-token decode through the fused kernel == the full forward (1e-4) and == the eager

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, help="build this many layers (the checkpoint must match)")
     p.add_argument("--hybrid-override-pattern", help="layer pattern, one symbol per layer (S, D, H, *)")
     p.add_argument("--seq-len-interpolation-factor", type=float, help="linear RoPE position interpolation factor")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="one GPU (TP=1, CP=1): a batch shape of <= 65,536 tokens met a second time is captured and "
+                        "then replayed as one CUDA graph - fixed-length windows score without host overhead; "
+                        "--no-cuda-graph runs every forward eagerly")
     p.add_argument("--num-nodes", type=int, default=1, help="checked against the torchrun world size")
     p.add_argument("--devices", type=int, help="processes per node; checked against the torchrun world size")
     p.add_argument("--eden-tokenizer", action="store_true", help=argparse.SUPPRESS)
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                    sequence_parallel=False if args.no_sequence_parallel else None,
                                    mixed_precision_recipe=args.mixed_precision_recipe,
                                    vortex_style_fp8=args.vortex_style_fp8 or None,
-                                   seed=args.seed, model_overrides=overrides)
+                                   seed=args.seed, model_overrides=overrides, cuda_graph=args.cuda_graph)
         for name, seq in records:
             evo.tokenizer.tokenize_checked(seq.upper(), f"record '{name}'")  # fail before any work
     except (FastaFormatError, FileNotFoundError, NotADirectoryError, CheckpointError, ValueError) as e:

@@ -20,21 +20,29 @@ import torch
 from evo2_recipe.data.preprocess import reverse_complement
 from evo2_recipe.inference import scoring
 from evo2_recipe.inference.generation import SamplingParams, generate
+from evo2_recipe.inference.graphed import GraphedForward
 from evo2_recipe.inference.loading import LoadedModel, load_for_inference
 
 
 class Evo2:
-    def __init__(self, loaded: LoadedModel, ckpt_dir: str, parallel: dict):
+    def __init__(self, loaded: LoadedModel, ckpt_dir: str, parallel: dict, cuda_graph: bool = True):
+        from megatron.core import parallel_state
+
         self._loaded = loaded
         self.ckpt_dir = ckpt_dir
         self._parallel = parallel
         self.tokenizer = loaded.tokenizer
+        single_rank = (parallel_state.get_tensor_model_parallel_world_size() == 1
+                       and parallel_state.get_context_parallel_world_size() == 1)
+        on_gpu = next(loaded.model.parameters()).is_cuda
+        self._graphs = GraphedForward(loaded.model) if cuda_graph and single_rank and on_gpu else None
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str, *, tp: int = 1, cp: int = 1, sequence_parallel=None,
                         mixed_precision_recipe: str | None = None, vortex_style_fp8: bool | None = None,
                         use_fused_kernels: bool | None = None, seed: int = 1234,
-                        tokenizer_path: str | None = None, model_overrides: dict | None = None) -> Evo2:
+                        tokenizer_path: str | None = None, model_overrides: dict | None = None,
+                        cuda_graph: bool = True) -> Evo2:
         """Initialise (or reuse) the process group and load ``ckpt_dir``. CPU mode is used when no GPU is present.
 
         ``mixed_precision_recipe``: a Megatron-Bridge recipe name (``bf16_mixed``,
@@ -42,6 +50,8 @@ class Evo2:
         ``use_fused_kernels``: True runs the fused Triton kernels (CUDA), None keeps the checkpoint's choice.
         ``model_overrides``: provider fields to change (``num_layers``, ``hybrid_override_pattern``,
         ``seq_len_interpolation_factor``); the checkpoint must still cover the model exactly.
+        ``cuda_graph``: on one GPU (TP=1, CP=1), a batch shape of at most 65,536 tokens seen a second time is captured
+        and from then on replayed as a CUDA graph (``graphed.GraphedForward``); False runs every forward eagerly.
         """
         from evo2_recipe.compat import cpu as cpu_mode
         from evo2_recipe.compat import megatron_fixes
@@ -53,7 +63,7 @@ class Evo2:
         parallel = dict(tp=tp, cp=cp, sequence_parallel=sequence_parallel,
                         mixed_precision_recipe=mixed_precision_recipe, vortex_style_fp8=vortex_style_fp8, use_fused_kernels=use_fused_kernels,
                         tokenizer_path=tokenizer_path, model_overrides=model_overrides)
-        return cls(load_for_inference(ckpt_dir, **parallel), ckpt_dir, parallel)
+        return cls(load_for_inference(ckpt_dir, **parallel), ckpt_dir, parallel, cuda_graph)
 
     @property
     def model(self):
@@ -86,7 +96,7 @@ class Evo2:
         tokens, mask = self._pad(ids, min_length)
         if prepend_bos:
             mask[:, 0] = 0
-        return scoring.forward_full(self.model, tokens, fp32=fp32), tokens, mask
+        return scoring.forward_full(self.model, tokens, fp32=fp32, graphs=self._graphs), tokens, mask
 
     def score(self, seqs: list[str], *, reduce: str = "mean", average_reverse_complement: bool = False,
               prepend_bos: bool = False, batch_size: int = 8, mask_phylogenetic_tags: bool = False) -> list:

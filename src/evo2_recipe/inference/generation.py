@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
+from evo2_recipe.inference.graphed import capture
 from evo2_recipe.models.hyena.inference_state import HyenaInferenceContext
 
 logger = logging.getLogger(__name__)
@@ -232,26 +233,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eod_id:
         else:
             step()
             if use_graph:  # after one eager step at this bound has allocated every buffer
-                graphs[bound] = _capture(step, generator, pool)
+                captured = capture(step, pool, generator)
+                graphs[bound] = captured[0].replay if captured else step
         since_sync += 1
         age = [a + 1 for a in age]
     return results
-
-
-def _capture(step: Callable[[], None], generator: torch.Generator, pool) -> Callable[[], None]:
-    """A decode step captured as a CUDA graph in memory ``pool`` (one launch per token); the eager step if capture
-    fails. Capture records without running, so the caller's eager step just before it did this step's work.
-    """
-    graph = torch.cuda.CUDAGraph()
-    try:
-        graph.register_generator_state(generator)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side, pool=pool):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-    except Exception as e:  # noqa: BLE001 - any capture failure leaves the (correct) eager path
-        logger.warning("CUDA graph capture of the decode step failed (%s: %s); decoding eagerly",
-                       type(e).__name__, str(e)[:200])
-        return step
-    return graph.replay

@@ -52,12 +52,13 @@ LOG_PROB_CHUNK_ELEMENTS = 1 << 25
 
 @torch.no_grad()
 def forward_full(model, tokens: torch.Tensor, *, hidden: bool = False, hidden_layer: int | None = None,
-                 fp32: bool = True) -> torch.Tensor:
+                 fp32: bool = True, graphs=None) -> torch.Tensor:
     """Run ``model`` on ``(B, L)`` tokens under the current TP/CP layout; return full-sequence outputs on every rank.
 
     Logits come back ``(B, L, V)`` (gathered over the TP vocabulary shards); with ``hidden=True`` (a model built
     without a head) or ``hidden_layer=k`` (the output of layer ``k`` of a full model) the layer output comes back
-    ``(B, L, H)``, gathered over sequence-parallel and CP shards.
+    ``(B, L, H)``, gathered over sequence-parallel and CP shards. ``graphs`` (a ``graphed.GraphedForward`` of
+    ``model``, single-rank only) replays shapes seen before from CUDA graphs.
     """
     hidden = hidden or hidden_layer is not None
     cp = parallel_state.get_context_parallel_world_size()
@@ -68,7 +69,10 @@ def forward_full(model, tokens: torch.Tensor, *, hidden: bool = False, hidden_la
     if cp > 1:
         rank = parallel_state.get_context_parallel_rank()
         tokens, positions = zigzag_split(tokens, 1, rank, cp), zigzag_split(positions, 1, rank, cp)
-    out = (model(tokens, positions) if hidden_layer is None else model(tokens, positions, hidden_layer=hidden_layer))
+    if hidden_layer is not None:
+        out = model(tokens, positions, hidden_layer=hidden_layer)
+    else:
+        out = (graphs or model)(tokens, positions)
     if fp32:
         out = out.float()
     if hidden:  # (L_local[/TP under SP], B, H)
