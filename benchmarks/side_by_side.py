@@ -25,6 +25,7 @@ with its own Triton kernels. Each line printed is one measurement; ``--json`` co
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -100,6 +101,7 @@ def ours(what: list[str], cuda_graph: bool, fused: bool, profile: bool = False,
     forwards = ((SCORE if "score" in what else []) + (LONG if "long" in what else [])
                 + (MILLION if "million" in what else []))
     for size, L, B in forwards:
+        gc.collect()  # megatron's FP8-inference padding wrappers make each model a reference cycle
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         model = _our_model(size, L, fused, precision, use_te)

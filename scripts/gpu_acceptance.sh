@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
-#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [train16] [trainprof] [score16] [parallel16] [subquadratic] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
+#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [train16] [trainprof] [score16] [kernels16] [parallel16] [subquadratic] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
 # Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
 # /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
 set -uo pipefail
@@ -119,6 +119,16 @@ if [[ " $what " == *" score16 "* ]]; then  # issue 16: scoring / long rows - loc
     tag=$(echo "$run" | tr -c 'a-z0-9\n' '_')
     python3 benchmarks/side_by_side.py score long $run --json "$OUT/score16$tag.json" > "$OUT/score16$tag.log" 2>&1
     grep -E "^\{|failed|Error" "$OUT/score16$tag.log" | grep -v FP8GlobalState
+  done
+fi
+
+if [[ " $what " == *" kernels16 "* ]]; then  # issue 16: the opt-in inference kernels (hcm Toeplitz GEMMs) vs default
+  # --fused runs every forward twice in one process: default kernels, then use_fused_hyena_kernels=True (opt-in too)
+  for run in "--spec te" "--spec te --precision bf16_with_fp8_current_scaling_mixed"; do
+    tag=$(echo "$run" | tr -c 'a-z0-9\n' '_')
+    python3 benchmarks/side_by_side.py score long --fused $run --json "$OUT/kernels16$tag.json" \
+      > "$OUT/kernels16$tag.log" 2>&1
+    grep -E "^\{|failed|Error" "$OUT/kernels16$tag.log" | grep -v FP8GlobalState
   done
 fi
 

@@ -73,6 +73,40 @@ def test_model_with_fused_kernels_equals_plain(name):
         torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
+def _model_logits_fused_vs_plain(rank, world, name):
+    from megatron.core import parallel_state, tensor_parallel
+
+    from hyena_helpers import dna_batch, randomise_weights_, tiny_provider
+
+    from evo2_recipe.models.hyena.kernels import medium_conv
+
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(5)
+    tokens, _ = (t.to(DEVICE) for t in dna_batch(2, 150))
+    real, calls = medium_conv.medium_conv_epilogue, []
+    medium_conv.medium_conv_epilogue = lambda *a: calls.append(1) or real(*a)  # this rank's process only
+    out, weights = {"hcm_kernel_calls": calls}, None
+    for fused in (False, True):  # True also turns on the opt-in kernels (the hcm Toeplitz GEMMs)
+        model = tiny_provider(name, use_fused_hyena_kernels=fused).provide().to(DEVICE).eval()
+        if weights is None:
+            weights = randomise_weights_(model).state_dict()
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            out[fused] = model(tokens).cpu()
+    return out
+
+
+@pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
+def test_model_inference_with_fused_kernels_equals_plain(name):
+    """A no-grad forward (scoring) takes the inference-only kernels too: logits == the plain operators' (fp32, 1e-5),
+    with the hcm kernel seen to run."""
+    from evo2_recipe.utils.spawn import run_on_ranks
+
+    ((out,),) = (run_on_ranks(_model_logits_fused_vs_plain, 1, name, cpu=DEVICE == "cpu"),)
+    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
+    assert out["hcm_kernel_calls"], "the hcm kernel did not run"
+
+
 @pytest.mark.parametrize("L,B,C", [(37, 2, 8), (1, 1, 16), (70, 3, 72)])
 def test_fused_prologue_and_epilogue_equal_plain(L, B, C):
     from evo2_recipe.models.hyena.kernels import gating
@@ -159,6 +193,74 @@ def test_fused_short_conv_epilogue_bf16_real_width(skip):
 
 # Triton's interpreter casts fp32 -> bf16 by truncation, the GPU (and torch) round to nearest: fp16 on the CPU
 LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+
+def _medium_inputs(L, B, G, P, K, dtype, seed=0):
+    """x1, u (B, C, L), an hcm-like decaying filter (G, K) fp32 and the skip D (C,)."""
+    g = torch.Generator().manual_seed(seed + L)
+    C = G * P
+    x1, u = (torch.randn(B, C, L, generator=g).to(DEVICE, dtype) for _ in range(2))
+    h = torch.randn(G, K, generator=g) * torch.exp(-torch.arange(K) / 16) / 4
+    d = torch.randn(C, generator=g).to(DEVICE, dtype)
+    return x1, u, h.to(DEVICE), d
+
+
+@pytest.mark.parametrize("L,B,G,P,K", [(37, 2, 3, 5, 128), (5, 1, 2, 16, 128), (300, 1, 4, 15, 128),
+                                       (1000, 2, 2, 3, 7), (64, 3, 1, 17, 33)])
+def test_fused_medium_conv_epilogue_equals_plain(L, B, G, P, K):
+    """hcm as blocked Toeplitz GEMMs with the gate fused == the FFT convolution + gate (fp32, 1e-5): lengths shorter
+    than the filter (5), odd and over several blocks and programs (37, 300, 1000), 15 and 17 channels per group
+    (the 1b's 15; 17 spills into a second column tile), short filters, batch > 1."""
+    from evo2_recipe.models.hyena.kernels.medium_conv import medium_conv_epilogue
+
+    x1, u, h, d = _medium_inputs(L, B, G, P, K, torch.float32)
+    ref = ops.hyena_epilogue(x1, ops.fft_causal_conv(u, h, d))
+    with torch.no_grad():
+        out = medium_conv_epilogue(x1, u, h, d)
+    assert out.shape == (L, B, G * P) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("L,P", [(200, 16), (70, 15)])
+def test_fused_medium_conv_epilogue_low_precision(L, P):
+    """Half-precision activations: the fp32 filter split into high + low halves keeps the product at fp32 accuracy,
+    so the kernel rounds y and z from (nearly) the same fp32 values as the plain path (fp32 FFT of the same inputs):
+    at least 98 % of z bit-equal (the filter in one half-precision part flips ~a third of them), the rest within one
+    unit of the low dtype's last place of z's scale."""
+    from evo2_recipe.models.hyena.kernels.medium_conv import medium_conv_epilogue
+
+    x1, u, h, d = _medium_inputs(L, 2, 3, P, 128, LOW, seed=1)
+    ref = ops.hyena_epilogue(x1, ops.fft_causal_conv(u, h, d))
+    with torch.no_grad():
+        out = medium_conv_epilogue(x1, u, h, d)
+    assert out.dtype == LOW
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    same = (out == ref).float().mean().item()
+    assert err <= torch.finfo(LOW).eps and same >= 0.98, (err, same)
+
+
+def test_fused_medium_conv_epilogue_refuses_autograd():
+    from evo2_recipe.models.hyena.kernels.medium_conv import medium_conv_epilogue
+
+    x1, u, h, d = _medium_inputs(20, 1, 1, 16, 128, torch.float32)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        medium_conv_epilogue(x1, u.requires_grad_(), h, d)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="real widths in bf16: GPU only")
+@pytest.mark.parametrize("G,P", [(128, 15), (256, 16)])  # evo2_1b_base, evo2_7b widths
+def test_fused_medium_conv_epilogue_bf16_real_width(G, P):
+    """8,192 tokens in bf16 at the 1b and 7b hcm widths: within 1e-2 of z's scale of the plain path."""
+    from evo2_recipe.models.hyena.kernels.medium_conv import medium_conv_epilogue
+
+    x1, u, h, d = _medium_inputs(8192, 1, G, P, 128, torch.bfloat16, seed=2)
+    ref = ops.hyena_epilogue(x1, ops.fft_causal_conv(u, h, d))
+    with torch.no_grad():
+        out = medium_conv_epilogue(x1, u, h, d)
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    print(f"hcm kernel bf16 G={G} P={P}: max error / scale {err:.2e}")
+    assert err <= 1e-2, err
 
 
 @pytest.mark.parametrize("bias,low", [(True, LOW), (False, None), (True, torch.float32)])

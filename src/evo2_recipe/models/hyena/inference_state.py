@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from evo2_recipe.models.hyena import operators as ops
-from evo2_recipe.models.hyena.kernels import split_kv_attention_enabled
+from evo2_recipe.models.hyena.kernels import opt_in_kernels_enabled
 
 
 class _Storage:
@@ -213,7 +213,7 @@ class KVCache:
             q, L, causal = q[:, :, -1:], 1, False  # a fresh prompt's last query sees every key: no mask
             if mask is not None:
                 mask, pos = mask[:, :, -1:], pos[:, -1:]
-        if mask is not None and L == 1 and split_kv_attention_enabled(self._storage.model_config, q):
+        if mask is not None and L == 1 and opt_in_kernels_enabled(self._storage.model_config, q):
             from evo2_recipe.models.hyena.kernels.decode_attention import split_kv_decode_attention
 
             out = split_kv_decode_attention(q, k, v, pos[:, 0], softmax_scale)  # (b, heads, 1, d)

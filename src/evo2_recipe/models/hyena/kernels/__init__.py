@@ -3,9 +3,11 @@
 On by default on CUDA (:func:`fused_kernels_enabled`), each measured faster than its plain twin on an H200
 (benchmarks/RESULTS.md): the hcs/hcm/hcl prologue and epilogue (``gating.py``), the hcl modal filter
 (``modal_filter.py``) and the one-token decode step (``hyena_decode.py``).
-Opt-in: the split-KV decode attention (``decode_attention.py``: :func:`split_kv_attention_enabled`), slower than the
-masked SDPA at every cache depth measured. ``use_fused_hyena_kernels=False`` on the provider or
-``EVO2_FUSED_KERNELS=0`` turns every kernel off (the plain operators); ``True`` / ``=1`` also turns on the opt-in one.
+Opt-in (:func:`opt_in_kernels_enabled`): the split-KV decode attention (``decode_attention.py``), slower than the
+masked SDPA at every cache depth measured, and hcm as blocked Toeplitz GEMMs with the gate fused
+(``medium_conv.py``, inference only), not yet measured on the GPU. ``use_fused_hyena_kernels=False`` on the
+provider or ``EVO2_FUSED_KERNELS=0`` turns every kernel off (the plain operators); ``True`` / ``=1`` also turns on
+the opt-in ones.
 ``--use-subquadratic-ops`` (``use_subquadratic_ops``) hands the Hyena convolutions to NVIDIA's package where it serves
 (``subquadratic.py``). On CPU the tests run the kernels under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
@@ -28,9 +30,9 @@ def _asked(config) -> bool | None:
     return True if (choice or env == "1") else None
 
 
-def split_kv_attention_enabled(config, x: torch.Tensor) -> bool:
-    """The split-KV decode attention (``decode_attention.py``): only when asked for (slower than the masked SDPA at
-    every cache depth measured on an H200)."""
+def opt_in_kernels_enabled(config, x: torch.Tensor) -> bool:
+    """The kernels not (yet) measured faster than their plain twins on an H200 - the split-KV decode attention, the
+    hcm Toeplitz-GEMM epilogue: only when asked for (and on CUDA, or under the Triton interpreter)."""
     if not _asked(config) or importlib.util.find_spec("triton") is None:
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
