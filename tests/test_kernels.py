@@ -78,14 +78,16 @@ def _model_logits_fused_vs_plain(rank, world, name):
 
     from hyena_helpers import dna_batch, randomise_weights_, tiny_provider
 
-    from evo2_recipe.models.hyena.kernels import medium_conv
+    from evo2_recipe.models.hyena.kernels import medium_conv, modal_conv
 
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(5)
     tokens, _ = (t.to(DEVICE) for t in dna_batch(2, 150))
-    real, calls = medium_conv.medium_conv_epilogue, []
-    medium_conv.medium_conv_epilogue = lambda *a: calls.append(1) or real(*a)  # this rank's process only
-    out, weights = {"hcm_kernel_calls": calls}, None
+    calls = []
+    for module, fn in ((medium_conv, "medium_conv_epilogue"), (modal_conv, "modal_conv")):  # this process only
+        real = getattr(module, fn)
+        setattr(module, fn, lambda *a, real=real, fn=fn: calls.append(fn) or real(*a))
+    out, weights = {"opt_in_kernel_calls": calls}, None
     for fused in (False, True):  # True also turns on the opt-in kernels (the hcm Toeplitz GEMMs)
         model = tiny_provider(name, use_fused_hyena_kernels=fused).provide().to(DEVICE).eval()
         if weights is None:
@@ -99,12 +101,12 @@ def _model_logits_fused_vs_plain(rank, world, name):
 @pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
 def test_model_inference_with_fused_kernels_equals_plain(name):
     """A no-grad forward (scoring) takes the inference-only kernels too: logits == the plain operators' (fp32, 1e-5),
-    with the hcm kernel seen to run."""
+    with the hcm and hcl kernels seen to run (150 tokens: the hcl scan over three chunks)."""
     from evo2_recipe.utils.spawn import run_on_ranks
 
     ((out,),) = (run_on_ranks(_model_logits_fused_vs_plain, 1, name, cpu=DEVICE == "cpu"),)
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
-    assert out["hcm_kernel_calls"], "the hcm kernel did not run"
+    assert set(out["opt_in_kernel_calls"]) == {"medium_conv_epilogue", "modal_conv"}, out["opt_in_kernel_calls"]
 
 
 @pytest.mark.parametrize("L,B,C", [(37, 2, 8), (1, 1, 16), (70, 3, 72)])
@@ -193,6 +195,52 @@ def test_fused_short_conv_epilogue_bf16_real_width(skip):
 
 # Triton's interpreter casts fp32 -> bf16 by truncation, the GPU (and torch) round to nearest: fp16 on the CPU
 LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+
+def _modal_inputs(B, C, G, O, L, dtype=torch.float32, fast=False):
+    """u (B, C, L), the hcl filter's log poles and residues (G, O) (slow modes, or spread over fast ones too) and
+    the skip D (C,)."""
+    g = torch.Generator().manual_seed(B + C + L)
+    u = torch.randn(B, C, L, generator=g).to(DEVICE, dtype)
+    p = (-1.0 + 0.3 * torch.randn(G, O, generator=g)) + (torch.linspace(0, 6, O) if fast else 0)
+    gamma = torch.empty(G, O).uniform_(0.01, 0.1, generator=g).log()  # HyenaConfig's modal_gamma range
+    R = 0.1 * torch.randn(G, O, generator=g)
+    return u, p.to(DEVICE), gamma.to(DEVICE), R.to(DEVICE), torch.randn(C, generator=g).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("B,C,G,O,L,fast", [(1, 4, 4, 16, 37, False), (2, 6, 3, 16, 5000, True),
+                                            (1, 2, 2, 5, 64, False), (1, 3, 1, 16, 2049, True),
+                                            (2, 2, 2, 16, 1, False)])
+def test_fused_modal_conv_equals_fft(B, C, G, O, L, fast):
+    """hcl as a chunked scan == the FFT convolution with the materialised modal filter (fp32, 1e-5 of the output's
+    scale): one position, odd lengths, exactly one chunk, several tiles (2049, 5000: the carried state), grouped
+    channels, O not a power of 2, slow and fast modes, batch > 1."""
+    from evo2_recipe.models.hyena.kernels.modal_conv import modal_conv
+
+    u, p, gamma, R, D = _modal_inputs(B, C, G, O, L, fast=fast)
+    ref = ops.fft_causal_conv(u, ops.modal_filter(p, gamma, R, L), D)
+    with torch.no_grad():
+        out = modal_conv(u, ops.modal_log_poles(p, gamma), R, D)
+    assert out.shape == (B, C, L) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="real widths in bf16: GPU only")
+@pytest.mark.parametrize("C,L", [(1920, 8192), (256, 131072)])
+def test_fused_modal_conv_bf16_real_width(C, L):
+    """bf16 at the 1b width (8,192 tokens) and at 131,072 tokens (the carried state over 64 tiles): within 1e-2 of
+    the output's scale of the FFT path, and at most a few percent of values rounded differently."""
+    from evo2_recipe.models.hyena.kernels.modal_conv import modal_conv
+
+    u, p, gamma, R, D = _modal_inputs(1, C, C, 16, L, torch.bfloat16, fast=True)
+    ref = ops.fft_causal_conv(u, ops.modal_filter(p, gamma, R, L), D).to(torch.bfloat16)
+    with torch.no_grad():
+        out = modal_conv(u, ops.modal_log_poles(p, gamma), R, D)
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    same = (out == ref).float().mean().item()
+    print(f"hcl kernel bf16 C={C} L={L}: max error / scale {err:.2e}, bit-equal {same:.4f}")
+    assert err <= 1e-2 and same >= 0.9, (err, same)
 
 
 def _medium_inputs(L, B, G, P, K, dtype, seed=0):

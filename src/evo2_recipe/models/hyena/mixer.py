@@ -319,6 +319,10 @@ class HyenaOperator(_ShardedDim0):
         if state is not None:  # CP=1 (HyenaMixer.forward refuses a decode state under context parallelism)
             return self._long_with_state(u, state)
         if group is None:
+            if not torch.is_grad_enabled() and opt_in_kernels_enabled(self.config, u):  # hcl as a chunked scan
+                from evo2_recipe.models.hyena.kernels.modal_conv import modal_conv
+
+                return modal_conv(u, self.filter.log_poles(), self.filter.R, self.conv_bias)
             return self._fft_conv(u, 0)
         # hcl's filter spans the whole sequence (and hcm's when a CP chunk is shorter than its halo): all-to-all
         cp_rank = group.rank()

@@ -4,8 +4,9 @@ On by default on CUDA (:func:`fused_kernels_enabled`), each measured faster than
 (benchmarks/RESULTS.md): the hcs/hcm/hcl prologue and epilogue (``gating.py``), the hcl modal filter
 (``modal_filter.py``) and the one-token decode step (``hyena_decode.py``).
 Opt-in (:func:`opt_in_kernels_enabled`): the split-KV decode attention (``decode_attention.py``), slower than the
-masked SDPA at every cache depth measured, and hcm as blocked Toeplitz GEMMs with the gate fused
-(``medium_conv.py``, inference only), not yet measured on the GPU. ``use_fused_hyena_kernels=False`` on the
+masked SDPA at every cache depth measured, and - inference only, not yet measured on the GPU - hcm as blocked
+Toeplitz GEMMs with the gate fused (``medium_conv.py``) and hcl as a chunked scan over its 16 modes instead of the
+FFT (``modal_conv.py``). ``use_fused_hyena_kernels=False`` on the
 provider or ``EVO2_FUSED_KERNELS=0`` turns every kernel off (the plain operators); ``True`` / ``=1`` also turns on
 the opt-in ones.
 ``--use-subquadratic-ops`` (``use_subquadratic_ops``) hands the Hyena convolutions to NVIDIA's package where it serves
@@ -32,7 +33,8 @@ def _asked(config) -> bool | None:
 
 def opt_in_kernels_enabled(config, x: torch.Tensor) -> bool:
     """The kernels not (yet) measured faster than their plain twins on an H200 - the split-KV decode attention, the
-    hcm Toeplitz-GEMM epilogue: only when asked for (and on CUDA, or under the Triton interpreter)."""
+    hcm Toeplitz-GEMM epilogue, the hcl chunked scan: only when asked for (and on CUDA, or under the Triton
+    interpreter)."""
     if not _asked(config) or importlib.util.find_spec("triton") is None:
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
