@@ -123,6 +123,7 @@ if [[ " $what " == *" score16 "* ]]; then  # issue 16: scoring / long rows - loc
 fi
 
 if [[ " $what " == *" kernels16 "* ]]; then  # issue 16: the opt-in inference kernels (hcm Toeplitz GEMMs) vs default
+  python3 benchmarks/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | grep -E "^\{|Error"
   # --fused runs every forward twice in one process: default kernels, then use_fused_hyena_kernels=True (opt-in too)
   for run in "--spec te" "--spec te --precision bf16_with_fp8_current_scaling_mixed"; do
     tag=$(echo "$run" | tr -c 'a-z0-9\n' '_')
