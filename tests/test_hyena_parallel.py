@@ -131,8 +131,9 @@ def layouts(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_parallel_layout_equals_one_process(layouts, case):
     """TP=2 (ARC and NV models), TP=2 with sequence parallelism, CP=2 and PP=2 against one process; TP=2, CP=2
-    (ARC and NV) and PP=2 also with the fused kernels; CP=2 at 512 tokens, where the hcm conv takes its left
-    context from the neighbour's halo (at 64 tokens a chunk is shorter than the halo: the all-to-all path)."""
+    (ARC and NV) and PP=2 also with the fused kernels (whose no-grad logits of TP=2 and PP=2 take the inference-only
+    hcm/hcl kernels, on the rank's shards of channels and filters); CP=2 at 512 tokens, where the hcm conv takes its
+    left context from the neighbour's halo (at 64 tokens a chunk is shorter than the halo: the all-to-all path)."""
     ref_logits, par_logits, ref, par = layouts[case]
     torch.testing.assert_close(par_logits, ref_logits, **TOL)
     keys = [k for k in ref if not k.endswith("decay") and isinstance(ref[k], torch.Tensor)]
