@@ -6,9 +6,8 @@ On by default on CUDA (:func:`fused_kernels_enabled`), each measured faster than
 Opt-in (:func:`opt_in_kernels_enabled`): the split-KV decode attention (``decode_attention.py``), slower than the
 masked SDPA at every cache depth measured, and - inference only, not yet measured on the GPU - hcm as blocked
 Toeplitz GEMMs with the gate fused (``medium_conv.py``) and hcl as a chunked scan over its 16 modes instead of the
-FFT (``modal_conv.py``). ``use_fused_hyena_kernels=False`` on the
-provider or ``EVO2_FUSED_KERNELS=0`` turns every kernel off (the plain operators); ``True`` / ``=1`` also turns on
-the opt-in ones.
+FFT (``modal_conv.py``). ``use_fused_hyena_kernels=False`` on the provider or ``EVO2_FUSED_KERNELS=0`` turns every
+kernel off (the plain operators); ``True`` / ``=1`` also turns on the opt-in ones.
 ``--use-subquadratic-ops`` (``use_subquadratic_ops``) hands the Hyena convolutions to NVIDIA's package where it serves
 (``subquadratic.py``). On CPU the tests run the kernels under Triton's interpreter (``TRITON_INTERPRET=1``).
 """

@@ -4,8 +4,8 @@ The StripedHyena 2 paper's two-stage blocked method: for a block of ``BLOCK_T`` 
 group is a banded Toeplitz matrix ``T`` over the inputs that reach those outputs (the block itself and the ``KP`` =
 128 positions before it), and the channels of that group are the columns of ``U`` - so ``y = T @ U`` runs on tensor
 cores. With 16 channels per filter group (evo2 7b/40b; 15 in the 1b) the products are ``(64 x 64) @ (64 x 16)`` and
-``(64 x 128) @ (128 x 16)``. The epilogue adds
-``D u``, rounds ``y`` to the activation dtype as the plain path does, gates by ``x1`` and writes ``z`` sequence-first.
+``(64 x 128) @ (128 x 16)``. The epilogue adds ``D u``, rounds ``y`` to the activation dtype as the plain path does,
+gates by ``x1`` and writes ``z`` sequence-first.
 
 The FFT path it replaces makes ~8 passes over full-length fp32/complex buffers per hcm layer (padding, two
 transforms, the filter spectrum broadcast to every channel, the product, cuFFT's input copy, the gate); this reads
