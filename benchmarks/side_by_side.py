@@ -317,8 +317,10 @@ def main() -> None:
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="our decode with CUDA-graph replay, and score forwards timed replayed too (graph_tok_s, as "
                          "predict_evo2 replays a repeated batch shape); default on, --no-cuda-graph: eager only")
-    ap.add_argument("--fused", action="store_true", help="also measure ours with the fused Triton kernels")
-    ap.add_argument("--fused-only", action="store_true", help="measure ours with the fused Triton kernels only")
+    ap.add_argument("--fused", action="store_true",
+                    help="also measure ours with use_fused_hyena_kernels=True: the opt-in kernels too (hcm Toeplitz "
+                         "GEMMs and hcl chunked scan in forwards, split-KV attention in decoding)")
+    ap.add_argument("--fused-only", action="store_true", help="measure ours with use_fused_hyena_kernels=True only")
     ap.add_argument("--profile", action="store_true", help="torch-profiler tables of one 1b and 7b forward (score), the 131k forward (long), 16 decode steps (1b, batch 1), the 1b "
                     "prefill and 8 steps at a 64k-deep cache (deep_decode)")
     ap.add_argument("--precision", metavar="RECIPE", help="our model under this Megatron-Bridge mixed-precision recipe "

@@ -122,13 +122,14 @@ if [[ " $what " == *" score16 "* ]]; then  # issue 16: scoring / long rows - loc
   done
 fi
 
-if [[ " $what " == *" kernels16 "* ]]; then  # issue 16: the opt-in inference kernels (hcm Toeplitz GEMMs) vs default
+if [[ " $what " == *" kernels16 "* ]]; then  # issue 16: the opt-in inference kernels (hcm Toeplitz GEMMs, hcl scan)
   python3 benchmarks/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | grep -E "^\{|Error"
-  # --fused runs every forward twice in one process: default kernels, then use_fused_hyena_kernels=True (opt-in too)
-  for run in "--spec te" "--spec te --precision bf16_with_fp8_current_scaling_mixed"; do
+  # side_by_side runs, '|'-separated (--fused: default kernels, then use_fused_hyena_kernels=True, in one process);
+  # KERNELS16_RUNS="" for the operator benchmark alone
+  IFS='|' read -ra runs <<< "${KERNELS16_RUNS-score --fused --spec te|long --fused-only --spec te}"
+  for run in "${runs[@]}"; do
     tag=$(echo "$run" | tr -c 'a-z0-9\n' '_')
-    python3 benchmarks/side_by_side.py score long --fused $run --json "$OUT/kernels16$tag.json" \
-      > "$OUT/kernels16$tag.log" 2>&1
+    python3 benchmarks/side_by_side.py $run --json "$OUT/kernels16$tag.json" > "$OUT/kernels16$tag.log" 2>&1
     grep -E "^\{|failed|Error" "$OUT/kernels16$tag.log" | grep -v FP8GlobalState
   done
 fi
