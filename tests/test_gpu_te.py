@@ -109,3 +109,22 @@ def test_vortex_style_fp8_only_on_hyena_input_projections(group):
         out = model(torch.randint(65, 90, (1, 37), device="cuda"))  # 37: padded to 48 for the FP8 GEMM, then cut
     assert out.shape == (1, 37, 512) and torch.isfinite(out.float()).all()
     assert {k for k, v in seen.items() if v} == {f"decoder.layers.{i}.mixer.dense_projection" for i in range(3)}
+
+@pytest.mark.parametrize("seq_length,cached", [(8192, True), (1 << 17, False)])
+def test_fp8_weight_cache_only_for_short_context_models(group, seq_length, cached):
+    """FP8 inference keeps TE's quantised weights between forwards for a short-context model and not for a
+    long-context one (``precision.FP8_WEIGHT_CACHE_MAX_CONTEXT``); the logits agree either way."""
+    from evo2_recipe.inference.loading import wrap_for_inference
+    from evo2_recipe.models.precision import apply_precision_recipe
+    from evo2_recipe.models.providers import get_provider
+
+    p = get_provider("striped_hyena_tiny", vocab_size=512, use_te=True, seq_length=seq_length)
+    apply_precision_recipe(p, "bf16_with_fp8_current_scaling_mixed", on_gpu=True)
+    p.finalize()
+    model = wrap_for_inference(p, p.provide().cuda())
+    tokens = torch.randint(65, 90, (1, 128), device="cuda")
+    with torch.no_grad():
+        first, second = model(tokens).float(), model(tokens).float()
+    kept = [m for m in model.modules() if getattr(m, "_fp8_workspaces", None)]
+    assert bool(kept) is cached
+    assert _rel(second, first) <= 1e-6

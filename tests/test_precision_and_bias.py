@@ -111,6 +111,20 @@ def test_delayed_scaling_inference_warns_about_uncalibrated_scales(caplog):
         assert ("use bf16_with_fp8_current_scaling_mixed" in caplog.text) is warned
 
 
+def test_fp8_inference_caches_quantised_weights_for_short_context_models_only():
+    """Transformer Engine's cache of FP8 weights (1 byte per parameter) is left out for long-context models, where
+    memory is the limit (``tests/test_gpu_te.py`` checks the TE modules keep no cache then)."""
+    from evo2_recipe.models.precision import FP8_WEIGHT_CACHE_MAX_CONTEXT, apply_precision_recipe
+    from evo2_recipe.models.providers import get_provider
+
+    for recipe, seq, off in (("bf16_with_fp8_current_scaling_mixed", 8192, False),
+                             ("bf16_with_fp8_current_scaling_mixed", FP8_WEIGHT_CACHE_MAX_CONTEXT + 1, True),
+                             ("bf16_mixed", 1 << 20, False)):
+        p = get_provider("striped_hyena_tiny", vocab_size=512, seq_length=seq)
+        apply_precision_recipe(p, recipe, on_gpu=True)
+        assert p.disable_parameter_transpose_cache is off, (recipe, seq)
+
+
 def test_fp8_without_transformer_engine_is_an_error():
     from evo2_recipe.models.precision import apply_precision_recipe, mixed_precision_config
     from evo2_recipe.models.providers import get_provider

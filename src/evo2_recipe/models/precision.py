@@ -14,6 +14,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 FP32 = "fp32"
+# Models for longer contexts than this run FP8/FP4 inference without Transformer Engine's cache of quantised weights.
+FP8_WEIGHT_CACHE_MAX_CONTEXT = 1 << 16
 
 
 def mixed_precision_config(recipe: str | None):
@@ -51,6 +53,11 @@ def apply_precision_recipe(provider, recipe: str | None, *, on_gpu: bool) -> str
         provider.params_dtype = torch.float32
         return FP32
     provider.fp8_param = False  # weights are loaded in high precision; TE quantizes them per GEMM
+    # Megatron hands TE's linears `is_first_microbatch`, so TE keeps every layer's quantised weights between forwards
+    # (1 byte per parameter: 6 GiB of evo2_7b's FP8 forward at 131,072 tokens, 32.9 GiB in all). A long-context model
+    # re-quantises them per forward instead - a few ms against seconds - and a short-context one keeps the cache.
+    provider.disable_parameter_transpose_cache = bool((mp.fp8 or mp.fp4)
+                                                      and provider.seq_length > FP8_WEIGHT_CACHE_MAX_CONTEXT)
     if mp.fp8 and mp.fp8_recipe == "delayed":
         logger.warning(
             "%s for inference: Transformer Engine updates delayed-scaling factors only while gradients are on, so "
