@@ -188,10 +188,17 @@ def test_graphed_scoring_forward_equals_eager(one_gpu_process_group, spec, recip
     with torch.no_grad():
         outs = [graphs(t, torch.arange(t.shape[1], device="cuda").expand(t.shape[0], -1)) for t in calls]
         eager = [model(t, torch.arange(t.shape[1], device="cuda").expand(t.shape[0], -1)) for t in calls]
-    assert list(graphs._graphs) == [((2, 301), calls[0].device)] and not graphs._failed  # dropped for (1, 64), back
+    assert list(graphs._graphs) == [((2, 301), calls[0].device, ())] and not graphs._failed  # dropped for (1, 64)
     for got, want in zip(outs, eager):
         assert _rel_l2(got, want) <= 1e-3, _rel_l2(got, want)
     assert _rel_l2(outs[1], outs[2]) > 0.1  # different tokens: the replay saw its new input
+    pos = torch.arange(301, device="cuda").expand(2, -1)
+    with torch.no_grad():  # a layer's output (embeddings) is a shape of its own
+        hidden = [graphs(t, pos, hidden_layer=1) for t in calls[:3]]
+        hidden_eager = [model(t, pos, hidden_layer=1) for t in calls[:3]]
+    assert list(graphs._graphs)[0][2] == (("hidden_layer", 1),)
+    for got, want in zip(hidden, hidden_eager):
+        assert _rel_l2(got, want) <= 1e-3, _rel_l2(got, want)
 
 
 @pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])

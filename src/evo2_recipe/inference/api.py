@@ -134,7 +134,8 @@ class Evo2:
         """Output of layer ``layer`` (negative counts from the end; before the final norm): ``(L_i, H)`` each."""
         ids = self.tokenize(seqs, prepend_bos=prepend_bos)
         tokens, mask = self._pad(ids)
-        hidden = scoring.forward_full(self.model, tokens, hidden_layer=layer)  # the loaded model, its first layers
+        # the loaded model (for predict_evo2 --embedding-layer: its first layers only)
+        hidden = scoring.forward_full(self.model, tokens, hidden_layer=layer, graphs=self._graphs)
         return [hidden[b, :int(mask[b].sum())].cpu() for b in range(len(seqs))]
 
     def generate(self, prompts: list[str], n_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,

@@ -55,8 +55,9 @@ class GraphedForward:
         self._seen: set[tuple] = set()
         self._failed: set[tuple] = set()
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        key = (tuple(tokens.shape), tokens.device)
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, **options) -> torch.Tensor:
+        """``model(tokens, positions, **options)``; ``options`` (e.g. ``hidden_layer=k``) are part of the shape key."""
+        key = (tuple(tokens.shape), tokens.device, tuple(sorted(options.items())))
         if key in self._graphs:
             self._graphs.move_to_end(key)
             graph, static_tokens, static_positions, out = self._graphs[key]
@@ -68,14 +69,14 @@ class GraphedForward:
                  or key not in self._seen or torch.is_grad_enabled())
         if eager:
             self._seen.add(key)
-            return self.model(tokens, positions)
+            return self.model(tokens, positions, **options)
         static_tokens, static_positions = tokens.clone(), positions.clone()
-        captured = capture(lambda: self.model(static_tokens, static_positions))
+        captured = capture(lambda: self.model(static_tokens, static_positions, **options))
         if captured is None:
             self._failed.add(key)
-            return self.model(tokens, positions)
+            return self.model(tokens, positions, **options)
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
         self._graphs[key] = (captured[0], static_tokens, static_positions, captured[1])
-        logger.debug("captured the forward for batch shape %s as a CUDA graph", key[0])
-        return self(tokens, positions)
+        logger.debug("captured the forward for batch shape %s %s as a CUDA graph", key[0], options or "")
+        return self(tokens, positions, **options)

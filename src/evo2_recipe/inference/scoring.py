@@ -69,10 +69,8 @@ def forward_full(model, tokens: torch.Tensor, *, hidden: bool = False, hidden_la
     if cp > 1:
         rank = parallel_state.get_context_parallel_rank()
         tokens, positions = zigzag_split(tokens, 1, rank, cp), zigzag_split(positions, 1, rank, cp)
-    if hidden_layer is not None:
-        out = model(tokens, positions, hidden_layer=hidden_layer)
-    else:
-        out = (graphs or model)(tokens, positions)
+    options = {} if hidden_layer is None else {"hidden_layer": hidden_layer}
+    out = (graphs or model)(tokens, positions, **options)
     if fp32:
         out = out.float()
     if hidden:  # (L_local[/TP under SP], B, H)
