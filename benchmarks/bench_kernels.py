@@ -20,6 +20,7 @@ import torch
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena.kernels import gating, medium_conv, modal_conv
 from evo2_recipe.models.hyena.kernels.modal_filter import modal_filter
+from evo2_recipe.models.hyena.mixer import INFERENCE_CHUNK_ELEMENTS
 
 WIDTHS = {"evo2_1b_base": (1920, 128, 1920), "evo2_7b": (4096, 256, 4096)}  # channels, hcm groups, hcl groups
 
@@ -69,7 +70,7 @@ def main() -> None:
                              lambda: medium_conv.medium_conv_epilogue(x1, u, h, D)))
             log_poles = -torch.exp(torch.randn(g_long, 16, device="cuda", generator=g) - 4)
             R = 0.1 * torch.randn(g_long, 16, device="cuda", generator=g)
-            chunk = max(1, (1 << 26) // L)  # the model's inference chunking of the FFT path (mixer)
+            chunk = max(1, INFERENCE_CHUNK_ELEMENTS // L)  # channels per FFT chunk, as the model runs it
 
             def fft_path():
                 y = torch.empty_like(u)
