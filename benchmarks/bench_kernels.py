@@ -80,12 +80,13 @@ def main() -> None:
                     y[:, a:b] = ops.fft_causal_conv(u[:, a:b], filt, D[a:b])
                 return gating.hyena_epilogue(x1, y)
 
+            default = modal_conv.DOT_PRECISION
             for precision in ("ieee", "tf32x3"):
                 modal_conv.DOT_PRECISION = precision
                 rows.append(_row("hcl", size, L, fft_path,
                                  lambda: gating.hyena_epilogue(x1, modal_conv.modal_conv(u, log_poles, R, D)),
                                  dot_precision=precision))
-            modal_conv.DOT_PRECISION = "ieee"
+            modal_conv.DOT_PRECISION = default
             del x1, u
             torch.cuda.empty_cache()
     if args.json:

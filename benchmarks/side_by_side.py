@@ -318,8 +318,8 @@ def main() -> None:
                     help="our decode with CUDA-graph replay, and score forwards timed replayed too (graph_tok_s, as "
                          "predict_evo2 replays a repeated batch shape); default on, --no-cuda-graph: eager only")
     ap.add_argument("--fused", action="store_true",
-                    help="also measure ours with use_fused_hyena_kernels=True: the opt-in kernels too (hcm Toeplitz "
-                         "GEMMs and hcl chunked scan in forwards, split-KV attention in decoding)")
+                    help="also measure ours with use_fused_hyena_kernels=True: the opt-in split-KV attention in "
+                         "decoding (forwards take the same kernels as by default; EVO2_FUSED_KERNELS=0: none)")
     ap.add_argument("--fused-only", action="store_true", help="measure ours with use_fused_hyena_kernels=True only")
     ap.add_argument("--profile", action="store_true", help="torch-profiler tables of one 1b and 7b forward (score), the 131k forward (long), 16 decode steps (1b, batch 1), the 1b "
                     "prefill and 8 steps at a 64k-deep cache (deep_decode)")

@@ -122,11 +122,11 @@ if [[ " $what " == *" score16 "* ]]; then  # issue 16: scoring / long rows - loc
   done
 fi
 
-if [[ " $what " == *" kernels16 "* ]]; then  # issue 16: the opt-in inference kernels (hcm Toeplitz GEMMs, hcl scan)
+if [[ " $what " == *" kernels16 "* ]]; then  # issue 16: the inference kernels (hcm Toeplitz GEMMs, hcl scan) vs FFT
   python3 benchmarks/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | grep -E "^\{|Error"
-  # side_by_side runs, '|'-separated (--fused: default kernels, then use_fused_hyena_kernels=True, in one process);
+  # side_by_side runs, '|'-separated, e.g. "score long --spec te --precision bf16_with_fp8_current_scaling_mixed";
   # KERNELS16_RUNS="" for the operator benchmark alone
-  IFS='|' read -ra runs <<< "${KERNELS16_RUNS-score --fused --spec te|long --fused-only --spec te}"
+  IFS='|' read -ra runs <<< "${KERNELS16_RUNS-score long --spec te --vortex-kernels}"
   for run in "${runs[@]}"; do
     tag=$(echo "$run" | tr -c 'a-z0-9\n' '_')
     python3 benchmarks/side_by_side.py $run --json "$OUT/kernels16$tag.json" > "$OUT/kernels16$tag.log" 2>&1

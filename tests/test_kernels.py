@@ -87,8 +87,8 @@ def _model_logits_fused_vs_plain(rank, world, name):
     for module, fn in ((medium_conv, "medium_conv_epilogue"), (modal_conv, "modal_conv")):  # this process only
         real = getattr(module, fn)
         setattr(module, fn, lambda *a, real=real, fn=fn: calls.append(fn) or real(*a))
-    out, weights = {"opt_in_kernel_calls": calls}, None
-    for fused in (False, True):  # True also turns on the opt-in kernels (the hcm Toeplitz GEMMs)
+    out, weights = {"inference_kernel_calls": calls}, None
+    for fused in (False, True):  # on CPU the kernels run only when asked for (under the interpreter)
         model = tiny_provider(name, use_fused_hyena_kernels=fused).provide().to(DEVICE).eval()
         if weights is None:
             weights = randomise_weights_(model).state_dict()
@@ -106,7 +106,7 @@ def test_model_inference_with_fused_kernels_equals_plain(name):
 
     ((out,),) = (run_on_ranks(_model_logits_fused_vs_plain, 1, name, cpu=DEVICE == "cpu"),)
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
-    assert set(out["opt_in_kernel_calls"]) == {"medium_conv_epilogue", "modal_conv"}, out["opt_in_kernel_calls"]
+    assert set(out["inference_kernel_calls"]) == {"medium_conv_epilogue", "modal_conv"}, out["inference_kernel_calls"]
 
 
 @pytest.mark.parametrize("L,B,C", [(37, 2, 8), (1, 1, 16), (70, 3, 72)])

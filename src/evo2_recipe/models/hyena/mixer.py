@@ -33,7 +33,7 @@ from evo2_recipe.models.hyena import context_parallel as cp_comm
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
-from evo2_recipe.models.hyena.kernels import fused_kernels_enabled, opt_in_kernels_enabled, subquadratic
+from evo2_recipe.models.hyena.kernels import fused_kernels_enabled, subquadratic
 from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update, modal_step
 
 
@@ -319,7 +319,7 @@ class HyenaOperator(_ShardedDim0):
         if state is not None:  # CP=1 (HyenaMixer.forward refuses a decode state under context parallelism)
             return self._long_with_state(u, state)
         if group is None:
-            if not torch.is_grad_enabled() and opt_in_kernels_enabled(self.config, u):  # hcl as a chunked scan
+            if not torch.is_grad_enabled() and fused_kernels_enabled(self.config, u):  # hcl as a chunked scan
                 from evo2_recipe.models.hyena.kernels.modal_conv import modal_conv
 
                 return modal_conv(u, self.filter.log_poles(), self.filter.R, self.conv_bias)
@@ -452,7 +452,7 @@ class HyenaMixer(MegatronModule):
             if sq and op.operator_type == HYENA_LONG:
                 return gating.hyena_epilogue(x1, subquadratic.fft_conv(u, op._filter_CK(u.shape[-1]), op.conv_bias)), u
             if (op.operator_type == HYENA_MEDIUM and op.cp_group is None and not torch.is_grad_enabled()
-                    and opt_in_kernels_enabled(self.config, u)):
+                    and fused_kernels_enabled(self.config, u)):
                 from evo2_recipe.models.hyena.kernels.medium_conv import medium_conv_epilogue
 
                 return medium_conv_epilogue(x1, u, op.filter(), op.conv_bias), u

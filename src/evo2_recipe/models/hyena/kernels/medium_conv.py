@@ -38,8 +38,10 @@ def _product(taps, U, SPLIT: tl.constexpr):
     """``taps @ U`` in fp32: the filter as high + low half-precision parts for half-precision ``U``, else exact."""
     if SPLIT:
         hi = taps.to(U.dtype)
-        return tl.dot(hi, U) + tl.dot((taps - hi.to(tl.float32)).to(U.dtype), U)
-    return tl.dot(taps, U, input_precision="ieee")
+        out = tl.dot(hi, U) + tl.dot((taps - hi.to(tl.float32)).to(U.dtype), U)
+    else:  # an explicit else: the compiler builds the code after an early return even when SPLIT is constexpr
+        out = tl.dot(taps, U, input_precision="ieee")
+    return out
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import triton.language as tl
 
 CHUNK = 64  # positions per chunk (BT)
 CHUNKS_PER_TILE = 32  # chunks per matrix product (NC)
-DOT_PRECISION = "ieee"  # fp32 products on CUDA cores; "tf32x3" (tensor cores, ~fp32 accuracy) is the one to measure
+DOT_PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores: 7x faster than "ieee" (CUDA cores) on an H200
 
 
 @triton.jit
