@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
-#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [train16] [trainprof] [score16] [kernels16] [parallel16] [subquadratic] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
+#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [train16] [trainprof] [score16] [kernels16] [parallel16] [paralleltrain16] [subquadratic] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
 # Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
 # /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
 set -uo pipefail
@@ -142,6 +142,25 @@ if [[ " $what " == *" parallel16 "* ]]; then  # issue 16: CP=2 / TP=2 against on
     torchrun --nproc-per-node "$n" benchmarks/bench_hyena.py --seq-length 8192 --steps 8 "$@" \
       ${PARALLEL_PROFILE:+--profile} > "$OUT/parallel16_$i.log" 2>&1  # PARALLEL_PROFILE=1: rank 0's kernel table
     echo "$n GPU(s) $*: $(grep -hE "step_time|Error" "$OUT/parallel16_$i.log" | tail -1)"
+  done
+fi
+
+if [[ " $what " == *" paralleltrain16 "* ]]; then  # issue 16: the CP / TP row through train_evo2 with its CUDA graph
+  # bench_hyena's eager CP=2 step is launch-bound (188 ms of host time for 105 ms of GPU time, seventeenth session);
+  # the full-iteration graph replays it without the host. Mock data, TE spec, 1 GPU against 2.
+  i=0
+  for run in "1 --model-size evo2_1b_base" "2 --model-size evo2_1b_base --context-parallel-size 2" \
+             "1 --model-size striped_hyena_1b_nv_parallel" \
+             "2 --model-size striped_hyena_1b_nv_parallel --tensor-model-parallel-size 2"; do
+    set -- $run; n=$1; shift; i=$((i + 1))
+    rm -rf /tmp/pt16
+    timeout "${TRAIN_TIMEOUT:-400}" torchrun --nproc-per-node "$n" --no-python train_evo2 --mock-data --seq-length 8192 \
+      --micro-batch-size 1 --global-batch-size 1 --max-steps 40 --warmup-steps 2 --constant-steps 0 \
+      --eval-interval 1000 --eval-iters 1 --log-interval 10 --workers 2 --disable-tensorboard-logger \
+      --no-activation-checkpointing ${TRAIN_GRAPH---cuda-graph} --result-dir /tmp/pt16 "$@" \
+      > "$OUT/paralleltrain16_$i.log" 2>&1
+    echo "$n GPU(s) $* rc=$?: $(grep -E "evo2_recipe.train: step" "$OUT/paralleltrain16_$i.log" | tail -1)"
+    rm -rf /tmp/pt16
   done
 fi
 

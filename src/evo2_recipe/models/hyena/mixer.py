@@ -451,8 +451,7 @@ class HyenaMixer(MegatronModule):
 
             if sq and op.operator_type == HYENA_LONG:
                 return gating.hyena_epilogue(x1, subquadratic.fft_conv(u, op._filter_CK(u.shape[-1]), op.conv_bias)), u
-            if (op.operator_type == HYENA_MEDIUM and op.cp_group is None and not torch.is_grad_enabled()
-                    and fused_kernels_enabled(self.config, u)):
+            if op.operator_type == HYENA_MEDIUM and op.cp_group is None and not torch.is_grad_enabled():
                 from evo2_recipe.models.hyena.kernels.medium_conv import medium_conv_epilogue
 
                 return medium_conv_epilogue(x1, u, op.filter(), op.conv_bias), u
