@@ -77,9 +77,12 @@ if [[ " $what " == *" train16 "* ]]; then  # issue 16: train_evo2 rows - 1b bf16
   # Each recipe runs TRAIN16_REPEATS times (default 2): at batch 1 two identical bf16 runs ended 200 steps at
   # validation loss 0.47 and 1.33 (twelfth session), so one run per recipe cannot compare loss curves. Checkpoints
   # are deleted after each run: a 1b one is ~13 GB, a 7b one ~100 GB, and a full disk takes the machine down.
-  preprocess_evo2 --config examples/configs/phage_preprocess.yaml --no-progress > "$OUT/preprocess.log" 2>&1
-  echo "preprocess rc=$?"
-  common=(-d examples/configs/phage_dataset.yaml --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1
+  # TRAIN16_DATA=dimorphilus: 387 kb of a eukaryotic genome split by contig (held-out validation); the default phage
+  # corpus is near-identical phiX174 isolates, memorised within 200 steps (seventeenth session)
+  data=${TRAIN16_DATA:-phage}
+  preprocess_evo2 --config "examples/configs/${data}_preprocess.yaml" --no-progress > "$OUT/preprocess.log" 2>&1
+  echo "preprocess $data rc=$?"
+  common=(-d "examples/configs/${data}_dataset.yaml" --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1
           --global-batch-size 1 --max-steps "${TRAIN_STEPS:-200}" --warmup-steps 10 --constant-steps 0
           --eval-interval "${TRAIN_STEPS:-200}" --eval-iters 2 --log-interval 20 --workers 2
           --disable-tensorboard-logger --no-activation-checkpointing ${TRAIN_GRAPH---cuda-graph})

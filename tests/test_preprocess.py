@@ -74,3 +74,23 @@ def test_cli_and_bad_inputs(tmp_path):
                      show_progress=False)
     ds = IndexedDataset(str(out["train"]))  # keep a reference: items are views into its mmap
     assert np.array_equal(ds[0], np.array([65, 67, 71, 84, 65, 67, 0]))
+
+
+def test_dimorphilus_config_holds_out_whole_contigs(tmp_path, monkeypatch):
+    """The loss-curve corpus (examples/configs/dimorphilus_*.yaml): every split gets whole contigs, each with its
+    reverse complement beside it, so validation never sees a training contig in either strand."""
+    monkeypatch.chdir(ROOT)  # the config's paths are relative to the repository root, as a user runs it
+    (config,) = load_preprocess_configs(ROOT / "examples" / "configs" / "dimorphilus_preprocess.yaml")
+    out = preprocess(config.model_copy(update={"output_dir": tmp_path}), show_progress=False)
+    dataset_cfg = yaml.safe_load((ROOT / "examples" / "configs" / "dimorphilus_dataset.yaml").read_text())
+    assert sorted(Path(e["dataset_prefix"]).name for e in dataset_cfg) == sorted(p.name for p in out.values())
+    contigs = {seq.upper() for _, seq in iter_fasta(ROOT / config.datapaths[0])}
+    held = {}
+    for split, prefix in out.items():
+        ds = IndexedDataset(str(prefix))
+        bodies = {"".join(map(chr, ds[i][:-1])).upper() for i in range(len(ds))}
+        forward = {b for b in bodies if b in contigs}
+        assert forward and {reverse_complement(b) for b in forward} == bodies - forward, split
+        held[split] = forward
+    assert set().union(*held.values()) == contigs
+    assert not (held["train"] & held["val"]) and not (held["train"] & held["test"]) and not (held["val"] & held["test"])
