@@ -30,11 +30,15 @@ def test_mock_single_process_and_context_parallel_match(tmp_path):
 
 
 def test_tensor_parallel_2_trains(tmp_path):
+    # the reference's TP communication overlap flag goes through Megatron-Bridge's comm-overlap setup, which turns
+    # it off, saying so, where Transformer Engine's userbuffers are missing (here: no TE on CPU)
     tp2 = run_train([*TINY, "--max-steps", "4", "--eval-interval", "4", "--result-dir", str(tmp_path),
-                     "--tensor-model-parallel-size", "2", "--disable-tensorboard-logger"], nproc=2)
+                     "--tensor-model-parallel-size", "2", "--disable-tensorboard-logger",
+                     "--use-megatron-comm-overlap-llama3-8k", "--tp-comm-overlap-backend", "gloo"], nproc=2)
     l = losses(tp2.stdout)
     assert sorted(l) == [1, 2, 3, 4] and all(math.isfinite(v) for v in l.values())
     assert l[4] < l[1]
+    assert "Disabling tensor parallel communication overlap due to TE not detected" in tp2.stdout + tp2.stderr
 
 
 def test_kill_and_resume_reproduces_the_loss_curve(tmp_path):

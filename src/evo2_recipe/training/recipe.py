@@ -32,6 +32,11 @@ from megatron.bridge.training.config import (  # noqa: E402
     TrainingConfig,
     ValidationConfig,
 )
+from megatron.bridge.training.comm_overlap import (  # noqa: E402
+    CommOverlapConfig,
+    userbuffers_bf16_h100_h8192_tp4_mbs1_seqlen8192,
+    userbuffers_fp8_h100_h8192_tp4_mbs1_seqlen8192,
+)
 from megatron.bridge.training.mixed_precision import get_mixed_precision_config  # noqa: E402
 from megatron.bridge.training.tokenizers.config import TokenizerConfig  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
@@ -112,6 +117,19 @@ def _fp8_param_gather_pays(recipe_default: bool, model_parallel_size: int) -> bo
     return recipe_default
 
 
+def _tp_comm_overlap(mixed_precision_recipe: str | None, backend: str) -> CommOverlapConfig:
+    """TP communication overlap through Transformer Engine's userbuffers, as the reference's
+    ``--use-megatron-comm-overlap-llama3-8k`` sets it (spec 2.8): Bridge's H100 8k TP4 userbuffer layout (FP8 or bf16
+    by the recipe's name). The Hyena mixers' linears use the same buffer names as an MLP's (``fc1`` in, ``fc2`` out).
+    Megatron-Bridge turns it off with a warning where it cannot run (TP < 2, no sequence parallelism, no TE)."""
+    fp8 = "fp8" in (mixed_precision_recipe or "")
+    return CommOverlapConfig(
+        tp_comm_overlap=True,
+        tp_comm_overlap_cfg=userbuffers_fp8_h100_h8192_tp4_mbs1_seqlen8192 if fp8
+        else userbuffers_bf16_h100_h8192_tp4_mbs1_seqlen8192,
+        tp_comm_bootstrap_backend=backend, wgrad_deferral_limit=22, overlap_param_gather_with_optimizer_step=False)
+
+
 def evo2_pretrain_config(
     model_size: str = "evo2_1b_base", *,
     seq_length: int = 8192,
@@ -152,6 +170,8 @@ def evo2_pretrain_config(
     # (torch Adam path) does not restore Adam moments on resume, so the plain optimizer is used (same math at DP=1).
     use_distributed_optimizer: bool | None = None,
     cuda_graph: bool = False,
+    tp_comm_overlap: bool = False,
+    tp_comm_overlap_backend: str = "nccl",
     cpu: bool = False,
 ) -> ConfigContainer:
     """Evo 2 pretraining (or fine-tuning) as Megatron-Bridge's ``ConfigContainer`` with the reference recipe's defaults
@@ -290,6 +310,7 @@ def evo2_pretrain_config(
         profiling=profiling,
         mixed_precision=mixed_precision,
         peft=peft,
+        comm_overlap=_tp_comm_overlap(mixed_precision_recipe, tp_comm_overlap_backend) if tp_comm_overlap else None,
     )
     cfg.logger.wandb_exp_name = default_run_name(cfg, model_size, mixed_precision_recipe, activation_checkpointing,
                                                  spike_no_more_embedding_init)
