@@ -154,7 +154,9 @@ if [[ " $what " == *" paralleltrain16 "* ]]; then  # issue 16: the CP / TP row t
   i=0
   for run in "1 --model-size evo2_1b_base" "2 --model-size evo2_1b_base --context-parallel-size 2" \
              "1 --model-size striped_hyena_1b_nv_parallel" \
-             "2 --model-size striped_hyena_1b_nv_parallel --tensor-model-parallel-size 2"; do
+             "2 --model-size striped_hyena_1b_nv_parallel --tensor-model-parallel-size 2" \
+             "2 --model-size striped_hyena_1b_nv_parallel --tensor-model-parallel-size 2 \
+                --use-megatron-comm-overlap-llama3-8k"; do
     set -- $run; n=$1; shift; i=$((i + 1))
     rm -rf /tmp/pt16
     timeout "${TRAIN_TIMEOUT:-400}" torchrun --nproc-per-node "$n" --no-python train_evo2 --mock-data --seq-length 8192 \
