@@ -39,9 +39,10 @@ def opt_in_kernels_enabled(config, x: torch.Tensor) -> bool:
 
 
 def fused_kernels_enabled(config, x: torch.Tensor) -> bool:
-    """The Hyena kernels (prologue/epilogue, modal filter, one-token decode step, inference hcm/hcl convolutions), each
-    measured faster than its plain twin on the GPU: on for CUDA tensors unless turned off (``use_fused_hyena_kernels=False`` or
-    ``EVO2_FUSED_KERNELS=0``); on the CPU only when asked for under the Triton interpreter (tests)."""
+    """The Hyena kernels (prologue/epilogue, modal filter, one-token decode step, inference hcm/hcl convolutions),
+    each measured faster than its plain twin on the GPU: on for CUDA tensors unless turned off
+    (``use_fused_hyena_kernels=False`` or ``EVO2_FUSED_KERNELS=0``); on the CPU only when asked for under the Triton
+    interpreter (tests)."""
     asked = _asked(config)
     if asked is False or importlib.util.find_spec("triton") is None:
         return False
