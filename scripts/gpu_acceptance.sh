@@ -75,26 +75,28 @@ fi
 
 if [[ " $what " == *" train16 "* ]]; then  # issue 16: train_evo2 rows - 1b bf16 vs FP8 on real data, 7b MFU
   # Each recipe runs TRAIN16_REPEATS times (default 2): at batch 1 two identical bf16 runs ended 200 steps at
-  # validation loss 0.47 and 1.33 (twelfth session), so one run per recipe cannot compare loss curves. Checkpoints
-  # are deleted after each run: a 1b one is ~13 GB, a 7b one ~100 GB, and a full disk takes the machine down.
-  # TRAIN16_DATA=dimorphilus: 387 kb of a eukaryotic genome split by contig (held-out validation); the default phage
-  # corpus is near-identical phiX174 isolates, memorised within 200 steps (seventeenth session)
-  data=${TRAIN16_DATA:-phage}
+  # validation loss 0.47 and 1.33 (twelfth session), so one run per recipe cannot compare loss curves. Data: the
+  # dimorphilus config, 387 kb of a eukaryotic genome split by contig (held-out validation contig); TRAIN16_DATA=phage
+  # is near-identical phiX174 isolates, memorised within 200 steps (seventeenth session). The 1b runs write no
+  # checkpoint (checkpoint.save=null; one is ~13 GB), the 7b one is deleted (~100 GB: a full disk takes the machine
+  # down).
+  data=${TRAIN16_DATA:-dimorphilus}
   preprocess_evo2 --config "examples/configs/${data}_preprocess.yaml" --no-progress > "$OUT/preprocess.log" 2>&1
   echo "preprocess $data rc=$?"
   common=(-d "examples/configs/${data}_dataset.yaml" --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1
           --global-batch-size 1 --max-steps "${TRAIN_STEPS:-200}" --warmup-steps 10 --constant-steps 0
           --eval-interval "${TRAIN_STEPS:-200}" --eval-iters 2 --log-interval 20 --workers 2
-          --disable-tensorboard-logger --no-activation-checkpointing ${TRAIN_GRAPH---cuda-graph})
+          --disable-tensorboard-logger --no-activation-checkpointing ${TRAIN_GRAPH---cuda-graph} checkpoint.save=null)
   # TRAIN_GRAPH="" runs them without the full-iteration CUDA graph (--cuda-graph, the default here)
-  # TRAIN16_RECIPES: the Megatron-Bridge mixed-precision recipes to compare (e.g. add
-  # bf16_with_fp8_delayed_scaling_mixed, bf16_with_fp8_subchannel_scaling_mixed)
+  # TRAIN16_RECIPES: the Megatron-Bridge mixed-precision recipes to compare, bf16 first (e.g. add
+  # bf16_with_fp8_current_scaling_mixed, bf16_with_fp8_subchannel_scaling_mixed)
   for i in $(seq "${TRAIN16_REPEATS:-2}"); do
-    for recipe in ${TRAIN16_RECIPES:-bf16_mixed bf16_with_fp8_current_scaling_mixed}; do
+    for recipe in ${TRAIN16_RECIPES:-bf16_mixed bf16_with_fp8_delayed_scaling_mixed}; do
       train_run "train16_${recipe}_$i" "/tmp/t16_$recipe" 12 "${common[@]}" --mixed-precision-recipe "$recipe"
       rm -rf "/tmp/t16_$recipe"
     done
   done
+  python3 benchmarks/train_log_summary.py "$OUT"/train16_*_[0-9]*.log --from-step 40 | grep -v "^{"  # speed ratios
   # the step lines come first; the checkpoint written at the end is cut by the timeout
   TRAIN_TIMEOUT=${TRAIN_7B_TIMEOUT:-170} train_run train16_7b /tmp/t16_7b 3 --mock-data --model-size evo2_7b_base \
     --seq-length 8192 --micro-batch-size 1 --global-batch-size 1 --max-steps 12 --warmup-steps 2 --constant-steps 0 \

@@ -1,6 +1,8 @@
-"""benchmarks/trace_summary.py against the profiler's own totals (CPU trace; GPU kernels sum the same way)."""
+"""The benchmark helpers against their sources: trace_summary.py vs the profiler's own totals (CPU trace; GPU kernels
+sum the same way), train_log_summary.py vs lines written by train_evo2's own step-line format."""
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -8,12 +10,16 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 
-def _trace_summary():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "trace_summary.py"
-    spec = importlib.util.spec_from_file_location("trace_summary", path)
+def _benchmark(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _trace_summary():
+    return _benchmark("trace_summary")
 
 
 def test_trace_summary_matches_the_profilers_own_totals(tmp_path):
@@ -63,3 +69,37 @@ def test_trace_summary_refuses_a_trace_without_steps(tmp_path):
     prof.export_chrome_trace(str(trace))
     with pytest.raises(ValueError, match="no ProfilerStep"):
         _trace_summary().summarise(str(trace))
+
+
+def _write_train_log(path: Path, tokens_per_s: dict[int, float], val: float) -> None:
+    """A console log as train_evo2 writes it: its STEP_LINE through logging, then Megatron's validation lines."""
+    from evo2_recipe.training.metrics import STEP_LINE
+
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log = logging.getLogger(f"train_log_test.{path.stem}")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    for step, tok in tokens_per_s.items():
+        log.info(STEP_LINE, step, 1.5 - step / 1000, 3e-4, "12.345", tok, 300.0, "0.303", 39.1)
+    handler.close()
+    with open(path, "a") as f:
+        f.write(f" validation loss at iteration 200 | lm loss value: {val + 0.01:.6E} | lm loss PPL: 3.7 | \n")
+        f.write(f" validation loss at iteration 200 on validation set | lm loss value: {val:.6E} | \n")
+
+
+def test_train_log_summary_reads_train_evo2_step_lines(tmp_path, capsys):
+    tls = _benchmark("train_log_summary")
+    _write_train_log(tmp_path / "bf16_1.log", {20: 10.0, 40: 100.0, 60: 110.0}, 1.3)
+    _write_train_log(tmp_path / "bf16_2.log", {20: 10.0, 40: 90.0, 60: 100.0}, 1.31)
+    _write_train_log(tmp_path / "fp8_1.log", {20: 10.0, 40: 120.0, 60: 110.0}, 1.32)
+    run = tls.summarise(str(tmp_path / "bf16_1.log"), from_step=40)
+    assert run["tokens_per_s"] == pytest.approx(105.0) and run["lines"] == 2
+    assert run["loss"] == pytest.approx({20: 1.48, 40: 1.46, 60: 1.44})
+    assert run["validation"] == pytest.approx({"eval": 1.31, "validation": 1.3})
+    assert tls.summarise(str(tmp_path / "bf16_1.log"))["tokens_per_s"] == pytest.approx(220 / 3)
+    tls.main([str(tmp_path / n) for n in ("bf16_1.log", "bf16_2.log", "fp8_1.log")] + ["--from-step", "40"])
+    out = capsys.readouterr().out
+    assert "bf16: 100 tokens/s/GPU (1.000x bf16)" in out and "fp8: 115 tokens/s/GPU (1.150x bf16)" in out
+    with pytest.raises(ValueError, match="no 'step N"):
+        tls.summarise(str(tmp_path / "bf16_1.log"), from_step=80)

@@ -116,21 +116,22 @@ def test_bad_configurations():
         parse_pattern("SDH*", 5)
 
 
-def _grads_with_recompute(rank, world, granularity):
+def _grads_with_recompute(rank, world, method):
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(4)
     torch.manual_seed(4)
-    extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2) \
-        if granularity == "full" else {}
+    extra = dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=2) \
+        if method else {}
     model = tiny_provider(**extra).provide()
     tokens, labels = dna_batch()
     model(tokens, labels=labels).sum().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_full_activation_recompute_gives_identical_gradients():
+@pytest.mark.parametrize("method", ["uniform", "block"])
+def test_full_activation_recompute_gives_identical_gradients(method):
     (plain,) = run_on_ranks(_grads_with_recompute, 1, None)
-    (recomputed,) = run_on_ranks(_grads_with_recompute, 1, "full")
+    (recomputed,) = run_on_ranks(_grads_with_recompute, 1, method)
     assert plain.keys() == recomputed.keys()
     for k in plain:
         torch.testing.assert_close(recomputed[k], plain[k], rtol=1e-6, atol=1e-7)

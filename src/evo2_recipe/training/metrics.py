@@ -15,6 +15,9 @@ from megatron.bridge.training.callbacks import Callback
 from evo2_recipe.models.providers import num_floating_point_operations
 
 logger = logging.getLogger("evo2_recipe.train")
+# One line per --log-interval; benchmarks/train_log_summary.py parses it (tokens/s means, loss curves)
+STEP_LINE = ("step %d | lm loss %.4f | lr %.3e | grad norm %s | tokens/s/GPU %.0f | TFLOP/s/GPU %.2f | MFU %s | "
+             "peak mem %.2f GiB")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40": 181.0}
 
 
@@ -55,8 +58,7 @@ class ThroughputCallback(Callback):
         if peak:
             metrics["evo2/mfu"] = tflops / peak
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == world - 1:
-            logger.info("step %d | lm loss %.4f | lr %.3e | grad norm %s | tokens/s/GPU %.0f | TFLOP/s/GPU %.2f | "
-                        "MFU %s | peak mem %.2f GiB", step, loss, context.optimizer.param_groups[0]["lr"],
+            logger.info(STEP_LINE, step, loss, context.optimizer.param_groups[0]["lr"],
                         f"{context.grad_norm:.3f}" if context.grad_norm is not None else "n/a", tokens_s, tflops,
                         f"{tflops / peak:.3f}" if peak else "n/a (CPU)", mem)
             tb = getattr(context.state, "tensorboard_logger", None)

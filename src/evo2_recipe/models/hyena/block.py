@@ -165,9 +165,12 @@ class HyenaStack(MegatronModule):
                 return h
             return fn
 
-        if cfg.recompute_method == "block":  # recompute the first `chunk` layers, keep the rest
-            hidden_states = quantization.recompute_checkpoint(cfg, run(0, min(chunk, n)), hidden_states,
-                                                              attention_mask, rotary_pos_emb)
+        if cfg.recompute_method == "block":
+            # megatron's meaning: each of the first `chunk` layers is checkpointed on its own, the rest keep their
+            # activations (one checkpoint around all of them would rebuild them all at once in the backward)
+            for i in range(min(chunk, n)):
+                hidden_states = quantization.recompute_checkpoint(cfg, run(i, i + 1), hidden_states, attention_mask,
+                                                                  rotary_pos_emb)
             return run(min(chunk, n), n)(hidden_states, attention_mask, rotary_pos_emb)
         for start in range(0, n, chunk):  # "uniform"
             hidden_states = quantization.recompute_checkpoint(cfg, run(start, min(start + chunk, n)), hidden_states,
