@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in runs:
         print(json.dumps({k: (round(v, 1) if k == "tokens_per_s" else v) for k, v in r.items()}))
     means = group_means(runs)
-    base = next(iter(means.values()))
+    base_name, base = next(iter(means.items()))
     for name, mean in means.items():
-        print(f"{name}: {mean:,.0f} tokens/s/GPU ({mean / base:.3f}x {next(iter(means))})")
+        print(f"{name}: {mean:,.0f} tokens/s/GPU ({mean / base:.3f}x {base_name})")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,6 @@ def _benchmark(name: str):
     return module
 
 
-def _trace_summary():
-    return _benchmark("trace_summary")
-
-
 def test_trace_summary_matches_the_profilers_own_totals(tmp_path):
     trace, own = tmp_path / "trace.json", {}
 
@@ -36,7 +32,7 @@ def test_trace_summary_matches_the_profilers_own_totals(tmp_path):
             for _ in range(i + 1):
                 torch.mm(a, a)
             prof.step()
-    s = _trace_summary().summarise(str(trace))
+    s = _benchmark("trace_summary").summarise(str(trace))
     assert [r["step"] for r in s["steps"]] == ["ProfilerStep#1", "ProfilerStep#2", "ProfilerStep#3"]
     assert all(r["wall_ms"] > 0 and r["gpu_busy_ms"] == 0 for r in s["steps"])
     mm = next(r for r in s["cpu_ops"] if r["name"] == "aten::mm")
@@ -57,7 +53,7 @@ def test_trace_summary_attributes_gpu_idle_time_to_the_host_op_running(tmp_path)
             with record_function("host_wait"):
                 time.sleep(0.03)
             prof.step()
-    s = _trace_summary().summarise(str(trace))
+    s = _benchmark("trace_summary").summarise(str(trace))
     assert all(r["idle_gaps"] == 1 and r["idle_ms"] == pytest.approx(r["wall_ms"]) for r in s["steps"])
     assert s["idle"][0]["name"] == "host_wait" and s["idle"][0]["ms_per_step"] >= 30
 
@@ -68,7 +64,7 @@ def test_trace_summary_refuses_a_trace_without_steps(tmp_path):
         torch.ones(3).sum()
     prof.export_chrome_trace(str(trace))
     with pytest.raises(ValueError, match="no ProfilerStep"):
-        _trace_summary().summarise(str(trace))
+        _benchmark("trace_summary").summarise(str(trace))
 
 
 def _write_train_log(path: Path, tokens_per_s: dict[int, float], val: float) -> None:

@@ -168,14 +168,13 @@ class HyenaStack(MegatronModule):
         if cfg.recompute_method == "block":
             # megatron's meaning: each of the first `chunk` layers is checkpointed on its own, the rest keep their
             # activations (one checkpoint around all of them would rebuild them all at once in the backward)
-            for i in range(min(chunk, n)):
-                hidden_states = quantization.recompute_checkpoint(cfg, run(i, i + 1), hidden_states, attention_mask,
-                                                                  rotary_pos_emb)
-            return run(min(chunk, n), n)(hidden_states, attention_mask, rotary_pos_emb)
-        for start in range(0, n, chunk):  # "uniform"
-            hidden_states = quantization.recompute_checkpoint(cfg, run(start, min(start + chunk, n)), hidden_states,
-                                                              attention_mask, rotary_pos_emb)
-        return hidden_states
+            groups, kept_from = [(i, i + 1) for i in range(min(chunk, n))], min(chunk, n)
+        else:  # "uniform": every layer, `chunk` layers per checkpoint
+            groups, kept_from = [(s, min(s + chunk, n)) for s in range(0, n, chunk)], n
+        for start, end in groups:
+            hidden_states = quantization.recompute_checkpoint(cfg, run(start, end), hidden_states, attention_mask,
+                                                              rotary_pos_emb)
+        return run(kept_from, n)(hidden_states, attention_mask, rotary_pos_emb)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         sharded = {}
