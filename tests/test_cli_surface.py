@@ -24,20 +24,23 @@ class _Parser(Exception):
 
 
 def parser_of(script: str) -> argparse.ArgumentParser:
-    """The argument parser a console script builds (captured at ``parse_args``; nothing after it runs)."""
+    """The argument parser a console script builds (captured where it parses; nothing after it runs)."""
     module, fn = SCRIPTS[script].split(":")
 
     def grab(self, *args, **kwargs):
         raise _Parser(self)
 
-    saved = argparse.ArgumentParser.parse_args
-    argparse.ArgumentParser.parse_args = grab
+    names = ("parse_args", "parse_intermixed_args")  # train_evo2 lets overrides and flags interleave
+    saved = {name: getattr(argparse.ArgumentParser, name) for name in names}
+    for name in names:
+        setattr(argparse.ArgumentParser, name, grab)
     try:
         getattr(importlib.import_module(module), fn)([])
     except _Parser as p:
         return p.args[0]
     finally:
-        argparse.ArgumentParser.parse_args = saved
+        for name, f in saved.items():
+            setattr(argparse.ArgumentParser, name, f)
     raise AssertionError(f"{script} did not parse arguments")
 
 

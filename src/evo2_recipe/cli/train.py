@@ -51,7 +51,7 @@ def config_from_args(args: argparse.Namespace, cpu: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # section.key=value overrides may sit among flags
     setup_logging(getattr(args, "verbose", False))
     if getattr(args, "wandb_offline", False):
         import os

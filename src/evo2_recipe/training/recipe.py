@@ -370,12 +370,30 @@ def apply_overrides(cfg: ConfigContainer, overrides: list[str]) -> ConfigContain
     if cp > 1 and cfg.model.seq_length % (2 * cp):
         raise ValueError(f"sequence length {cfg.model.seq_length} must be divisible by 2*context-parallel-size = "
                          f"{2 * cp}")
+    _check_precision_aware_optimizer(cfg)
     prof = cfg.profiling
     if prof is not None and prof.use_pytorch_profiler and cfg.logger.tensorboard_dir is None:
         # Megatron-Bridge writes the trace to <tensorboard_dir>/../torch_profile: "None/../" is the working directory
         raise ValueError("profiling.use_pytorch_profiler=true writes its trace beside the TensorBoard logs "
                          "(<result-dir>/<experiment>/torch_profile/): drop --disable-tensorboard-logger")
     return cfg
+
+
+def _check_precision_aware_optimizer(cfg: ConfigContainer) -> None:
+    """Refuse the one precision-aware optimizer setup that crashes inside Transformer Engine.
+
+    Megatron hands TE's FusedAdam ``decoupled_grad`` tensors when the FP8 recipe is delayed scaling or the master
+    weights are not fp32; with a bf16 gradient buffer (``--no-grad-reduce-in-fp32``) TE's grad-norm kernel then
+    fails with an illegal memory access on the first step (TE 2.20.2, megatron-core 0.19, H200, nineteenth session).
+    """
+    opt, mp = cfg.optimizer, cfg.mixed_precision
+    if not opt.use_precision_aware_optimizer or cfg.ddp.grad_reduce_in_fp32:
+        return
+    delayed_fp8 = mp is not None and bool(mp.fp8) and mp.fp8_recipe == "delayed"
+    if delayed_fp8 or opt.main_params_dtype != torch.float32:
+        raise ValueError("--use-precision-aware-optimizer with FP8 delayed scaling (or non-fp32 "
+                         "optimizer.main_params_dtype) needs fp32 gradients: drop --no-grad-reduce-in-fp32 (TE's "
+                         "fused grad-norm reads the bf16 decoupled gradients out of bounds)")
 
 
 def default_run_name(cfg: ConfigContainer, model_size: str, mixed_precision_recipe: str | None,
