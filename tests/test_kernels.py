@@ -311,23 +311,26 @@ def test_fused_medium_conv_epilogue_bf16_real_width(G, P):
     assert err <= 1e-2, err
 
 
-@pytest.mark.parametrize("bias,low", [(True, LOW), (False, None), (True, torch.float32)])
-def test_fused_residual_add_equals_plain(bias, low):
-    """fp32 residual + low-precision branch (the Evo 2 layout): the sum, its low copy and the gradients, exactly."""
+@pytest.mark.parametrize("bias,low,shape", [(True, LOW, (13, 2, 24)), (False, None, (13, 2, 24)),
+                                            (True, torch.float32, (13, 2, 24)), (True, LOW, (37, 3, 40))])
+def test_fused_residual_add_equals_plain(bias, low, shape):
+    """fp32 residual + low-precision branch (the Evo 2 layout): the sum, its low copy and the gradients, exactly;
+    (37, 3, 40) spans several kernel blocks with a ragged last one."""
     from evo2_recipe.models.hyena.kernels.residual import residual_add
 
     g = torch.Generator().manual_seed(3)
-    res = torch.randn(13, 2, 24, generator=g).to(DEVICE).requires_grad_()
-    y = torch.randn(13, 2, 24, generator=g).to(DEVICE, LOW).requires_grad_()
-    b = torch.randn(24, generator=g).to(DEVICE, LOW).requires_grad_() if bias else None
+    H = shape[-1]
+    res = torch.randn(*shape, generator=g).to(DEVICE).requires_grad_()
+    y = torch.randn(*shape, generator=g).to(DEVICE, LOW).requires_grad_()
+    b = torch.randn(H, generator=g).to(DEVICE, LOW).requires_grad_() if bias else None
     args = [res, y] + ([b] if bias else [])
     ref = ops.residual_add(res, y, b)
     out = residual_add(res, y, b, low)
     out, out_low = out if low is not None else (out, None)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    loss_ref = (ref * torch.arange(24, device=DEVICE)).sum()
-    loss = (out * torch.arange(24, device=DEVICE)).sum()
+    loss_ref = (ref * torch.arange(H, device=DEVICE)).sum()
+    loss = (out * torch.arange(H, device=DEVICE)).sum()
     if out_low is not None:  # the norm's input: its gradient flows back into the stream too
         assert out_low.dtype == low
         torch.testing.assert_close(out_low, ref.to(low), rtol=0, atol=0)

@@ -3,7 +3,8 @@
 With ``fp32_residual_connection`` (every Evo 2 config) the plain path makes four passes per branch: the bias add in
 the branch dtype, its cast to fp32, the fp32 add, and the cast of the sum back to ``params_dtype`` for the next norm.
 Here one kernel reads ``y`` and the residual once and writes the fp32 sum and, when asked, its low-precision copy.
-Plain twin: :func:`evo2_recipe.models.hyena.operators.residual_add`; the backward is analytic (an add and casts).
+Plain twin: :func:`evo2_recipe.models.hyena.operators.residual_add`; the backward is analytic (an add and casts), one
+pass too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ def _residual_add_fwd(res_ptr, y_ptr, bias_ptr, out_ptr, low_ptr, N, H, HAS_BIAS
         tl.store(low_ptr + i, out.to(low_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _residual_add_bwd(g_out_ptr, g_low_ptr, g_res_ptr, g_y_ptr, N, HAS_LOW: tl.constexpr, BLOCK: tl.constexpr):
+    """``g_res = g_out + g_low`` (in the stream's dtype, as the plain add) and its cast to the branch: one pass for
+    what autograd runs as a cast, an add and a cast."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    g = tl.load(g_out_ptr + i, mask=m, other=0.0)
+    if HAS_LOW:
+        g_low = tl.load(g_low_ptr + i, mask=m, other=0.0).to(g_out_ptr.dtype.element_ty)
+        g = (g.to(tl.float32) + g_low.to(tl.float32)).to(g_out_ptr.dtype.element_ty)
+    tl.store(g_res_ptr + i, g, mask=m)
+    tl.store(g_y_ptr + i, g.to(g_y_ptr.dtype.element_ty), mask=m)
+
+
 class _ResidualAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual, y, bias, low_dtype):
@@ -48,11 +63,15 @@ class _ResidualAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out, g_low=None):
         y_dtype, bias_dtype = ctx.dtypes
-        if g_low is not None:
-            g_out = g_out + g_low.to(g_out.dtype)
-        g_y = g_out.to(y_dtype)  # the plain path's cast of the branch to the stream dtype, backwards
+        g_out = g_out.contiguous()
+        g_res, g_y = torch.empty_like(g_out), torch.empty(g_out.shape, dtype=y_dtype, device=g_out.device)
+        g_low = g_low.contiguous() if g_low is not None else None
+        N = g_out.numel()
+        # g_y: the plain path's cast of the branch to the stream dtype, backwards
+        _residual_add_bwd[(triton.cdiv(N, BLOCK),)](g_out, g_low if g_low is not None else g_out, g_res, g_y, N,
+                                                    HAS_LOW=g_low is not None, BLOCK=BLOCK)
         g_bias = g_y.sum(dim=tuple(range(g_y.dim() - 1))).to(bias_dtype) if bias_dtype is not None else None
-        return g_out, g_y, g_bias, None
+        return g_res, g_y, g_bias, None
 
 
 def residual_add(residual: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None,
