@@ -64,12 +64,12 @@ class _ResidualAdd(torch.autograd.Function):
     def backward(ctx, g_out, g_low=None):
         y_dtype, bias_dtype = ctx.dtypes
         g_out = g_out.contiguous()
-        g_res, g_y = torch.empty_like(g_out), torch.empty(g_out.shape, dtype=y_dtype, device=g_out.device)
-        g_low = g_low.contiguous() if g_low is not None else None
-        N = g_out.numel()
+        g_low = g_out if g_low is None else g_low.contiguous()  # a stand-in pointer when there is no low copy
         # g_y: the plain path's cast of the branch to the stream dtype, backwards
-        _residual_add_bwd[(triton.cdiv(N, BLOCK),)](g_out, g_low if g_low is not None else g_out, g_res, g_y, N,
-                                                    HAS_LOW=g_low is not None, BLOCK=BLOCK)
+        g_res, g_y = torch.empty_like(g_out), torch.empty(g_out.shape, dtype=y_dtype, device=g_out.device)
+        N = g_out.numel()
+        _residual_add_bwd[(triton.cdiv(N, BLOCK),)](g_out, g_low, g_res, g_y, N, HAS_LOW=g_low is not g_out,
+                                                    BLOCK=BLOCK)
         g_bias = g_y.sum(dim=tuple(range(g_y.dim() - 1))).to(bias_dtype) if bias_dtype is not None else None
         return g_res, g_y, g_bias, None
 
