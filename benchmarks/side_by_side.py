@@ -227,12 +227,17 @@ def _profile(run, what: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     print(f"profile: {what}", flush=True)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                  record_shapes=True) as prof:
         run()
         torch.cuda.synchronize()
     table = prof.key_averages()
     print(table.table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
     print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+    # the same GPU time split by input shapes: which call site a generic op (mul, copy_, cat) comes from
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=40,
+                                                             max_name_column_width=40,
+                                                             max_shapes_column_width=90), flush=True)
 
 
 # ---- Vortex (subprocess) ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from evo2_recipe.models.hyena import operators as ops
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_REAL = pytest.mark.skipif(DEVICE != "cuda", reason="real widths: GPU only")
 
 
 def _inputs(L, B, C, seed=0, dtype=torch.float32):
@@ -78,13 +79,15 @@ def _model_logits_fused_vs_plain(rank, world, name):
 
     from hyena_helpers import dna_batch, randomise_weights_, tiny_provider
 
-    from evo2_recipe.models.hyena.kernels import medium_conv, modal_conv
+    from evo2_recipe.models.hyena.kernels import glu, medium_conv, modal_conv, residual, rms_norm, rope
 
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(5)
     tokens, _ = (t.to(DEVICE) for t in dna_batch(2, 150))
     calls = []
-    for module, fn in ((medium_conv, "medium_conv_epilogue"), (modal_conv, "modal_conv")):  # this process only
+    for module, fn in ((medium_conv, "medium_conv_epilogue"), (modal_conv, "modal_conv"),
+                       (rope, "apply_rotary_pos_emb"), (rms_norm, "rms_norm"),
+                       (residual, "residual_add_rms_norm"), (glu, "gelu_glu")):  # this process only
         real = getattr(module, fn)
         setattr(module, fn, lambda *a, real=real, fn=fn: calls.append(fn) or real(*a))
     out, weights = {"inference_kernel_calls": calls}, None
@@ -101,12 +104,16 @@ def _model_logits_fused_vs_plain(rank, world, name):
 @pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
 def test_model_inference_with_fused_kernels_equals_plain(name):
     """A no-grad forward (scoring) takes the inference-only kernels too: logits == the plain operators' (fp32, 1e-5),
-    with the hcm and hcl kernels seen to run (150 tokens: the hcl scan over three chunks)."""
+    with the hcm, hcl, RoPE, norm, join+norm and GELU-GLU kernels seen to run (150 tokens: the hcl scan over three
+    chunks)."""
     from evo2_recipe.utils.spawn import run_on_ranks
 
     ((out,),) = (run_on_ranks(_model_logits_fused_vs_plain, 1, name, cpu=DEVICE == "cpu"),)
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
-    assert set(out["inference_kernel_calls"]) == {"medium_conv_epilogue", "modal_conv"}, out["inference_kernel_calls"]
+    expected = {"medium_conv_epilogue", "modal_conv", "apply_rotary_pos_emb", "rms_norm", "residual_add_rms_norm"}
+    if not name.endswith("_nv"):  # ARC layer 0's exact-GELU GLU (the NV models keep megatron's fused bias-GELU)
+        expected.add("gelu_glu")
+    assert set(out["inference_kernel_calls"]) == expected, out["inference_kernel_calls"]
 
 
 @pytest.mark.parametrize("L,B,C", [(37, 2, 8), (1, 1, 16), (70, 3, 72)])
@@ -339,6 +346,31 @@ def test_fused_residual_add_equals_plain(bias, low, shape):
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias,shape", [(True, (13, 2, 24)), (False, (37, 3, 40)),
+                                        pytest.param(True, (8192, 1, 1920), marks=_REAL)])
+def test_fused_residual_add_rms_norm_equals_plain(bias, shape):
+    """The join and the next norm in one pass == the plain join, its cast and torch's norm: the sum exactly, the normed
+    bf16 row within one rounding (2^-7 of the scale); 24 and 40 are not powers of two."""
+    import torch.nn.functional as F
+
+    from evo2_recipe.models.hyena.kernels.residual import residual_add_rms_norm
+
+    g = torch.Generator().manual_seed(9)
+    H = shape[-1]
+    res = torch.randn(*shape, generator=g).to(DEVICE)
+    y = torch.randn(*shape, generator=g).to(DEVICE, LOW)
+    b = torch.randn(H, generator=g).to(DEVICE, LOW) if bias else None
+    w = (1 + torch.randn(H, generator=g)).to(DEVICE, LOW)
+    out, normed = residual_add_rms_norm(res, y, b, w, 1e-6)
+    ref = ops.residual_add(res, y, b)
+    ref_normed = F.rms_norm(ref.to(LOW), (H,), w, 1e-6)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert normed.dtype == LOW
+    torch.testing.assert_close(normed.float(), ref_normed.float(), rtol=0, atol=2 ** -7 * ref_normed.abs().max().item())
+    with pytest.raises(ValueError, match="do not fit"):
+        residual_add_rms_norm(res, y, b, w[:-1], 1e-6)
+
+
 def _eager_decode_step(f, proj_window, proj_taps, window=None, taps=None, modal_state=None, poles=None,
                        residue_poles=None, direct=None):
     """The eager one-token step (HyenaLayerState.fir_step / modal_step on the same buffers) as the kernel's oracle."""
@@ -360,9 +392,6 @@ def _eager_decode_step(f, proj_window, proj_taps, window=None, taps=None, modal_
     else:
         y = modal_step(state, u, poles, residue_poles) + direct * u.float()
     return (x1 * y.to(v.dtype)).permute(2, 0, 1)
-
-
-_REAL = pytest.mark.skipif(DEVICE != "cuda", reason="real widths: GPU only")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -433,19 +462,83 @@ def test_split_kv_decode_attention_equals_masked_sdpa(b, H, Hkv, N, D, dtype):
     torch.testing.assert_close(got.float(), ref, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("shape,dtype", [((7, 2, 10), torch.float32), ((5, 2056), LOW), ((3, 1, 6), LOW)])
-def test_fused_bilinear_glu_equals_plain(shape, dtype):
-    """y = a * b of fc1's halves and its one-pass backward: identical to autograd's (each product rounded once);
-    F = 1028 spans two column blocks, F = 3 and 5 are odd."""
-    from evo2_recipe.models.hyena.kernels.glu import bilinear_glu
+def test_fused_glu_equals_plain(shape, dtype, gelu):
+    """y = act(a) * b of fc1's halves and its one-pass backward against autograd's: the bilinear GLU identical (each
+    product rounded once), the GELU one to fp32 ulps (1e-5) or one bf16 rounding (2^-7 of the scale, erf
+    implementations differ in the last bit); F = 1028 spans two column blocks, F = 3 and 5 are odd."""
+    from evo2_recipe.models.hyena.kernels import glu
 
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_()
+    x = (2 * torch.randn(*shape, generator=g)).to(DEVICE, dtype).requires_grad_()
     gy = torch.randn(*shape[:-1], shape[-1] // 2, generator=g).to(DEVICE, dtype)
-    out, ref = bilinear_glu(x), ops.bilinear_glu(x)
+    fused, plain = (glu.gelu_glu, ops.gelu_glu) if gelu else (glu.bilinear_glu, ops.bilinear_glu)
+    out, ref = fused(x), plain(x)
     assert out.dtype == dtype and out.shape == ref.shape
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
     (gx,), (gx_ref,) = torch.autograd.grad(out, x, gy), torch.autograd.grad(ref, x, gy)
-    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+    for got, want in ((out, ref), (gx, gx_ref)):
+        if not gelu:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        elif dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 ** -7 * want.abs().max().item())
     with pytest.raises(ValueError, match="even last dimension"):
-        bilinear_glu(x[..., :-1])
+        fused(x[..., :-1])
+
+
+def _rope_freqs(L, rot_dim, base=10000.0):
+    """megatron's RotaryEmbedding frequencies (L, 1, 1, rot_dim): the half-table repeated, fp32."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    return RotaryEmbedding(kv_channels=rot_dim, rotary_percent=1.0, rotary_base=base,
+                           use_cpu_initialization=True)(L).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, LOW])
+@pytest.mark.parametrize("L,B,nh,d,rot", [(37, 2, 3, 16, 16), (5, 1, 2, 24, 8), (20, 3, 1, 8, 8),
+                                          pytest.param(8192, 1, 15, 128, 128, marks=_REAL)])  # 1b attention
+def test_fused_rope_equals_megatron(L, B, nh, d, rot, dtype):
+    """Queries/keys as views of a fused QKV tensor (strided), rotated by the kernel against megatron's unfused RoPE:
+    forward and gradient; fp32 to 1e-6, bf16 within one rounding of megatron's three (2^-7 of the scale); a head dim
+    wider than the rotary dim (pass-through part) and 37 x 2 x 3 rows over several programs."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from evo2_recipe.models.hyena.kernels.rope import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(L, B, nh, 3 * d, generator=g).to(DEVICE, dtype).requires_grad_()
+    q = qkv[..., d:2 * d]  # strided like megatron's split of linear_qkv's output
+    freqs = _rope_freqs(L, rot)
+    (out,), ref = apply_rotary_pos_emb(freqs, q), _apply_rotary_pos_emb_bshd(q, freqs)
+    assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7 * ref.abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=tol)
+    assert torch.equal(out[..., rot:], q[..., rot:])  # the part beyond the rotary dim passes unchanged
+    gy = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
+    (gq,), (gq_ref,) = torch.autograd.grad(out, qkv, gy), torch.autograd.grad(ref, qkv, gy)
+    torch.testing.assert_close(gq.float(), gq_ref.float(), rtol=0, atol=tol * gy.abs().max().item())
+    with pytest.raises(ValueError, match="even and at most the head dim"):
+        apply_rotary_pos_emb(_rope_freqs(L, 2 * d), q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, LOW])
+@pytest.mark.parametrize("shape", [(13, 2, 24), (5, 37), pytest.param((8192, 1, 1920), marks=_REAL)])
+def test_fused_rms_norm_equals_cast_then_norm(shape, dtype):
+    """The fp32 stream normed into the weights' dtype in one pass == torch's norm after the cast (what the local layers
+    ran before): fp32 to 1e-6, bf16 within one rounding (2^-7 of the scale); 37 and 24 are not powers of two."""
+    import torch.nn.functional as F
+
+    from evo2_recipe.models.hyena.kernels.rms_norm import rms_norm
+
+    g = torch.Generator().manual_seed(8)
+    x = (3 * torch.randn(*shape, generator=g)).to(DEVICE)
+    w = (1 + torch.randn(shape[-1], generator=g)).to(DEVICE, dtype)
+    out, ref = rms_norm(x, w, 1e-6), F.rms_norm(x.to(dtype), (shape[-1],), w, 1e-6)
+    assert out.dtype == dtype and out.shape == ref.shape
+    # fp32: the row sums in another order (1e-6 of the scale at the 1b width; 1e-6 absolute failed there on the GPU)
+    tol = (1e-6 if dtype == torch.float32 else 2 ** -7) * ref.abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="RMSNorm weight"):
+        rms_norm(x, w[:-1], 1e-6)

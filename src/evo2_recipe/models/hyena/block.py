@@ -28,14 +28,14 @@ def _identity(x):
     return x
 
 
-def _bilinear_glu(config, x):
-    """``a * b`` of fc1's two halves (megatron's GLU with the identity gate and offset 0): the fused kernel, whose
-    backward is one pass, wherever the Hyena kernels run."""
+def _fused_glu(config, gelu: bool, x):
+    """``act(a) * b`` of fc1's two halves (megatron's GLU with offset 0; ``act`` the exact GELU or the identity): one
+    kernel, whose backward is one pass too, wherever the Hyena kernels run."""
     if fused_kernels_enabled(config, x):
-        from evo2_recipe.models.hyena.kernels.glu import bilinear_glu
+        from evo2_recipe.models.hyena.kernels import glu
 
-        return bilinear_glu(x)
-    return ops.bilinear_glu(x)
+        return glu.gelu_glu(x) if gelu else glu.bilinear_glu(x)
+    return ops.gelu_glu(x) if gelu else ops.bilinear_glu(x)
 
 
 def pipeline_layer_range(num_layers: int, pp_group=None) -> range:
@@ -67,26 +67,32 @@ class HyenaStack(MegatronModule):
                 else:
                     layer = build_module(spec.hyena_layer, config=config, layer_number=i + 1,
                                          operator_type=pattern[i], pg_collection=pg_collection)
-            if config.remove_activation_post_first_layer and i > 0:
-                self._make_mlp_bilinear(layer)
+            if config.remove_activation_post_first_layer:
+                self._fuse_mlp_gate(layer, gelu=i == 0)
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
         self.final_norm = (build_module(spec.final_norm, config=config, hidden_size=config.hidden_size,
                                         eps=config.layernorm_epsilon) if post_process else None)
 
     @staticmethod
-    def _make_mlp_bilinear(layer) -> None:
-        """ARC quirk (spec 1.4): only global layer 0's MLP uses GELU; later MLPs are bilinear (identity gate).
+    def _fuse_mlp_gate(layer, gelu: bool) -> None:
+        """ARC quirk (spec 1.4): only global layer 0's MLP uses GELU (exact erf); later MLPs are bilinear (identity
+        gate).
 
-        Megatron's unfused GLU computes ``act(a) * (b + glu_linear_offset)``: with the identity gate and offset 0 that
-        is two passes over the (tokens, 2F) intermediate; taking the activation hook (``use_te_activation_func``, the
-        path that calls ``activation_func`` on the whole fc1 output) makes it one product of the two halves.
+        Megatron's unfused GLU computes ``act(a) * (b + glu_linear_offset)``: two or three passes over the (tokens, 2F)
+        intermediate; taking the activation hook (``use_te_activation_func``, the path that calls
+        ``activation_func`` on the whole fc1 output) makes it one kernel (:func:`_fused_glu`).
         """
         mlp_config = copy.copy(layer.mlp.config)
+        if gelu and (mlp_config.activation_func is not torch.nn.functional.gelu or mlp_config.bias_activation_fusion
+                     or not mlp_config.gated_linear_unit):
+            return  # not the exact-GELU GLU: megatron's own path
         mlp_config.bias_activation_fusion = False
         if mlp_config.glu_linear_offset == 0 and mlp_config.activation_func_clamp_value is None:
             mlp_config.use_te_activation_func = True
-            mlp_config.activation_func = functools.partial(_bilinear_glu, layer.config)
+            mlp_config.activation_func = functools.partial(_fused_glu, layer.config, gelu)
+        elif gelu:
+            return
         else:
             mlp_config.activation_func = _identity
         layer.mlp.config = mlp_config
@@ -103,8 +109,24 @@ class HyenaStack(MegatronModule):
             elif isinstance(layer, HyenaLayer):
                 out = layer(hidden_states, inference_context=inference_context, last_position_only=last_position_only)
             else:
-                out = layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+                out = self._attention_call(layer, hidden_states, attention_mask, rotary_pos_emb)
         return out[0] if isinstance(out, tuple) else out
+
+    def _attention_call(self, layer, hidden_states, attention_mask, rotary_pos_emb):
+        """megatron's attention layer; a core attention that rotates queries and keys itself (the local spec's, with
+        the kernels on) takes RoPE over from megatron's unfused seven-pass path. Not when megatron recomputes the
+        core attention in the backward (selective recompute): the frequencies are handed over for this call only."""
+        cfg, core = self.config, layer.self_attention.core_attention
+        if (not isinstance(rotary_pos_emb, torch.Tensor) or not hasattr(core, "fused_rotary_pos_emb")
+                or cfg.rotary_interleaved or getattr(layer.self_attention, "checkpoint_core_attention", False)
+                or getattr(layer.self_attention, "_yarn_concentration_factor", 1.0) != 1.0
+                or not fused_kernels_enabled(cfg, hidden_states)):
+            return layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        core.fused_rotary_pos_emb = rotary_pos_emb
+        try:
+            return layer(hidden_states, attention_mask=attention_mask, rotary_pos_emb=None)
+        finally:
+            core.fused_rotary_pos_emb = None
 
     @staticmethod
     def _attention_decode(layer, hidden_states, inference_context, last_position_only: bool):
@@ -145,8 +167,10 @@ class HyenaStack(MegatronModule):
                                                      inference_context, last and hidden_states.shape[0] > 1)
         if num_layers is not None:
             return hidden_states
-        if self.final_norm is not None:  # fp32 residual -> params dtype (TE's norm refuses mixed dtypes)
-            hidden_states = self.final_norm(hidden_states.to(cfg.params_dtype))
+        if self.final_norm is not None:  # fp32 residual -> params dtype (TE's norm refuses mixed dtypes; ours casts)
+            if not getattr(self.final_norm, "casts_input", False):
+                hidden_states = hidden_states.to(cfg.params_dtype)
+            hidden_states = self.final_norm(hidden_states)
         return hidden_states
 
     def _recompute_forward(self, hidden_states, attention_mask, rotary_pos_emb):

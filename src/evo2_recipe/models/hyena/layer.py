@@ -5,11 +5,12 @@
 
 The residual stream stays in the dtype it arrives in (fp32 with ``fp32_residual_connection``); each branch runs in
 ``params_dtype``. Dropout is 0 in every Evo 2 config, so the branches are plain adds (one fused kernel on the GPU,
-``kernels/residual.py``).
+``kernels/residual.py``; in forwards without autograd the MLP's norm runs inside the mixer branch's join).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,19 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.mixer import HyenaMixer
+
+
+@contextlib.contextmanager
+def _input_normed(fc1):
+    """``fc1`` (if any) skips its own norm inside the block: its input arrives normed."""
+    if fc1 is None:
+        yield
+        return
+    fc1.input_is_normed = True
+    try:
+        yield
+    finally:
+        fc1.input_is_normed = False
 
 
 @dataclass
@@ -51,12 +65,29 @@ class HyenaLayer(MegatronModule):
         """``last_position_only``: the mixer sees (and caches) every position, the MLP branch runs on the last one
         only and the output is (1, B, H) - a prefill's last layer, when only the next token's logits are asked for."""
         state = inference_context.hyena_state(self.layer_number) if inference_context is not None else None
-        y, bias = self.mixer(self.norm(hidden_states.to(self.config.params_dtype)), state)
-        hidden_states, x = self._join(hidden_states, y, bias, self.config.params_dtype)
+        # the stream goes in as it is (fp32): the norm fused into dense_projection casts it
+        y, bias = self.mixer(self.norm(hidden_states), state)
+        fc1 = self._fc1_taking_normed_input(y, bias)
+        if fc1 is not None:  # the join and the MLP's norm in one kernel
+            from evo2_recipe.models.hyena.kernels.residual import residual_add_rms_norm
+
+            hidden_states, x = residual_add_rms_norm(hidden_states, y, bias, fc1.layer_norm_weight, fc1.eps)
+        else:
+            hidden_states, x = self._join(hidden_states, y, bias, self.config.params_dtype)
         if last_position_only:
             hidden_states, x = hidden_states[-1:], x[-1:]
-        m, bias = self.mlp(self.pre_mlp_layernorm(x))
+        with _input_normed(fc1):
+            m, bias = self.mlp(self.pre_mlp_layernorm(x))
         return self._join(hidden_states, m, bias), None
+
+    def _fc1_taking_normed_input(self, y: torch.Tensor, bias: torch.Tensor | None):
+        """The MLP's norm+linear when its norm can run inside the residual join (the local spec's, kernels on, no
+        autograd, no adapter around it), else None."""
+        fc1 = getattr(self.mlp, "linear_fc1", None)
+        if (not hasattr(fc1, "input_is_normed") or fc1.return_layernorm_output or torch.is_grad_enabled()
+                or (bias is not None and bias.dtype != y.dtype) or not fused_kernels_enabled(self.config, y)):
+            return None
+        return fc1
 
     def _join(self, residual: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, low_dtype=None):
         """``residual + (y + bias)`` (and, with ``low_dtype``, the sum cast for the next norm): one fused pass where

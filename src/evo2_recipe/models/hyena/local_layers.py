@@ -1,12 +1,14 @@
 """Pure-PyTorch layers for the local (no Transformer Engine) spec, with TE's parameter names.
 
-* :class:`RMSNorm` - ``x / sqrt(mean(x^2) + eps) * w`` (TE's formula), works with sequence parallelism.
+* :class:`RMSNorm` - ``x / sqrt(mean(x^2) + eps) * w`` (TE's formula), works with sequence parallelism; takes the
+  fp32 residual stream as it is (cast and norm one kernel in no-grad forwards where the kernels run).
 * :class:`RMSNormColumnParallelLinear` - RMSNorm fused in front of a megatron ``ColumnParallelLinear``; its norm weight
   is called ``layer_norm_weight`` exactly like ``TELayerNormColumnParallelLinear``, so checkpoints move between the TE
   and local specs, and the Hyena pre-mixer norm exists in both (the reference's local spec drops it).
 * :class:`SDPAttention` - core attention through ``F.scaled_dot_product_attention`` (flash/cuDNN kernels on GPU; the
   megatron local ``DotProductAttention`` materialises the full score matrix and refuses context parallelism). With CP
-  it all-gathers K/V over the CP group; each zigzag chunk of queries attends to the keys up to its own end.
+  it all-gathers K/V over the CP group; each zigzag chunk of queries attends to the keys up to its own end. Where the
+  kernels run, the stack hands it the rotary frequencies and it rotates queries and keys in one fused pass each.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from evo2_recipe.models.hyena import context_parallel as cp_comm
+from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.mixer import _param_device
 
 
@@ -29,15 +32,27 @@ def _mark_sequence_parallel(param: nn.Parameter, config) -> None:
     setattr(param, "sequence_parallel", bool(config.sequence_parallel))
 
 
+def rms_norm(config, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rms_norm(x.to(weight.dtype)) * weight`` (TE's formula) of any-dtype ``x`` (the fp32 residual stream): the
+    fused cast+norm kernel where the kernels run and no gradient is taken, torch's norm after the cast otherwise."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and fused_kernels_enabled(config, x):
+        from evo2_recipe.models.hyena.kernels.rms_norm import rms_norm as fused_rms_norm
+
+        return fused_rms_norm(x, weight, eps)
+    return F.rms_norm(x.to(weight.dtype), (x.shape[-1],), weight, eps)
+
+
 class RMSNorm(nn.Module):
+    casts_input = True  # takes the fp32 residual stream as it is (TE's norm needs it cast first)
+
     def __init__(self, config, hidden_size: int, eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
+        self.config, self.eps = config, eps
         self.weight = nn.Parameter(torch.ones(hidden_size, device=_param_device(config), dtype=config.params_dtype))
         _mark_sequence_parallel(self.weight, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.to(self.weight.dtype), (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(self.config, x, self.weight, self.eps)
 
 
 class RMSNormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
@@ -55,15 +70,21 @@ class RMSNormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         _mark_sequence_parallel(self.layer_norm_weight, config)
 
     return_layernorm_output = False  # as TE's fused norm+linear: LoRA adapters read the normed input
+    # set by HyenaLayer around one call: the norm already ran, fused into the residual join before this linear
+    input_is_normed = False
 
     def forward(self, x: torch.Tensor, weight=None, runtime_gather_output=None):
-        x = F.rms_norm(x.to(self.layer_norm_weight.dtype), (x.shape[-1],), self.layer_norm_weight, self.eps)
+        if not self.input_is_normed:
+            x = rms_norm(self.config, x, self.layer_norm_weight, self.eps)  # x: any dtype (the fp32 residual stream)
         out, bias = super().forward(x, weight=weight, runtime_gather_output=runtime_gather_output)
         return ((out, x), bias) if self.return_layernorm_output else (out, bias)
 
 
 class SDPAttention(MegatronModule):
     """Drop-in for megatron's core attention: (Lq, B, heads, d) q/k/v -> (Lq, B, heads*d)."""
+
+    # set by HyenaStack around one call (kernels on): RoPE applied here by the fused kernel instead of by megatron
+    fused_rotary_pos_emb: torch.Tensor | None = None
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
                  attention_dropout: float | None = None, softmax_scale: float | None = None, cp_comm_type=None,
@@ -79,6 +100,10 @@ class SDPAttention(MegatronModule):
                 packed_seq_params=None):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences are not supported by the local attention; use the TE spec")
+        if self.fused_rotary_pos_emb is not None:
+            from evo2_recipe.models.hyena.kernels.rope import apply_rotary_pos_emb
+
+            query, key = apply_rotary_pos_emb(self.fused_rotary_pos_emb, query, key)
         Lq, B, nh, d = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (B, heads, L, d)
         if k.shape[1] != nh:  # GQA: repeat key/value groups

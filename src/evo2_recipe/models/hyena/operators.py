@@ -132,6 +132,13 @@ def bilinear_glu(x: torch.Tensor) -> torch.Tensor:
     return a * b
 
 
+def gelu_glu(x: torch.Tensor) -> torch.Tensor:
+    """Layer 0's MLP gate (ARC models): megatron's GLU with the exact erf GELU and no offset, ``gelu(a) * b``;
+    (..., 2F) -> (..., F)."""
+    a, b = x.chunk(2, dim=-1)
+    return F.gelu(a) * b
+
+
 def residual_add(residual: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A layer's branch joining the residual stream: ``residual + (y + bias)``, the branch rounded to its own dtype
     first and the sum in the stream's dtype (fp32 with ``fp32_residual_connection``)."""

@@ -45,9 +45,10 @@ def with_attention_output_bias(row_linear: type) -> type:
 def with_input_in_params_dtype(norm_linear: type) -> type:
     """``norm_linear`` that casts its input to ``config.params_dtype`` first.
 
-    With ``fp32_residual_connection`` the residual stream is fp32 while the weights are bf16; the local layers cast
-    by themselves, Transformer Engine refuses mixed input/parameter dtypes outside autocast. Casting here, for every
-    spec, keeps the fp32 residual and feeds each fused norm+linear what its weights are.
+    With ``fp32_residual_connection`` the residual stream is fp32 while the weights are bf16; Transformer Engine
+    refuses mixed input/parameter dtypes outside autocast. Casting here keeps the fp32 residual and feeds TE's fused
+    norm+linear what its weights are. (The local layers take the stream as it is: their norm casts, in the same
+    kernel where the kernels run.)
     """
 
     def forward(self, x, *args, **kwargs):
@@ -110,7 +111,6 @@ class HyenaStackSpec:
 def _layers(norm_linear, row_linear, core_attention) -> tuple[ModuleSpec, ModuleSpec]:
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-    norm_linear = with_input_in_params_dtype(norm_linear)
     mlp_submodules = MLPSubmodules(linear_fc1=norm_linear, linear_fc2=row_linear)
     mlp = ModuleSpec(module=SequenceChunkedMLP, submodules=mlp_submodules)
     hyena = ModuleSpec(module=HyenaLayer, submodules=HyenaLayerSubmodules(
@@ -145,7 +145,8 @@ def te_stack_spec() -> HyenaStackSpec:
         TERowParallelLinear,
     )
 
-    hyena, attention = _layers(TELayerNormColumnParallelLinear, TERowParallelLinear, TEDotProductAttention)
+    hyena, attention = _layers(with_input_in_params_dtype(TELayerNormColumnParallelLinear), TERowParallelLinear,
+                               TEDotProductAttention)
     return HyenaStackSpec(hyena, attention, TENorm)
 
 

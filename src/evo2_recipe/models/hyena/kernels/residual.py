@@ -4,7 +4,9 @@ With ``fp32_residual_connection`` (every Evo 2 config) the plain path makes four
 the branch dtype, its cast to fp32, the fp32 add, and the cast of the sum back to ``params_dtype`` for the next norm.
 Here one kernel reads ``y`` and the residual once and writes the fp32 sum and, when asked, its low-precision copy.
 Plain twin: :func:`evo2_recipe.models.hyena.operators.residual_add`; the backward is analytic (an add and casts), one
-pass too.
+pass too. For forwards without autograd (scoring) :func:`residual_add_rms_norm` also applies the next norm (the MLP's,
+fused into its fc1) to each row, so the low copy is never written and read again: the 1b forward at 8,192 tokens ran
+21 such norms, 0.47 ms of 35 ms (H200 profile). Its plain twin is the join followed by the norm.
 """
 
 from __future__ import annotations
@@ -30,6 +32,26 @@ def _residual_add_fwd(res_ptr, y_ptr, bias_ptr, out_ptr, low_ptr, N, H, HAS_BIAS
     tl.store(out_ptr + i, out, mask=m)
     if WRITE_LOW:
         tl.store(low_ptr + i, out.to(low_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _residual_add_rms_norm_fwd(res_ptr, y_ptr, bias_ptr, w_ptr, out_ptr, normed_ptr, H, eps, HAS_BIAS: tl.constexpr,
+                               BLOCK_H: tl.constexpr):
+    """One row: ``out = res + (y + bias)`` as :func:`_residual_add_fwd`, then ``rms_norm(out.to(w.dtype)) * w``."""
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.arange(0, BLOCK_H)
+    m = col < H
+    i = row * H + col
+    y = tl.load(y_ptr + i, mask=m, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + col, mask=m, other=0.0)
+        y = (y.to(tl.float32) + bias.to(tl.float32)).to(y_ptr.dtype.element_ty)
+    out = (tl.load(res_ptr + i, mask=m, other=0.0).to(tl.float32) + y.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + i, out, mask=m)
+    x = out.to(normed_ptr.dtype.element_ty).to(tl.float32)  # the norm's input cast, as the plain path
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+    w = tl.load(w_ptr + col, mask=m, other=0.0).to(tl.float32)
+    tl.store(normed_ptr + i, (x * rstd * w).to(normed_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -85,3 +107,22 @@ def residual_add(residual: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | N
         out = _ResidualAdd.apply(residual, y, bias, None)
         return out, out
     return _ResidualAdd.apply(residual, y, bias, low_dtype)
+
+
+def residual_add_rms_norm(residual: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, rms_norm(s.to(weight.dtype)) * weight)`` with ``s = residual + (y + bias)``, one pass over each row; no
+    autograd (inference forwards). The bias, if any, in ``y``'s dtype."""
+    H = residual.shape[-1]
+    if bias is not None and bias.dtype != y.dtype:
+        raise ValueError(f"fused residual add needs the bias in the branch dtype {y.dtype}, got {bias.dtype}")
+    if weight.shape != (H,) or y.shape != residual.shape:
+        raise ValueError(f"residual {tuple(residual.shape)}, branch {tuple(y.shape)} and norm weight "
+                         f"{tuple(weight.shape)} do not fit")
+    res, y = residual.contiguous(), y.contiguous()
+    out, normed = torch.empty_like(res), torch.empty(res.shape, dtype=weight.dtype, device=res.device)
+    block = triton.next_power_of_2(H)
+    _residual_add_rms_norm_fwd[(res.numel() // H,)](res, y, bias if bias is not None else y, weight, out, normed, H,
+                                                    eps, HAS_BIAS=bias is not None, BLOCK_H=block,
+                                                    num_warps=min(16, max(1, block // 256)))
+    return out, normed
