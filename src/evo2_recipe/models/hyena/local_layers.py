@@ -35,7 +35,8 @@ def _mark_sequence_parallel(param: nn.Parameter, config) -> None:
 def rms_norm(config, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``rms_norm(x.to(weight.dtype)) * weight`` (TE's formula) of any-dtype ``x`` (the fp32 residual stream): the
     fused cast+norm kernel where the kernels run and no gradient is taken, torch's norm after the cast otherwise."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and fused_kernels_enabled(config, x):
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if not needs_grad and fused_kernels_enabled(config, x):
         from evo2_recipe.models.hyena.kernels.rms_norm import rms_norm as fused_rms_norm
 
         return fused_rms_norm(x, weight, eps)
