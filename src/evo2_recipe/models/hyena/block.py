@@ -83,17 +83,17 @@ class HyenaStack(MegatronModule):
         intermediate; taking the activation hook (``use_te_activation_func``, the path that calls
         ``activation_func`` on the whole fc1 output) makes it one kernel (:func:`_fused_glu`).
         """
-        mlp_config = copy.copy(layer.mlp.config)
-        if gelu and (mlp_config.activation_func is not torch.nn.functional.gelu or mlp_config.bias_activation_fusion
-                     or not mlp_config.gated_linear_unit):
-            return  # not the exact-GELU GLU: megatron's own path
+        cfg = layer.mlp.config
+        fusable = cfg.glu_linear_offset == 0 and cfg.activation_func_clamp_value is None
+        if gelu and not (fusable and cfg.gated_linear_unit and cfg.activation_func is torch.nn.functional.gelu
+                         and not cfg.bias_activation_fusion):
+            return  # layer 0 keeps megatron's own GLU unless it is the exact-GELU one without offset
+        mlp_config = copy.copy(cfg)
         mlp_config.bias_activation_fusion = False
-        if mlp_config.glu_linear_offset == 0 and mlp_config.activation_func_clamp_value is None:
+        if fusable:
             mlp_config.use_te_activation_func = True
             mlp_config.activation_func = functools.partial(_fused_glu, layer.config, gelu)
-        elif gelu:
-            return
-        else:
+        else:  # megatron's GLU with the identity gate (and the offset)
             mlp_config.activation_func = _identity
         layer.mlp.config = mlp_config
         layer.mlp.activation_func = mlp_config.activation_func

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from evo2_recipe.models.hyena.kernels.rms_norm import normed_row, row_launch
+
 BLOCK = 1024
 
 
@@ -48,10 +50,8 @@ def _residual_add_rms_norm_fwd(res_ptr, y_ptr, bias_ptr, w_ptr, out_ptr, normed_
         y = (y.to(tl.float32) + bias.to(tl.float32)).to(y_ptr.dtype.element_ty)
     out = (tl.load(res_ptr + i, mask=m, other=0.0).to(tl.float32) + y.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + i, out, mask=m)
-    x = out.to(normed_ptr.dtype.element_ty).to(tl.float32)  # the norm's input cast, as the plain path
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
-    w = tl.load(w_ptr + col, mask=m, other=0.0).to(tl.float32)
-    tl.store(normed_ptr + i, (x * rstd * w).to(normed_ptr.dtype.element_ty), mask=m)
+    normed = normed_row(out, w_ptr, col, m, H, eps, normed_ptr.dtype.element_ty)
+    tl.store(normed_ptr + i, normed.to(normed_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -121,8 +121,6 @@ def residual_add_rms_norm(residual: torch.Tensor, y: torch.Tensor, bias: torch.T
                          f"{tuple(weight.shape)} do not fit")
     res, y = residual.contiguous(), y.contiguous()
     out, normed = torch.empty_like(res), torch.empty(res.shape, dtype=weight.dtype, device=res.device)
-    block = triton.next_power_of_2(H)
     _residual_add_rms_norm_fwd[(res.numel() // H,)](res, y, bias if bias is not None else y, weight, out, normed, H,
-                                                    eps, HAS_BIAS=bias is not None, BLOCK_H=block,
-                                                    num_warps=min(16, max(1, block // 256)))
+                                                    eps, HAS_BIAS=bias is not None, **row_launch(H))
     return out, normed

@@ -16,15 +16,28 @@ import triton.language as tl
 
 
 @triton.jit
+def normed_row(x, w_ptr, col, m, H, eps, dtype: tl.constexpr):
+    """One row (masked lanes 0) cast to ``dtype`` as the plain path's cast, then ``x / sqrt(mean(x^2) + eps) * w`` in
+    fp32 (shared with the residual join's fused norm)."""
+    x = x.to(dtype).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+    return x * rstd * tl.load(w_ptr + col, mask=m, other=0.0).to(tl.float32)
+
+
+def row_launch(H: int) -> dict:
+    """Block and warps of a one-row-per-program kernel over rows of ``H``."""
+    block = triton.next_power_of_2(H)
+    return dict(BLOCK_H=block, num_warps=min(16, max(1, block // 256)))
+
+
+@triton.jit
 def _rms_norm_fwd(x_ptr, w_ptr, out_ptr, H, stride_x, eps, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     col = tl.arange(0, BLOCK_H)
     m = col < H
-    dtype = out_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * stride_x + col, mask=m, other=0.0).to(dtype).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
-    w = tl.load(w_ptr + col, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * H + col, (x * rstd * w).to(dtype), mask=m)
+    x = tl.load(x_ptr + row * stride_x + col, mask=m, other=0.0)
+    y = normed_row(x, w_ptr, col, m, H, eps, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * H + col, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,7 +50,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(x.shape, dtype=weight.dtype, device=x.device)
-    block = triton.next_power_of_2(H)
-    _rms_norm_fwd[(x2.shape[0],)](x2, weight, out, H, x2.stride(0), eps, BLOCK_H=block,
-                                   num_warps=min(16, max(1, block // 256)))
+    _rms_norm_fwd[(x2.shape[0],)](x2, weight, out, H, x2.stride(0), eps, **row_launch(H))
     return out
