@@ -74,7 +74,7 @@ def test_model_with_fused_kernels_equals_plain(name):
         torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
-def _model_logits_fused_vs_plain(rank, world, name):
+def _model_logits_fused_vs_plain(rank, world, name, pattern):
     from megatron.core import parallel_state, tensor_parallel
 
     from hyena_helpers import dna_batch, randomise_weights_, tiny_provider
@@ -90,30 +90,46 @@ def _model_logits_fused_vs_plain(rank, world, name):
                        (residual, "residual_add_rms_norm"), (glu, "gelu_glu")):  # this process only
         real = getattr(module, fn)
         setattr(module, fn, lambda *a, real=real, fn=fn: calls.append(fn) or real(*a))
-    out, weights = {"inference_kernel_calls": calls}, None
+    out, weights = {}, None
+    overrides = {"hybrid_override_pattern": pattern} if pattern else {}
     for fused in (False, True):  # on CPU the kernels run only when asked for (under the interpreter)
-        model = tiny_provider(name, use_fused_hyena_kernels=fused).provide().to(DEVICE).eval()
+        model = tiny_provider(name, use_fused_hyena_kernels=fused, **overrides).provide().to(DEVICE).eval()
         if weights is None:
             weights = randomise_weights_(model).state_dict()
         model.load_state_dict(weights)
+        calls.clear()
         with torch.no_grad():
             out[fused] = model(tokens).cpu()
+    out["inference_kernel_calls"] = calls  # the fused forward's
+    out["pattern"] = model.config.hybrid_override_pattern
     return out
 
 
-@pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
-def test_model_inference_with_fused_kernels_equals_plain(name):
+@pytest.mark.parametrize("name,pattern", [("striped_hyena_tiny", None), ("striped_hyena_tiny_nv", None),
+                                          ("striped_hyena_tiny", "*SDH")])
+def test_model_inference_with_fused_kernels_equals_plain(name, pattern):
     """A no-grad forward (scoring) takes the inference-only kernels too: logits == the plain operators' (fp32, 1e-5),
     with the hcm, hcl, RoPE, norm, join+norm and GELU-GLU kernels seen to run (150 tokens: the hcl scan over three
-    chunks)."""
+    chunks). Every norm after a Hyena layer (the next Hyena layer's pre-mixer norm, the final norm) runs in that
+    layer's last join: one join+norm per Hyena layer plus one per Hyena layer whose output a local norm reads, and a
+    norm of its own only before attention layers' linears, after attention layers and at the stack's start."""
+    from collections import Counter
+
     from evo2_recipe.utils.spawn import run_on_ranks
 
-    ((out,),) = (run_on_ranks(_model_logits_fused_vs_plain, 1, name, cpu=DEVICE == "cpu"),)
+    ((out,),) = (run_on_ranks(_model_logits_fused_vs_plain, 1, name, pattern, cpu=DEVICE == "cpu"),)
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
     expected = {"medium_conv_epilogue", "modal_conv", "apply_rotary_pos_emb", "rms_norm", "residual_add_rms_norm"}
     if not name.endswith("_nv"):  # ARC layer 0's exact-GELU GLU (the NV models keep megatron's fused bias-GELU)
         expected.add("gelu_glu")
-    assert set(out["inference_kernel_calls"]) == expected, out["inference_kernel_calls"]
+    calls = Counter(out["inference_kernel_calls"])
+    assert set(calls) == expected, calls
+    hyena = [k != "*" for k in out["pattern"]]
+    n = len(hyena)
+    joins = sum(1 + (i == n - 1 or hyena[i + 1]) for i in range(n) if hyena[i])
+    norms = sum(2 for h in hyena if not h) + sum(1 for i in range(n) if hyena[i] and (i == 0 or not hyena[i - 1]))
+    norms += not hyena[-1]  # the final norm after an attention layer
+    assert (calls["residual_add_rms_norm"], calls["rms_norm"]) == (joins, norms), (out["pattern"], calls)
 
 
 @pytest.mark.parametrize("L,B,C", [(37, 2, 8), (1, 1, 16), (70, 3, 72)])

@@ -12,6 +12,7 @@ import functools
 
 import torch
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from torch import nn
@@ -20,7 +21,8 @@ from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import ATTENTION, parse_pattern
 from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
-from evo2_recipe.models.hyena.layer import HyenaLayer
+from evo2_recipe.models.hyena.layer import HyenaLayer, takes_normed_input
+from evo2_recipe.models.hyena.local_layers import RMSNorm
 from evo2_recipe.models.hyena.specs import HyenaStackSpec
 
 
@@ -102,15 +104,34 @@ class HyenaStack(MegatronModule):
         self.input_tensor = input_tensor
 
     def _layer_call(self, layer, hidden_states, attention_mask, rotary_pos_emb, inference_context,
-                    last_position_only: bool = False):
+                    last_position_only: bool = False, normed_input=None, next_norm=None):
+        """-> (output, the next norm applied to it or None); ``normed_input`` / ``next_norm``: Hyena layers only
+        (:meth:`_next_norm`)."""
         with quantization.layer_context(self.config, layer.layer_number - 1):  # FP8/FP4 per layer (not delayed)
             if inference_context is not None and not isinstance(layer, HyenaLayer):
                 out = self._attention_decode(layer, hidden_states, inference_context, last_position_only)
             elif isinstance(layer, HyenaLayer):
-                out = layer(hidden_states, inference_context=inference_context, last_position_only=last_position_only)
+                return layer(hidden_states, inference_context=inference_context, last_position_only=last_position_only,
+                             normed_input=normed_input, next_norm=next_norm)
             else:
                 out = self._attention_call(layer, hidden_states, attention_mask, rotary_pos_emb)
-        return out[0] if isinstance(out, tuple) else out
+        return (out[0] if isinstance(out, tuple) else out), None
+
+    def _next_norm(self, layers, i: int, final: bool) -> tuple[torch.Tensor, float] | None:
+        """(weight, eps) of the norm reading layer ``i``'s output when that Hyena layer's last join may apply it (no
+        autograd): the next Hyena layer's pre-mixer norm, or after the last layer the final norm (``final``) - the
+        local spec's norms, whose layers then skip them. Saves a pass over the fp32 stream per layer in scoring."""
+        if torch.is_grad_enabled() or not isinstance(layers[i], HyenaLayer):
+            return None
+        if i + 1 < len(layers):
+            nxt = layers[i + 1]
+            if (isinstance(nxt, HyenaLayer) and isinstance(nxt.norm, IdentityOp)
+                    and takes_normed_input(nxt.mixer.dense_projection)):
+                return nxt.mixer.dense_projection.layer_norm_weight, nxt.mixer.dense_projection.eps
+            return None
+        if final and isinstance(self.final_norm, RMSNorm):
+            return self.final_norm.weight, self.final_norm.eps
+        return None
 
     def _attention_call(self, layer, hidden_states, attention_mask, rotary_pos_emb):
         """megatron's attention layer; a core attention that rotates queries and keys itself (the local spec's, with
@@ -160,11 +181,14 @@ class HyenaStack(MegatronModule):
             if cfg.recompute_granularity == "full" and self.training and inference_context is None:
                 hidden_states = self._recompute_forward(hidden_states, attention_mask, rotary_pos_emb)
             else:
-                layers = self.layers[:num_layers]
+                layers, normed = self.layers[:num_layers], None
                 for i, layer in enumerate(layers):
                     last = last_position_only and self.post_process and i == len(layers) - 1
-                    hidden_states = self._layer_call(layer, hidden_states, attention_mask, rotary_pos_emb,
-                                                     inference_context, last and hidden_states.shape[0] > 1)
+                    hidden_states, normed = self._layer_call(
+                        layer, hidden_states, attention_mask, rotary_pos_emb, inference_context,
+                        last and hidden_states.shape[0] > 1, normed, self._next_norm(layers, i, num_layers is None))
+                if normed is not None:  # the last layer's join applied the final norm
+                    return normed
         if num_layers is not None:
             return hidden_states
         if self.final_norm is not None:  # fp32 residual -> params dtype (TE's norm refuses mixed dtypes; ours casts)
@@ -185,7 +209,7 @@ class HyenaStack(MegatronModule):
         def run(start, end):
             def fn(h, mask, rope):
                 for layer in self.layers[start:end]:
-                    h = self._layer_call(layer, h, mask, rope, None)
+                    h, _ = self._layer_call(layer, h, mask, rope, None)
                 return h
             return fn
 

@@ -5,7 +5,9 @@
 
 The residual stream stays in the dtype it arrives in (fp32 with ``fp32_residual_connection``); each branch runs in
 ``params_dtype``. Dropout is 0 in every Evo 2 config, so the branches are plain adds (one fused kernel on the GPU,
-``kernels/residual.py``; in forwards without autograd the MLP's norm runs inside the mixer branch's join).
+``kernels/residual.py``). In forwards without autograd (local spec, kernels on) each norm runs inside the join before
+it: the MLP's in the mixer branch's join, and the next layer's pre-mixer norm (or the final norm) in the MLP branch's
+join, handed over by the stack (``next_norm`` in, ``normed_input`` out to the next layer).
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
+from evo2_recipe.models.hyena.local_layers import RMSNormColumnParallelLinear
 from evo2_recipe.models.hyena.mixer import HyenaMixer
+
+
+def takes_normed_input(module) -> bool:
+    """``module`` is the local spec's norm+linear with nothing around it (an adapter reads the normed input from it):
+    its norm can run in the residual join before it."""
+    return isinstance(module, RMSNormColumnParallelLinear) and not module.return_layernorm_output
 
 
 @contextlib.contextmanager
@@ -61,33 +70,46 @@ class HyenaLayer(MegatronModule):
                                 tp_group=pg_collection.tp if pg_collection is not None else None)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None, inference_context=None,
-                last_position_only: bool = False, **_unused):
-        """``last_position_only``: the mixer sees (and caches) every position, the MLP branch runs on the last one
-        only and the output is (1, B, H) - a prefill's last layer, when only the next token's logits are asked for."""
-        state = inference_context.hyena_state(self.layer_number) if inference_context is not None else None
-        # the stream goes in as it is (fp32): the norm fused into dense_projection casts it
-        y, bias = self.mixer(self.norm(hidden_states), state)
-        fc1 = self._fc1_taking_normed_input(y, bias)
-        if fc1 is not None:  # the join and the MLP's norm in one kernel
-            from evo2_recipe.models.hyena.kernels.residual import residual_add_rms_norm
+                last_position_only: bool = False, normed_input: torch.Tensor | None = None,
+                next_norm: tuple[torch.Tensor, float] | None = None, **_unused):
+        """-> (output stream, ``next_norm`` applied to it or None).
 
-            hidden_states, x = residual_add_rms_norm(hidden_states, y, bias, fc1.layer_norm_weight, fc1.eps)
+        ``last_position_only``: the mixer sees (and caches) every position, the MLP branch runs on the last one only
+        and the output is (1, B, H) - a prefill's last layer, when only the next token's logits are asked for.
+        ``normed_input``: this layer's pre-mixer norm of ``hidden_states``, already applied by the previous layer's
+        join. ``next_norm``: (weight, eps) of the norm that reads this layer's output, applied in the last join when
+        the kernels can (no autograd)."""
+        state = inference_context.hyena_state(self.layer_number) if inference_context is not None else None
+        if normed_input is None:  # the stream goes in as it is (fp32): the norm fused into dense_projection casts it
+            y, bias = self.mixer(self.norm(hidden_states), state)
         else:
+            with _input_normed(self.mixer.dense_projection):
+                y, bias = self.mixer(normed_input, state)
+        fc1 = getattr(self.mlp, "linear_fc1", None)
+        if takes_normed_input(fc1) and self._norm_fusable(y, bias):  # the join and the MLP's norm in one kernel
+            hidden_states, x = self._join_and_norm(hidden_states, y, bias, (fc1.layer_norm_weight, fc1.eps))
+        else:
+            fc1 = None
             hidden_states, x = self._join(hidden_states, y, bias, self.config.params_dtype)
         if last_position_only:
             hidden_states, x = hidden_states[-1:], x[-1:]
         with _input_normed(fc1):
             m, bias = self.mlp(self.pre_mlp_layernorm(x))
+        if next_norm is not None and self._norm_fusable(m, bias):
+            return self._join_and_norm(hidden_states, m, bias, next_norm)
         return self._join(hidden_states, m, bias), None
 
-    def _fc1_taking_normed_input(self, y: torch.Tensor, bias: torch.Tensor | None):
-        """The MLP's norm+linear when its norm can run inside the residual join (the local spec's, kernels on, no
-        autograd, no adapter around it), else None."""
-        fc1 = getattr(self.mlp, "linear_fc1", None)
-        if (not hasattr(fc1, "input_is_normed") or fc1.return_layernorm_output or torch.is_grad_enabled()
-                or (bias is not None and bias.dtype != y.dtype) or not fused_kernels_enabled(self.config, y)):
-            return None
-        return fc1
+    def _norm_fusable(self, y: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """The join of ``y`` may apply the norm after it: no autograd, the kernels on, a bias in the branch dtype."""
+        return (not torch.is_grad_enabled() and (bias is None or bias.dtype == y.dtype)
+                and fused_kernels_enabled(self.config, y))
+
+    @staticmethod
+    def _join_and_norm(residual, y, bias, norm: tuple[torch.Tensor, float]):
+        """``(s, rms_norm(s) * weight)`` with ``s = residual + (y + bias)``: one kernel."""
+        from evo2_recipe.models.hyena.kernels.residual import residual_add_rms_norm
+
+        return residual_add_rms_norm(residual, y, bias, *norm)
 
     def _join(self, residual: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, low_dtype=None):
         """``residual + (y + bias)`` (and, with ``low_dtype``, the sum cast for the next norm): one fused pass where

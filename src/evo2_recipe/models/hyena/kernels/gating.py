@@ -25,8 +25,12 @@ from evo2_recipe.models.hyena import operators as ops
 BLOCK_L, BLOCK_C = 32, 64
 # the forwards that transpose (prologue: sequence-first in, channel-first out) or read a 7-tap window (hcs epilogue),
 # from H200 sweeps at the 1b and 7b widths, 8,192 tokens, bf16 (4 warps): prologue 16 x 64 73 / 149 us against
-# 32 x 64 114 / 231 (16 x 128 85, 64 x 64 216); hcs epilogue 64 x 32 54 / 106 us against 32 x 64 87 / 176
-PROLOGUE_BLOCK_L, PROLOGUE_BLOCK_C = 16, 64
+# 32 x 64 114 / 231 (16 x 128 85, 64 x 64 216); hcs epilogue 64 x 32 54 / 106 us against 32 x 64 87 / 176. A second
+# prologue sweep alone (twenty-first session): 16 x 32 with 2 warps 93 / 194 us against 16 x 64 with 4 warps
+# 103 / 194, 8 x 64 126 / 229, but in the 1b forward (its input fresh from the GEMM) 69.5 us against 68.1: kept;
+# loading each tile's three interleaved lanes at once (4-wide masked loads, split in registers) instead of one
+# strided load per lane was 2.5-2.9x slower.
+PROLOGUE_BLOCK_L, PROLOGUE_BLOCK_C, PROLOGUE_WARPS = 16, 64, 4
 SHORT_BLOCK_L, SHORT_BLOCK_C = 64, 32
 # the prologue's backward holds three accumulators and recomputes x2, v at three shifts: smaller tiles run faster
 # (H200 sweeps at the 1b training shape, weight-gradient sum included: 8 x 32 with 2 warps 451 us, 8 x 16 with 1 warp
@@ -278,7 +282,8 @@ class _Prologue(torch.autograd.Function):
         x1 = torch.empty((B, C3 // 3, L), dtype=features.dtype, device=features.device)
         u = torch.empty_like(x1)
         _prologue_fwd[_grid(L, B, C3 // 3, PROLOGUE_BLOCK_L, PROLOGUE_BLOCK_C)](
-            f, w, x1, u, L, C3 // 3, f.stride(0), f.stride(1), BLOCK_L=PROLOGUE_BLOCK_L, BLOCK_C=PROLOGUE_BLOCK_C)
+            f, w, x1, u, L, C3 // 3, f.stride(0), f.stride(1), BLOCK_L=PROLOGUE_BLOCK_L, BLOCK_C=PROLOGUE_BLOCK_C,
+            num_warps=PROLOGUE_WARPS)
         return x1, u
 
     @staticmethod
