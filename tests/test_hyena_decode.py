@@ -54,20 +54,24 @@ def test_cached_decode_equals_full_forward(name, prompt_len, fused_step, bounded
     torch.testing.assert_close(lasts, full[:, [prompt_len - 1, prompt_len + 4]], rtol=1e-5, atol=1e-5)
 
 
-def _last_position_vs_full(rank, world, pattern):
+def _last_position_vs_full(rank, world, pattern, fused):
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(5)
     model = tiny_provider(hybrid_override_pattern=pattern, num_layers=len(pattern)).provide().eval()
     tokens, _ = dna_batch(2, 24, seed=3)
     with torch.no_grad():
         full = model(tokens)
+        if fused:  # the prefill through the kernels (interpreter on CPU); the full forward stays plain
+            os.environ["EVO2_FUSED_KERNELS"] = "1"
         ctx = HyenaInferenceContext(max_batch_size=2, max_sequence_length=24, materialize_only_last_token_logits=True)
         last = model(tokens, inference_context=ctx)
     return full, last
 
 
-@pytest.mark.parametrize("pattern", ["SDH*S", "*SDH", "SDH*"])  # last layer hcs, hcl, attention (last query only)
-def test_prefill_last_position_only_equals_full_forward(pattern):
-    ((full, last),) = run_on_ranks(_last_position_vs_full, 1, pattern)
+@pytest.mark.parametrize("pattern,fused", [("SDH*S", False), ("*SDH", False), ("SDH*", False), ("*SDH", True)])
+def test_prefill_last_position_only_equals_full_forward(pattern, fused):
+    """Last layer hcs, hcl, attention (last query only); fused: each Hyena layer's last join applies the next norm,
+    the last one the final norm on the last position alone."""
+    ((full, last),) = run_on_ranks(_last_position_vs_full, 1, pattern, fused)
     assert last.shape == (2, 1, full.shape[-1])
     torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
