@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from evo2_recipe.models.hyena.kernels.modal_filter import modal_filter_from_log_poles
+
 CHUNK = 64  # positions per chunk (BT)
 CHUNKS_PER_TILE = 32  # chunks per matrix product (NC)
 DOT_PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores: 7x faster than "ieee" (CUDA cores) on an H200
@@ -87,9 +89,9 @@ def modal_conv(u_BCL: torch.Tensor, log_poles_GO: torch.Tensor, R_GO: torch.Tens
     if C % G:
         raise ValueError(f"{C} channels are not divisible into {G} filter groups")
     lp, R = log_poles_GO.float().contiguous(), R_GO.float().contiguous()
-    taps = (R[:, :, None] * torch.exp(lp[:, :, None] * torch.arange(CHUNK, device=u.device))).sum(1)  # (G, BT)
+    taps = modal_filter_from_log_poles(lp, R, CHUNK)  # (G, BT): one kernel instead of four small ops per layer
     y = torch.empty_like(u)
-    _modal_conv_fwd[(B * C,)](u, taps.contiguous(), lp, R, skip_C.contiguous(), y, L, C, C // G, O,
+    _modal_conv_fwd[(B * C,)](u, taps, lp, R, skip_C.contiguous(), y, L, C, C // G, O,
                               BLOCK_O=max(16, triton.next_power_of_2(O)), BT=CHUNK, NC=CHUNKS_PER_TILE,
                               PRECISION=DOT_PRECISION)
     return y

@@ -89,7 +89,12 @@ class _ModalFilter(torch.autograd.Function):
 
 def modal_filter(p_GO: torch.Tensor, gamma_GO: torch.Tensor, R_GO: torch.Tensor, L: int) -> torch.Tensor:
     """Fused :func:`evo2_recipe.models.hyena.operators.modal_filter`: (G, L) fp32."""
-    return _ModalFilter.apply(ops.modal_log_poles(p_GO, gamma_GO), R_GO, L)
+    return modal_filter_from_log_poles(ops.modal_log_poles(p_GO, gamma_GO), R_GO, L)
+
+
+def modal_filter_from_log_poles(log_poles_GO: torch.Tensor, R_GO: torch.Tensor, L: int) -> torch.Tensor:
+    """``h[g, t] = sum_o R[g, o] exp(log_pole[g, o] t)`` for ``t < L``: (G, L) fp32, one kernel."""
+    return _ModalFilter.apply(log_poles_GO, R_GO, L)
 
 
 @triton.jit
