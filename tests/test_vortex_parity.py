@@ -2,12 +2,15 @@
 
 The Megatron-Bridge checkpoint is written, exported to ``.pt`` + Vortex YAML by the console script, and loaded into
 Vortex's ``StripedHyena`` (fp32, CPU, see ``vortex_reference``). Logits must agree within 1e-4 (max abs) for a full
-forward and for a prefill followed by token-by-token decoding.
+forward and for a prefill followed by token-by-token decoding, with the plain operators and with the fused kernels
+(Triton's interpreter on CPU: the scoring path's kernels, each norm inside the join before it, the decode step).
 
 All weights are randomised away from their initial values (biases non-zero, norm scales != 1, embeddings of unit
 scale as in trained models) so every tensor of the export affects the logits. At unit scale the two RMSNorm eps
 placements (ours/TE ``1/sqrt(ms+eps)``, Vortex ``1/(rms+eps)``) differ by ~1e-6 relative.
 """
+
+import os
 
 import pytest
 import torch
@@ -40,15 +43,20 @@ def _our_logits(rank, world, name, ckpt_dir, prompt_len):
     write_model_checkpoint(tensors, ckpt_dir, model_size=name, run_config=cfg, tokenizer_dir=tok,
                            params_dtype=torch.float32)
     tokens, _ = dna_batch(2, 40, seed=4)
-    with torch.no_grad():
-        full = model(tokens)
-        ctx = HyenaInferenceContext(max_batch_size=2, max_sequence_length=tokens.shape[1])
-        pieces = [model(tokens[:, :prompt_len], inference_context=ctx)]
-        ctx.advance(prompt_len)
-        for pos in range(prompt_len, tokens.shape[1]):
-            pieces.append(model(tokens[:, pos:pos + 1], inference_context=ctx))
-            ctx.advance(1)
-    return tokens, full, torch.cat(pieces, dim=1)
+    out = {}
+    for fused in ("0", "1"):
+        os.environ["EVO2_FUSED_KERNELS"] = fused  # read at each call (this spawned process only)
+        with torch.no_grad():
+            full = model(tokens)
+            ctx = HyenaInferenceContext(max_batch_size=2, max_sequence_length=tokens.shape[1])
+            pieces = [model(tokens[:, :prompt_len], inference_context=ctx)]
+            ctx.advance(prompt_len)
+            for pos in range(prompt_len, tokens.shape[1]):
+                pieces.append(model(tokens[:, pos:pos + 1], inference_context=ctx))
+                ctx.advance(1)
+        out[fused == "1"] = full, torch.cat(pieces, dim=1)
+    del os.environ["EVO2_FUSED_KERNELS"]
+    return tokens, out
 
 
 def _vortex_logits(rank, world, pt, yml, tokens, prompt_len, tanh_gelu):
@@ -101,13 +109,15 @@ def parity(tmp_path_factory):
                     "--output-path", root / name / "vortex" / "tiny.pt", "--model-size", name, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         stderr[name] = r.stderr
-    (vortex,) = run_on_ranks(_vortex_logits_of_each, 1, str(root), [tokens for tokens, _, _ in ours])
+    (vortex,) = run_on_ranks(_vortex_logits_of_each, 1, str(root), [tokens for tokens, _ in ours])
     return {name: (o, v, stderr[name]) for name, o, v in zip(NAMES, ours, vortex)}
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("name", NAMES)
-def test_vortex_logits_match_ours(parity, name):
-    (tokens, ours_full, ours_cached), (vx_full, vx_cached), stderr = parity[name]
+def test_vortex_logits_match_ours(parity, name, fused):
+    (tokens, ours), (vx_full, vx_cached), stderr = parity[name]
+    ours_full, ours_cached = ours[fused]
     assert ("tanh approximation" in stderr) == name.endswith("_nv")  # the one thing NV exports cannot carry
     assert ours_full.std() > 0.5  # non-degenerate logits: a wrong tensor mapping would show
     assert (ours_full - vx_full).abs().max() < ATOL
