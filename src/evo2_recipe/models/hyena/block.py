@@ -21,7 +21,7 @@ from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import ATTENTION, parse_pattern
 from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
-from evo2_recipe.models.hyena.layer import HyenaLayer, takes_normed_input
+from evo2_recipe.models.hyena.layer import HyenaLayer, join_norm
 from evo2_recipe.models.hyena.local_layers import RMSNorm
 from evo2_recipe.models.hyena.specs import HyenaStackSpec
 
@@ -118,17 +118,16 @@ class HyenaStack(MegatronModule):
         return (out[0] if isinstance(out, tuple) else out), None
 
     def _next_norm(self, layers, i: int, final: bool) -> tuple[torch.Tensor, float] | None:
-        """(weight, eps) of the norm reading layer ``i``'s output when that Hyena layer's last join may apply it (no
-        autograd): the next Hyena layer's pre-mixer norm, or after the last layer the final norm (``final``) - the
-        local spec's norms, whose layers then skip them. Saves a pass over the fp32 stream per layer in scoring."""
-        if torch.is_grad_enabled() or not isinstance(layers[i], HyenaLayer):
+        """(weight, eps) of the norm reading layer ``i``'s output, for that Hyena layer's last join to apply (it does
+        where the kernels run without autograd): the next Hyena layer's pre-mixer norm, or after the last layer the
+        final norm (``final``) - the local spec's norms, whose layers then skip them. Saves a pass over the fp32
+        stream per layer in scoring."""
+        if not isinstance(layers[i], HyenaLayer):
             return None
         if i + 1 < len(layers):
             nxt = layers[i + 1]
-            if (isinstance(nxt, HyenaLayer) and isinstance(nxt.norm, IdentityOp)
-                    and takes_normed_input(nxt.mixer.dense_projection)):
-                return nxt.mixer.dense_projection.layer_norm_weight, nxt.mixer.dense_projection.eps
-            return None
+            is_hyena = isinstance(nxt, HyenaLayer) and isinstance(nxt.norm, IdentityOp)
+            return join_norm(nxt.mixer.dense_projection) if is_hyena else None
         if final and isinstance(self.final_norm, RMSNorm):
             return self.final_norm.weight, self.final_norm.eps
         return None

@@ -26,23 +26,25 @@ from evo2_recipe.models.hyena.local_layers import RMSNormColumnParallelLinear
 from evo2_recipe.models.hyena.mixer import HyenaMixer
 
 
-def takes_normed_input(module) -> bool:
-    """``module`` is the local spec's norm+linear with nothing around it (an adapter reads the normed input from it):
-    its norm can run in the residual join before it."""
-    return isinstance(module, RMSNormColumnParallelLinear) and not module.return_layernorm_output
+def join_norm(norm_linear) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of ``norm_linear``'s norm when it can run in the residual join before it: the local spec's
+    norm+linear with nothing around it (an adapter reads the normed input from it), else None."""
+    if isinstance(norm_linear, RMSNormColumnParallelLinear) and not norm_linear.return_layernorm_output:
+        return norm_linear.layer_norm_weight, norm_linear.eps
+    return None
 
 
 @contextlib.contextmanager
-def _input_normed(fc1):
-    """``fc1`` (if any) skips its own norm inside the block: its input arrives normed."""
-    if fc1 is None:
+def _input_normed(norm_linear):
+    """``norm_linear`` (if any) skips its own norm inside the block: its input arrives normed."""
+    if norm_linear is None:
         yield
         return
-    fc1.input_is_normed = True
+    norm_linear.input_is_normed = True
     try:
         yield
     finally:
-        fc1.input_is_normed = False
+        norm_linear.input_is_normed = False
 
 
 @dataclass
@@ -86,8 +88,9 @@ class HyenaLayer(MegatronModule):
             with _input_normed(self.mixer.dense_projection):
                 y, bias = self.mixer(normed_input, state)
         fc1 = getattr(self.mlp, "linear_fc1", None)
-        if takes_normed_input(fc1) and self._norm_fusable(y, bias):  # the join and the MLP's norm in one kernel
-            hidden_states, x = self._join_and_norm(hidden_states, y, bias, (fc1.layer_norm_weight, fc1.eps))
+        mlp_norm = join_norm(fc1)
+        if mlp_norm is not None and self._norm_fusable(y, bias):  # the join and the MLP's norm in one kernel
+            hidden_states, x = self._join_and_norm(hidden_states, y, bias, mlp_norm)
         else:
             fc1 = None
             hidden_states, x = self._join(hidden_states, y, bias, self.config.params_dtype)
