@@ -79,7 +79,7 @@ def _model_logits_fused_vs_plain(rank, world, name, pattern):
 
     from hyena_helpers import dna_batch, randomise_weights_, tiny_provider
 
-    from evo2_recipe.models.hyena.kernels import glu, medium_conv, modal_conv, residual, rms_norm, rope
+    from evo2_recipe.models.hyena.kernels import gating, glu, medium_conv, modal_conv, residual, rms_norm, rope
 
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(5)
@@ -87,7 +87,8 @@ def _model_logits_fused_vs_plain(rank, world, name, pattern):
     calls = []
     for module, fn in ((medium_conv, "medium_conv_epilogue"), (modal_conv, "modal_conv"),
                        (rope, "apply_rotary_pos_emb"), (rms_norm, "rms_norm"),
-                       (residual, "residual_add_rms_norm"), (glu, "gelu_glu")):  # this process only
+                       (residual, "residual_add_rms_norm"), (glu, "gelu_glu"),
+                       (gating, "hyena_prologue_channel_first"), (gating, "hyena_prologue")):  # this process only
         real = getattr(module, fn)
         setattr(module, fn, lambda *a, real=real, fn=fn: calls.append(fn) or real(*a))
     out, weights = {}, None
@@ -119,12 +120,14 @@ def test_model_inference_with_fused_kernels_equals_plain(name, pattern):
 
     ((out,),) = (run_on_ranks(_model_logits_fused_vs_plain, 1, name, pattern, cpu=DEVICE == "cpu"),)
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
-    expected = {"medium_conv_epilogue", "modal_conv", "apply_rotary_pos_emb", "rms_norm", "residual_add_rms_norm"}
+    expected = {"medium_conv_epilogue", "modal_conv", "apply_rotary_pos_emb", "rms_norm", "residual_add_rms_norm",
+                "hyena_prologue_channel_first"}  # never the sequence-first prologue: the projection writes W @ x^T
     if not name.endswith("_nv"):  # ARC layer 0's exact-GELU GLU (the NV models keep megatron's fused bias-GELU)
         expected.add("gelu_glu")
     calls = Counter(out["inference_kernel_calls"])
     assert set(calls) == expected, calls
     hyena = [k != "*" for k in out["pattern"]]
+    assert calls["hyena_prologue_channel_first"] == sum(hyena), calls
     n = len(hyena)
     joins = sum(1 + (i == n - 1 or hyena[i + 1]) for i in range(n) if hyena[i])
     norms = sum(2 for h in hyena if not h) + sum(1 for i in range(n) if hyena[i] and (i == 0 or not hyena[i - 1]))
@@ -143,6 +146,10 @@ def test_fused_prologue_and_epilogue_equal_plain(L, B, C):
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch.autograd.grad(out, [f, wp], g), torch.autograd.grad(ref, [f, wp], g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # channel-first features (no-grad forwards): the same kernel reading along time
+        cf = gating.hyena_prologue_channel_first(f.permute(1, 2, 0).contiguous(), wp)
+    for a, b in zip(cf, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     x1 = torch.randn(B, C, L, device=DEVICE, requires_grad=True)
     y_2L = torch.randn(B, C, 2 * L, device=DEVICE, requires_grad=True)  # y as the FFT leaves it: a strided half
@@ -165,6 +172,10 @@ def test_fused_prologue_and_epilogue_bf16_real_width():
 
     f, wp = _inputs(8192, 1, 1920, dtype=torch.bfloat16)
     ref, out = ops.hyena_prologue(f, wp), gating.hyena_prologue(f, wp)
+    with torch.no_grad():
+        cf = gating.hyena_prologue_channel_first(f.permute(1, 2, 0).contiguous(), wp)
+    for a, b in zip(cf, out):  # the same kernel: the same rounding, bit for bit
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     x1, u = (t.detach().requires_grad_() for t in out)
     y = torch.randn(1, 1920, 2 * 8192, device=DEVICE, requires_grad=True)
     z_ref, z = ops.hyena_epilogue(x1, y[..., :8192]), gating.hyena_epilogue(x1, y[..., :8192])

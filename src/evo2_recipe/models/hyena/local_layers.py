@@ -80,6 +80,17 @@ class RMSNormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         out, bias = super().forward(x, weight=weight, runtime_gather_output=runtime_gather_output)
         return ((out, x), bias) if self.return_layernorm_output else (out, bias)
 
+    def channel_first(self, x_LBH: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward`'s output laid out channel-first, (B, out, L), for no-grad forwards whose next step wants
+        that layout (the Hyena prologue): ``W @ x_b^T`` per sequence instead of ``x @ W^T`` and a transpose. The
+        rank's rows of the output; no bias, no gather, no sequence parallelism (the callers check)."""
+        x = x_LBH if self.input_is_normed else rms_norm(self.config, x_LBH, self.layer_norm_weight, self.eps)
+        L, B, _ = x.shape
+        out = torch.empty((B, self.weight.shape[0], L), dtype=x.dtype, device=x.device)
+        for b in range(B):
+            torch.mm(self.weight, x[:, b].t(), out=out[b])
+        return out
+
 
 class SDPAttention(MegatronModule):
     """Drop-in for megatron's core attention: (Lq, B, heads, d) q/k/v -> (Lq, B, heads*d)."""

@@ -444,23 +444,42 @@ class HyenaMixer(MegatronModule):
             return subquadratic.short_block(features_LBC3, self.hyena_proj_conv.short_conv_weight,
                                             *op.direct_taps()), None
         if fused_kernels_enabled(self.config, features_LBC3):
-            x1, u = self._fused_prologue(features_LBC3)  # (B, Hp, L) each
-            if op.operator_type == HYENA_SHORT:  # the 7-tap conv runs inside the epilogue
-                return self._fused_short_epilogue(x1, u), u
-            from evo2_recipe.models.hyena.kernels import gating
-
-            if sq and op.operator_type == HYENA_LONG:
-                return gating.hyena_epilogue(x1, subquadratic.fft_conv(u, op._filter_CK(u.shape[-1]), op.conv_bias)), u
-            if op.operator_type == HYENA_MEDIUM and op.cp_group is None and not torch.is_grad_enabled():
-                from evo2_recipe.models.hyena.kernels.medium_conv import medium_conv_epilogue
-
-                return medium_conv_epilogue(x1, u, op.filter(), op.conv_bias), u
-            return gating.hyena_epilogue(x1, op.convolve(u)), u
+            return self._fused_operator(*self._fused_prologue(features_LBC3), sq)
         features = causal_conv_with_context(features_LBC3.permute(1, 2, 0), self.hyena_proj_conv,
                                             self.hyena_proj_conv.kernel_size - 1, None, "proj", op.cp_group)
         x1, x2, v = features[:, 0::3], features[:, 1::3], features[:, 2::3]  # channel-interleaved (spec 2.3)
         u = x2 * v
         return self.mixer(x1, u).permute(2, 0, 1).contiguous(), u
+
+    def _fused_operator(self, x1: torch.Tensor, u: torch.Tensor, sq: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """After the fused prologue: the operator with its gate fused -> z (L, B, Hp), u (B, Hp, L)."""
+        op = self.mixer
+        if op.operator_type == HYENA_SHORT:  # the 7-tap conv runs inside the epilogue
+            return self._fused_short_epilogue(x1, u), u
+        from evo2_recipe.models.hyena.kernels import gating
+
+        if sq and op.operator_type == HYENA_LONG:
+            return gating.hyena_epilogue(x1, subquadratic.fft_conv(u, op._filter_CK(u.shape[-1]), op.conv_bias)), u
+        if op.operator_type == HYENA_MEDIUM and op.cp_group is None and not torch.is_grad_enabled():
+            from evo2_recipe.models.hyena.kernels.medium_conv import medium_conv_epilogue
+
+            return medium_conv_epilogue(x1, u, op.filter(), op.conv_bias), u
+        return gating.hyena_epilogue(x1, op.convolve(u)), u
+
+    def _channel_first_features(self, x_LBH: torch.Tensor, state: HyenaLayerState | None) -> torch.Tensor | None:
+        """(B, 3Hp, L) features straight from the projection (``W @ x^T``) where the fused prologue then reads them
+        without a transpose: no-grad whole-sequence forwards (scoring, a fresh prefill) with the local spec's
+        projection and the kernels on, without context or sequence parallelism, NVIDIA's ops or FP8 padding. None
+        elsewhere (the projection's usual sequence-first output)."""
+        cfg = self.config
+        project = getattr(self.dense_projection, "channel_first", None)  # not TE's, not under a LoRA adapter
+        if (project is None or torch.is_grad_enabled() or x_LBH.shape[0] == 1 or self.mixer.cp_group is not None
+                or (state is not None and not state.fresh) or cfg.sequence_parallel
+                or getattr(cfg, "use_subquadratic_ops", False) or getattr(cfg, "vortex_style_fp8", False)
+                or not fused_kernels_enabled(cfg, x_LBH)):
+            return None
+        return project(x_LBH)
 
     def _fused_prologue(self, features_LBC3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused prologue -> x1, u (B, Hp, L). Under context parallelism each zigzag half runs with its left
@@ -494,6 +513,15 @@ class HyenaMixer(MegatronModule):
                           for left, x1, u in zip(lefts, x1_BCL.chunk(2, dim=-1), u_BCL.chunk(2, dim=-1))])
 
     def forward(self, x_LBH: torch.Tensor, state: HyenaLayerState | None = None):
+        features_BC3L = self._channel_first_features(x_LBH, state)
+        if features_BC3L is not None:
+            from evo2_recipe.models.hyena.kernels import gating
+
+            x1, u = gating.hyena_prologue_channel_first(features_BC3L, self.hyena_proj_conv.short_conv_weight)
+            z, u = self._fused_operator(x1, u)
+            if state is not None:
+                self._store_prompt_state(features_BC3L, u, state)
+            return self.dense(z)
         features, _ = quantization.hyena_input_projection(self.config, self.dense_projection, x_LBH)  # (L, B, 3Hp)
         if state is not None and self.mixer.cp_group is not None:
             raise NotImplementedError("cached decoding with context parallelism is not supported; use CP=1")
@@ -502,7 +530,7 @@ class HyenaMixer(MegatronModule):
         if state is None or state.fresh:  # a whole sequence, or a new prompt's prefill: the scoring forward's path
             z, u = self._operator(features, need_u=state is not None)
             if state is not None:
-                self._store_prompt_state(features, u, state)
+                self._store_prompt_state(features.permute(1, 2, 0), u, state)
             return self.dense(z)
         # a chunk continuing a cached sequence: every convolution reads its left context from the state
         features = causal_conv_with_context(features.permute(1, 2, 0), self.hyena_proj_conv,
@@ -511,12 +539,12 @@ class HyenaMixer(MegatronModule):
         z = self.mixer(x1, x2 * v, state)  # (B, Hp, L)
         return self.dense(z.permute(2, 0, 1).contiguous())  # (y, bias), (L, B, H)
 
-    def _store_prompt_state(self, features_LBC3: torch.Tensor, u_BCL: torch.Tensor, state: HyenaLayerState) -> None:
+    def _store_prompt_state(self, features_BC3L: torch.Tensor, u_BCL: torch.Tensor, state: HyenaLayerState) -> None:
         """Fill a fresh slot's state from its prompt (the chunk updates' fresh case): the FIR windows are the prompt's
         last inputs, the hcl modal state the decayed sum over all of ``u`` (what the token-by-token recurrence would
         hold after the prompt)."""
         op = self.mixer
-        state.take_window("proj", features_LBC3.permute(1, 2, 0), self.hyena_proj_conv.kernel_size - 1)
+        state.take_window("proj", features_BC3L, self.hyena_proj_conv.kernel_size - 1)
         if op.operator_type == HYENA_LONG:
             modal_chunk_update(state, u_BCL, op.filter.log_poles(), op.filter.R,
                                fused_kernels_enabled(self.config, u_BCL))

@@ -108,7 +108,13 @@ def decay_rates(num_groups: int, length: int, preset: str = "weak") -> torch.Ten
 
 def hyena_prologue(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared front of hcm/hcl: projection conv, de-interleave, ``u = x2 * v``; (L, B, 3C) -> x1, u (B, C, L)."""
-    f = causal_depthwise_conv(features_LBC3.permute(1, 2, 0), w_proj_C3K)  # (B, 3C, L)
+    return hyena_prologue_channel_first(features_LBC3.permute(1, 2, 0), w_proj_C3K)
+
+
+def hyena_prologue_channel_first(features_BC3L: torch.Tensor, w_proj_C3K: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hyena_prologue` of channel-first features; (B, 3C, L) -> x1, u (B, C, L)."""
+    f = causal_depthwise_conv(features_BC3L, w_proj_C3K)  # (B, 3C, L)
     return f[:, 0::3].contiguous(), f[:, 1::3] * f[:, 2::3]
 
 

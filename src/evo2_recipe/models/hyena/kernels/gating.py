@@ -31,6 +31,9 @@ BLOCK_L, BLOCK_C = 32, 64
 # loading each tile's three interleaved lanes at once (4-wide masked loads, split in registers) instead of one
 # strided load per lane was 2.5-2.9x slower.
 PROLOGUE_BLOCK_L, PROLOGUE_BLOCK_C, PROLOGUE_WARPS = 16, 64, 4
+# the same kernel on channel-first features (no-grad forwards: the projection writes W @ x^T), loads and stores along
+# time
+CF_PROLOGUE_BLOCK_L, CF_PROLOGUE_BLOCK_C, CF_PROLOGUE_WARPS = 128, 16, 4
 SHORT_BLOCK_L, SHORT_BLOCK_C = 64, 32
 # the prologue's backward holds three accumulators and recomputes x2, v at three shifts: smaller tiles run faster
 # (H200 sweeps at the 1b training shape, weight-gradient sum included: 8 x 32 with 2 warps 451 us, 8 x 16 with 1 warp
@@ -42,30 +45,32 @@ CONV_BWD_BLOCK_L, CONV_BWD_BLOCK_C = 64, 64
 
 @triton.jit
 def _proj_conv(f_ptr, wp_ptr, s, c, lane: tl.constexpr, L, stride_l, cmask, BLOCK_L: tl.constexpr,
-               BLOCK_C: tl.constexpr):
-    """Projection-conv output of interleaved lane ``lane`` (0: x1, 1: x2, 2: v) at positions ``s`` (fp32)."""
+               BLOCK_C: tl.constexpr, stride_c):
+    """Projection-conv output of interleaved lane ``lane`` (0: x1, 1: x2, 2: v) at positions ``s`` (fp32); feature
+    ``3c + lane`` at ``stride_c`` (1: sequence-first features, L: channel-first)."""
     acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
     for j in tl.static_range(3):
         src = s - 2 + j
         m = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
         # int64 offsets: at 1M tokens x 3*4096 channels the element offset passes 2^31
-        f = tl.load(f_ptr + src.to(tl.int64)[:, None] * stride_l + (3 * c + lane)[None, :], mask=m, other=0.0)
+        f = tl.load(f_ptr + src.to(tl.int64)[:, None] * stride_l + (3 * c + lane).to(tl.int64)[None, :] * stride_c,
+                    mask=m, other=0.0)
         w = tl.load(wp_ptr + (3 * c + lane) * 3 + j, mask=cmask, other=0.0)
         acc += f.to(tl.float32) * w.to(tl.float32)[None, :]
     return acc
 
 
 @triton.jit
-def _prologue_fwd(f_ptr, wp_ptr, x1_ptr, u_ptr, L, C, stride_fl, stride_fb, BLOCK_L: tl.constexpr,
+def _prologue_fwd(f_ptr, wp_ptr, x1_ptr, u_ptr, L, C, stride_fl, stride_fb, stride_fc, BLOCK_L: tl.constexpr,
                   BLOCK_C: tl.constexpr):
     t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     b = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     f_b = f_ptr + b * stride_fb
-    x1 = _proj_conv(f_b, wp_ptr, t, c, 0, L, stride_fl, cmask, BLOCK_L, BLOCK_C)
-    x2 = _proj_conv(f_b, wp_ptr, t, c, 1, L, stride_fl, cmask, BLOCK_L, BLOCK_C)
-    v = _proj_conv(f_b, wp_ptr, t, c, 2, L, stride_fl, cmask, BLOCK_L, BLOCK_C)
+    x1 = _proj_conv(f_b, wp_ptr, t, c, 0, L, stride_fl, cmask, BLOCK_L, BLOCK_C, stride_fc)
+    x2 = _proj_conv(f_b, wp_ptr, t, c, 1, L, stride_fl, cmask, BLOCK_L, BLOCK_C, stride_fc)
+    v = _proj_conv(f_b, wp_ptr, t, c, 2, L, stride_fl, cmask, BLOCK_L, BLOCK_C, stride_fc)
     offs = b * C * L + c.to(tl.int64)[None, :] * L + t[:, None]  # (B, C, L) contiguous
     m = (t < L)[:, None] & cmask[None, :]
     tl.store(x1_ptr + offs, x1.to(x1_ptr.dtype.element_ty), mask=m)
@@ -159,8 +164,8 @@ def _prologue_grads_at(f_ptr, wp_ptr, gx1_ptr, gu_ptr, t, b, c, L, C, stride_fl,
     offs = b * C * L + c.to(tl.int64)[None, :] * L + t[:, None]
     g1 = tl.load(gx1_ptr + offs, mask=m, other=0.0).to(tl.float32)
     gu = tl.load(gu_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    x2 = _proj_conv(f_ptr, wp_ptr, t, c, 1, L, stride_fl, cmask, BLOCK_L, BLOCK_C).to(act).to(tl.float32)
-    v = _proj_conv(f_ptr, wp_ptr, t, c, 2, L, stride_fl, cmask, BLOCK_L, BLOCK_C).to(act).to(tl.float32)
+    x2 = _proj_conv(f_ptr, wp_ptr, t, c, 1, L, stride_fl, cmask, BLOCK_L, BLOCK_C, 1).to(act).to(tl.float32)
+    v = _proj_conv(f_ptr, wp_ptr, t, c, 2, L, stride_fl, cmask, BLOCK_L, BLOCK_C, 1).to(act).to(tl.float32)
     return g1, (gu * v).to(act).to(tl.float32), (gu * x2).to(act).to(tl.float32)
 
 
@@ -282,8 +287,8 @@ class _Prologue(torch.autograd.Function):
         x1 = torch.empty((B, C3 // 3, L), dtype=features.dtype, device=features.device)
         u = torch.empty_like(x1)
         _prologue_fwd[_grid(L, B, C3 // 3, PROLOGUE_BLOCK_L, PROLOGUE_BLOCK_C)](
-            f, w, x1, u, L, C3 // 3, f.stride(0), f.stride(1), BLOCK_L=PROLOGUE_BLOCK_L, BLOCK_C=PROLOGUE_BLOCK_C,
-            num_warps=PROLOGUE_WARPS)
+            f, w, x1, u, L, C3 // 3, f.stride(0), f.stride(1), 1, BLOCK_L=PROLOGUE_BLOCK_L,
+            BLOCK_C=PROLOGUE_BLOCK_C, num_warps=PROLOGUE_WARPS)
         return x1, u
 
     @staticmethod
@@ -367,6 +372,24 @@ def hyena_prologue(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor) -> tup
     if w_proj_C3K.shape[-1] != 3:
         return ops.hyena_prologue(features_LBC3, w_proj_C3K)
     return _Prologue.apply(features_LBC3, w_proj_C3K)
+
+
+def hyena_prologue_channel_first(features_BC3L: torch.Tensor, w_proj_C3K: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused :func:`evo2_recipe.models.hyena.operators.hyena_prologue_channel_first`, for no-grad forwards: the
+    features come channel-first from the projection (``W @ x^T``), so every load and store runs along time - no
+    transpose. Under autograd, or with other than 3 taps, the plain twin runs."""
+    if w_proj_C3K.shape[-1] != 3 or (torch.is_grad_enabled() and (features_BC3L.requires_grad
+                                                                  or w_proj_C3K.requires_grad)):
+        return ops.hyena_prologue_channel_first(features_BC3L, w_proj_C3K)
+    B, C3, L = features_BC3L.shape
+    f, w = _unit_stride_last(features_BC3L), w_proj_C3K.contiguous()
+    x1 = torch.empty((B, C3 // 3, L), dtype=f.dtype, device=f.device)
+    u = torch.empty_like(x1)
+    _prologue_fwd[_grid(L, B, C3 // 3, CF_PROLOGUE_BLOCK_L, CF_PROLOGUE_BLOCK_C)](
+        f, w, x1, u, L, C3 // 3, 1, f.stride(0), f.stride(1), BLOCK_L=CF_PROLOGUE_BLOCK_L,
+        BLOCK_C=CF_PROLOGUE_BLOCK_C, num_warps=CF_PROLOGUE_WARPS)
+    return x1, u
 
 
 def hyena_epilogue(x1_BCL: torch.Tensor, y_BCL: torch.Tensor) -> torch.Tensor:
