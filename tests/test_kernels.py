@@ -60,14 +60,25 @@ def test_fused_modal_prompt_state_equals_plain(B, C, G, O, T):
 def _model_fused_vs_plain(rank, world, name):
     from hyena_helpers import loss_and_grads_per_option
 
-    return loss_and_grads_per_option(name, {f: {"use_fused_hyena_kernels": f} for f in (False, True)}, DEVICE)
+    from evo2_recipe.models.hyena.kernels import gating
+
+    calls = []
+    for fn in ("hyena_prologue_channel_first", "hyena_prologue"):  # this process only
+        real = getattr(gating, fn)
+        setattr(gating, fn, lambda *a, real=real, fn=fn: calls.append(fn) or real(*a))
+    out = loss_and_grads_per_option(name, {f: {"use_fused_hyena_kernels": f} for f in (False, True)}, DEVICE)
+    return out, calls
 
 
 @pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
 def test_model_with_fused_kernels_equals_plain(name):
+    """A training step with the kernels: loss and every gradient == the plain operators' (fp32, 1e-5); the Hyena
+    layers' projection writes channel-first features (``W @ x^T``, its own backward) for the prologue, never the
+    sequence-first ones."""
     from evo2_recipe.utils.spawn import run_on_ranks
 
-    ((out,),) = (run_on_ranks(_model_fused_vs_plain, 1, name, cpu=DEVICE == "cpu"),)
+    ((out, calls),) = run_on_ranks(_model_fused_vs_plain, 1, name, cpu=DEVICE == "cpu")
+    assert calls and set(calls) == {"hyena_prologue_channel_first"}, calls
     (loss_p, grads_p), (loss_f, grads_f) = out[False], out[True]
     torch.testing.assert_close(loss_f, loss_p, rtol=1e-6, atol=1e-5)
     for k in grads_p:
@@ -145,12 +156,16 @@ def test_fused_prologue_and_epilogue_equal_plain(L, B, C):
     g = [torch.randn_like(t) for t in ref]
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(out, [f, wp], g), torch.autograd.grad(ref, [f, wp], g)):
+    g_f, g_wp = torch.autograd.grad(ref, [f, wp], g)
+    for a, b in zip(torch.autograd.grad(out, [f, wp], g), (g_f, g_wp)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # channel-first features (no-grad forwards): the same kernel reading along time
-        cf = gating.hyena_prologue_channel_first(f.permute(1, 2, 0).contiguous(), wp)
+    f_cf = f.detach().permute(1, 2, 0).contiguous().requires_grad_()  # channel-first features: the same kernels
+    cf = gating.hyena_prologue_channel_first(f_cf, wp)                 # reading along time, forward and backward
     for a, b in zip(cf, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    g_fcf, g_wpcf = torch.autograd.grad(cf, [f_cf, wp], g)
+    torch.testing.assert_close(g_fcf, g_f.permute(1, 2, 0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_wpcf, g_wp, rtol=1e-5, atol=1e-5)
     x1 = torch.randn(B, C, L, device=DEVICE, requires_grad=True)
     y_2L = torch.randn(B, C, 2 * L, device=DEVICE, requires_grad=True)  # y as the FFT leaves it: a strided half
     y = y_2L[..., :L]
@@ -172,14 +187,18 @@ def test_fused_prologue_and_epilogue_bf16_real_width():
 
     f, wp = _inputs(8192, 1, 1920, dtype=torch.bfloat16)
     ref, out = ops.hyena_prologue(f, wp), gating.hyena_prologue(f, wp)
-    with torch.no_grad():
-        cf = gating.hyena_prologue_channel_first(f.permute(1, 2, 0).contiguous(), wp)
+    f_cf = f.detach().permute(1, 2, 0).contiguous().requires_grad_()
+    cf = gating.hyena_prologue_channel_first(f_cf, wp)
     for a, b in zip(cf, out):  # the same kernel: the same rounding, bit for bit
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     x1, u = (t.detach().requires_grad_() for t in out)
     y = torch.randn(1, 1920, 2 * 8192, device=DEVICE, requires_grad=True)
     z_ref, z = ops.hyena_epilogue(x1, y[..., :8192]), gating.hyena_epilogue(x1, y[..., :8192])
     g = [torch.randn_like(t) for t in (*ref, z)]
+    g_f, g_wp = torch.autograd.grad(out, [f, wp], g[:2], retain_graph=True)
+    g_fcf, g_wpcf = torch.autograd.grad(cf, [f_cf, wp], g[:2])
+    torch.testing.assert_close(g_fcf, g_f.permute(1, 2, 0), rtol=0, atol=0)  # per position: the same sums
+    torch.testing.assert_close(g_wpcf.float(), g_wp.float(), rtol=1e-2, atol=0)  # other blocks, other order
     pairs = list(zip(out, ref)) + [(z, z_ref)]
     pairs += list(zip(torch.autograd.grad(out, [f, wp], g[:2]), torch.autograd.grad(ref, [f, wp], g[:2])))
     pairs += list(zip(torch.autograd.grad(z, [x1, y], g[2]), torch.autograd.grad(z_ref, [x1, y], g[2])))

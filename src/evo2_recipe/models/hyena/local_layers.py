@@ -81,15 +81,43 @@ class RMSNormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         return ((out, x), bias) if self.return_layernorm_output else (out, bias)
 
     def channel_first(self, x_LBH: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward`'s output laid out channel-first, (B, out, L), for no-grad forwards whose next step wants
-        that layout (the Hyena prologue): ``W @ x_b^T`` per sequence instead of ``x @ W^T`` and a transpose. The
-        rank's rows of the output; no bias, no gather, no sequence parallelism (the callers check)."""
+        """:meth:`forward`'s output laid out channel-first, (B, out, L), for callers whose next step wants that layout
+        (the Hyena prologue): ``W @ x_b^T`` per sequence instead of ``x @ W^T`` and a transpose. The rank's rows of
+        the output; no bias, no gather, no sequence parallelism (the callers check). Under tensor parallelism the
+        input's gradient is all-reduced over the TP group, as the column-parallel forward's is."""
         x = x_LBH if self.input_is_normed else rms_norm(self.config, x_LBH, self.layer_norm_weight, self.eps)
-        L, B, _ = x.shape
-        out = torch.empty((B, self.weight.shape[0], L), dtype=x.dtype, device=x.device)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        return _ChannelFirstLinear.apply(x, self.weight)
+
+
+class _ChannelFirstLinear(torch.autograd.Function):
+    """``out[b] = W @ x[:, b]^T``: (L, B, in) x (out, in) -> (B, out, L), one GEMM per sequence. Backward:
+    ``g_x[:, b] = g[b]^T @ W`` and ``g_W = sum_b g[b] @ x[:, b]`` (the wgrad GEMM reads both operands along time)."""
+
+    @staticmethod
+    def forward(ctx, x_LBH, weight):
+        ctx.save_for_backward(x_LBH, weight)
+        L, B, _ = x_LBH.shape
+        out = torch.empty((B, weight.shape[0], L), dtype=x_LBH.dtype, device=x_LBH.device)
         for b in range(B):
-            torch.mm(self.weight, x[:, b].t(), out=out[b])
+            torch.mm(weight, x_LBH[:, b].t(), out=out[b])
         return out
+
+    @staticmethod
+    def backward(ctx, g_BOL):
+        x, weight = ctx.saved_tensors
+        L, B, _ = x.shape
+        g_x = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_x = torch.empty_like(x)
+            for b in range(B):
+                torch.mm(g_BOL[b].t(), weight, out=g_x[:, b])
+        if ctx.needs_input_grad[1]:
+            g_w = g_BOL[0] @ x[:, 0]
+            for b in range(1, B):
+                g_w.addmm_(g_BOL[b], x[:, b])
+        return g_x, g_w
 
 
 class SDPAttention(MegatronModule):

@@ -469,12 +469,12 @@ class HyenaMixer(MegatronModule):
 
     def _channel_first_features(self, x_LBH: torch.Tensor, state: HyenaLayerState | None) -> torch.Tensor | None:
         """(B, 3Hp, L) features straight from the projection (``W @ x^T``) where the fused prologue then reads them
-        without a transpose: no-grad whole-sequence forwards (scoring, a fresh prefill) with the local spec's
-        projection and the kernels on, without context or sequence parallelism, NVIDIA's ops or FP8 padding. None
-        elsewhere (the projection's usual sequence-first output)."""
+        without a transpose, forward and backward: whole-sequence forwards (training, scoring, a fresh prefill) with
+        the local spec's projection and the kernels on, without context or sequence parallelism, NVIDIA's ops or FP8
+        padding. None elsewhere (the projection's usual sequence-first output)."""
         cfg = self.config
         project = getattr(self.dense_projection, "channel_first", None)  # not TE's, not under a LoRA adapter
-        if (project is None or torch.is_grad_enabled() or x_LBH.shape[0] == 1 or self.mixer.cp_group is not None
+        if (project is None or x_LBH.shape[0] == 1 or self.mixer.cp_group is not None
                 or (state is not None and not state.fresh) or cfg.sequence_parallel
                 or getattr(cfg, "use_subquadratic_ops", False) or getattr(cfg, "vortex_style_fp8", False)
                 or not fused_kernels_enabled(cfg, x_LBH)):

@@ -41,6 +41,11 @@ SHORT_BLOCK_L, SHORT_BLOCK_C = 64, 32
 # 450, 16 x 32 with 4 warps 563, 32 x 64 840, 64 x 128 1.36 ms; splitting it into a gate pass writing the conv-output
 # gradients interleaved plus the shared conv backward was slower, 0.75 + 0.13 ms)
 BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS = 8, 32, 2
+# the same backward on channel-first features (training with the local spec: the projection writes W @ x^T), every
+# access along time; H200 sweep alone at the 1b / 7b widths (8,192 tokens, bf16, weight-gradient sum included, us):
+# 64 x 16 with 4 warps 271 / 466, 64 x 16 with 2 warps 267 / 493, 128 x 8 313 / 452, 128 x 16 280 / 514, 64 x 32
+# 332 / 542, 32 x 16 393 / 764; the sequence-first backward 476 / 978
+CF_BWD_BLOCK_L, CF_BWD_BLOCK_C, CF_BWD_WARPS = 64, 16, 4
 CONV_BWD_BLOCK_L, CONV_BWD_BLOCK_C = 64, 64
 
 
@@ -156,8 +161,8 @@ def _short_epilogue_bwd(x1_ptr, u_ptr, w_ptr, skip_ptr, gz_ptr, gx1_ptr, gy_ptr,
 
 
 @triton.jit
-def _prologue_grads_at(f_ptr, wp_ptr, gx1_ptr, gu_ptr, t, b, c, L, C, stride_fl, cmask, BLOCK_L: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+def _prologue_grads_at(f_ptr, wp_ptr, gx1_ptr, gu_ptr, t, b, c, L, C, stride_fl, stride_fc, cmask,
+                       BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     """Gradients at the projection-conv outputs of positions ``t``: (g_x1, g_x2, g_v) fp32, each rounded to the
     activation dtype as autograd's ``u = x2 * v`` leaves them (x2 and v recomputed, rounded like the forward)."""
     act = gx1_ptr.dtype.element_ty
@@ -165,25 +170,27 @@ def _prologue_grads_at(f_ptr, wp_ptr, gx1_ptr, gu_ptr, t, b, c, L, C, stride_fl,
     offs = b * C * L + c.to(tl.int64)[None, :] * L + t[:, None]
     g1 = tl.load(gx1_ptr + offs, mask=m, other=0.0).to(tl.float32)
     gu = tl.load(gu_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    x2 = _proj_conv(f_ptr, wp_ptr, t, c, 1, L, stride_fl, cmask, BLOCK_L, BLOCK_C, 1).to(act).to(tl.float32)
-    v = _proj_conv(f_ptr, wp_ptr, t, c, 2, L, stride_fl, cmask, BLOCK_L, BLOCK_C, 1).to(act).to(tl.float32)
+    x2 = _proj_conv(f_ptr, wp_ptr, t, c, 1, L, stride_fl, cmask, BLOCK_L, BLOCK_C, stride_fc).to(act).to(tl.float32)
+    v = _proj_conv(f_ptr, wp_ptr, t, c, 2, L, stride_fl, cmask, BLOCK_L, BLOCK_C, stride_fc).to(act).to(tl.float32)
     return g1, (gu * v).to(act).to(tl.float32), (gu * x2).to(act).to(tl.float32)
 
 
 @triton.jit
-def _tap_grad(f_ptr, g, s, c, lane: tl.constexpr, j: tl.constexpr, L, stride_fl, cmask):
+def _tap_grad(f_ptr, g, s, c, lane: tl.constexpr, j: tl.constexpr, L, stride_fl, stride_fc, cmask):
     """``sum_s g[s] f[s - 2 + j, 3c + lane]`` over this block's positions: one tap's weight-gradient part (C,)."""
     src = s - 2 + j
     m = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
-    f = tl.load(f_ptr + src.to(tl.int64)[:, None] * stride_fl + (3 * c + lane)[None, :], mask=m, other=0.0)
+    f = tl.load(f_ptr + src.to(tl.int64)[:, None] * stride_fl + (3 * c + lane).to(tl.int64)[None, :] * stride_fc,
+                mask=m, other=0.0)
     return tl.sum(g * f.to(tl.float32), axis=0)
 
 
 @triton.jit
-def _prologue_bwd(f_ptr, wp_ptr, gx1_ptr, gu_ptr, gf_ptr, gw_ptr, L, C, B, stride_fl, stride_fb,
+def _prologue_bwd(f_ptr, wp_ptr, gx1_ptr, gu_ptr, gf_ptr, gw_ptr, L, C, B, stride_fl, stride_fb, stride_fc,
                   BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """g_features (L, B, 3C) of this block's positions and its part of g_w (3C, 3): ``g_f[s] = sum_j w[j] G[s+2-j]``
-    (the conv's transpose: G at this block and the next two positions), ``g_w[j] += sum_s G[s] f[s-2+j]``."""
+    """g_features (laid out as the features: (L, B, 3C) or (B, 3C, L)) of this block's positions and its part of
+    g_w (3C, 3): ``g_f[s] = sum_j w[j] G[s+2-j]`` (the conv's transpose: G at this block and the next two
+    positions), ``g_w[j] += sum_s G[s] f[s-2+j]``."""
     s = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     b = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -193,23 +200,23 @@ def _prologue_bwd(f_ptr, wp_ptr, gx1_ptr, gu_ptr, gf_ptr, gw_ptr, L, C, B, strid
     acc1 = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
     for d in tl.static_range(3):  # G at s + d meets tap j = 2 - d
-        g0, g1, g2 = _prologue_grads_at(f_b, wp_ptr, gx1_ptr, gu_ptr, s + d, b, c, L, C, stride_fl, cmask,
-                                        BLOCK_L, BLOCK_C)
+        g0, g1, g2 = _prologue_grads_at(f_b, wp_ptr, gx1_ptr, gu_ptr, s + d, b, c, L, C, stride_fl, stride_fc,
+                                        cmask, BLOCK_L, BLOCK_C)
         acc0 += g0 * tl.load(wp_ptr + (3 * c + 0) * 3 + 2 - d, mask=cmask, other=0.0).to(tl.float32)[None, :]
         acc1 += g1 * tl.load(wp_ptr + (3 * c + 1) * 3 + 2 - d, mask=cmask, other=0.0).to(tl.float32)[None, :]
         acc2 += g2 * tl.load(wp_ptr + (3 * c + 2) * 3 + 2 - d, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if d == 0:  # this block's own positions: its part of the weight gradient, (nL, B, 3C, 3) fp32
             part = gw_ptr + ((tl.program_id(0) * B + b) * 3 * C + 3 * c) * 3
             for j in tl.static_range(3):
-                tl.store(part + 0 * 3 + j, _tap_grad(f_b, g0, s, c, 0, j, L, stride_fl, cmask), mask=cmask)
-                tl.store(part + 1 * 3 + j, _tap_grad(f_b, g1, s, c, 1, j, L, stride_fl, cmask), mask=cmask)
-                tl.store(part + 2 * 3 + j, _tap_grad(f_b, g2, s, c, 2, j, L, stride_fl, cmask), mask=cmask)
+                tl.store(part + 0 * 3 + j, _tap_grad(f_b, g0, s, c, 0, j, L, stride_fl, stride_fc, cmask), mask=cmask)
+                tl.store(part + 1 * 3 + j, _tap_grad(f_b, g1, s, c, 1, j, L, stride_fl, stride_fc, cmask), mask=cmask)
+                tl.store(part + 2 * 3 + j, _tap_grad(f_b, g2, s, c, 2, j, L, stride_fl, stride_fc, cmask), mask=cmask)
     m = (s < L)[:, None] & cmask[None, :]
-    out = gf_ptr + b * stride_fb + s.to(tl.int64)[:, None] * stride_fl + (3 * c)[None, :]
+    out = gf_ptr + b * stride_fb + s.to(tl.int64)[:, None] * stride_fl + (3 * c).to(tl.int64)[None, :] * stride_fc
     dtype = gf_ptr.dtype.element_ty
-    tl.store(out + 0, acc0.to(dtype), mask=m)
-    tl.store(out + 1, acc1.to(dtype), mask=m)
-    tl.store(out + 2, acc2.to(dtype), mask=m)
+    tl.store(out, acc0.to(dtype), mask=m)
+    tl.store(out + stride_fc, acc1.to(dtype), mask=m)
+    tl.store(out + 2 * stride_fc, acc2.to(dtype), mask=m)
 
 
 @triton.jit
@@ -278,30 +285,43 @@ def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _feature_strides(f: torch.Tensor, channel_first: bool) -> tuple[int, ...]:
+    """(L, B, 3C) or channel-first (B, 3C, L) contiguous features -> L, B, 3C and the strides over positions, batch
+    and channels the kernels take."""
+    if channel_first:
+        B, C3, L = f.shape
+        return L, B, C3, 1, f.stride(0), f.stride(1)
+    L, B, C3 = f.shape
+    return L, B, C3, f.stride(0), f.stride(1), 1
+
+
 class _Prologue(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, w_proj):
-        L, B, C3 = features.shape
+    def forward(ctx, features, w_proj, channel_first: bool):
         f, w = features.contiguous(), w_proj.contiguous()
+        L, B, C3, *strides = _feature_strides(f, channel_first)
         ctx.save_for_backward(f, w)
-        ctx.w_dtype = w_proj.dtype
+        ctx.w_dtype, ctx.channel_first = w_proj.dtype, channel_first
         x1 = torch.empty((B, C3 // 3, L), dtype=features.dtype, device=features.device)
         u = torch.empty_like(x1)
-        _prologue_fwd[_grid(L, B, C3 // 3, PROLOGUE_BLOCK_L, PROLOGUE_BLOCK_C)](
-            f, w, x1, u, L, C3 // 3, f.stride(0), f.stride(1), 1, BLOCK_L=PROLOGUE_BLOCK_L,
-            BLOCK_C=PROLOGUE_BLOCK_C, num_warps=PROLOGUE_WARPS)
+        bl, bc, warps = ((CF_PROLOGUE_BLOCK_L, CF_PROLOGUE_BLOCK_C, CF_PROLOGUE_WARPS) if channel_first
+                         else (PROLOGUE_BLOCK_L, PROLOGUE_BLOCK_C, PROLOGUE_WARPS))
+        _prologue_fwd[_grid(L, B, C3 // 3, bl, bc)](f, w, x1, u, L, C3 // 3, *strides, BLOCK_L=bl, BLOCK_C=bc,
+                                                    num_warps=warps)
         return x1, u
 
     @staticmethod
     def backward(ctx, g_x1, g_u):
         f, w = ctx.saved_tensors
-        L, B, C3 = f.shape
-        grid = _grid(L, B, C3 // 3, BWD_BLOCK_L, BWD_BLOCK_C)
+        L, B, C3, *strides = _feature_strides(f, ctx.channel_first)
+        bl, bc, warps = ((CF_BWD_BLOCK_L, CF_BWD_BLOCK_C, CF_BWD_WARPS) if ctx.channel_first
+                         else (BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS))
+        grid = _grid(L, B, C3 // 3, bl, bc)
         g_f = torch.empty_like(f)
         g_w_parts = torch.empty((grid[0], B, C3, 3), dtype=torch.float32, device=f.device)
-        _prologue_bwd[grid](f, w, g_x1.contiguous(), g_u.contiguous(), g_f, g_w_parts, L, C3 // 3, B, f.stride(0),
-                            f.stride(1), BLOCK_L=BWD_BLOCK_L, BLOCK_C=BWD_BLOCK_C, num_warps=BWD_WARPS)
-        return g_f, g_w_parts.sum((0, 1)).to(ctx.w_dtype)
+        _prologue_bwd[grid](f, w, g_x1.contiguous(), g_u.contiguous(), g_f, g_w_parts, L, C3 // 3, B, *strides,
+                            BLOCK_L=bl, BLOCK_C=bc, num_warps=warps)
+        return g_f, g_w_parts.sum((0, 1)).to(ctx.w_dtype), None
 
 
 class _Epilogue(torch.autograd.Function):
@@ -372,25 +392,17 @@ def hyena_prologue(features_LBC3: torch.Tensor, w_proj_C3K: torch.Tensor) -> tup
     """Fused :func:`evo2_recipe.models.hyena.operators.hyena_prologue`."""
     if w_proj_C3K.shape[-1] != 3:
         return ops.hyena_prologue(features_LBC3, w_proj_C3K)
-    return _Prologue.apply(features_LBC3, w_proj_C3K)
+    return _Prologue.apply(features_LBC3, w_proj_C3K, False)
 
 
 def hyena_prologue_channel_first(features_BC3L: torch.Tensor, w_proj_C3K: torch.Tensor
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused :func:`evo2_recipe.models.hyena.operators.hyena_prologue_channel_first`, for no-grad forwards: the
-    features come channel-first from the projection (``W @ x^T``), so every load and store runs along time - no
-    transpose. Under autograd, or with other than 3 taps, the plain twin runs."""
-    if w_proj_C3K.shape[-1] != 3 or (torch.is_grad_enabled() and (features_BC3L.requires_grad
-                                                                  or w_proj_C3K.requires_grad)):
+    """Fused :func:`evo2_recipe.models.hyena.operators.hyena_prologue_channel_first`: the features come
+    channel-first from the projection (``W @ x^T``), so every load and store, forward and backward, runs along time -
+    no transpose. With other than 3 taps the plain twin runs."""
+    if w_proj_C3K.shape[-1] != 3:
         return ops.hyena_prologue_channel_first(features_BC3L, w_proj_C3K)
-    B, C3, L = features_BC3L.shape
-    f, w = _unit_stride_last(features_BC3L), w_proj_C3K.contiguous()
-    x1 = torch.empty((B, C3 // 3, L), dtype=f.dtype, device=f.device)
-    u = torch.empty_like(x1)
-    _prologue_fwd[_grid(L, B, C3 // 3, CF_PROLOGUE_BLOCK_L, CF_PROLOGUE_BLOCK_C)](
-        f, w, x1, u, L, C3 // 3, 1, f.stride(0), f.stride(1), BLOCK_L=CF_PROLOGUE_BLOCK_L,
-        BLOCK_C=CF_PROLOGUE_BLOCK_C, num_warps=CF_PROLOGUE_WARPS)
-    return x1, u
+    return _Prologue.apply(features_BC3L, w_proj_C3K, True)
 
 
 def hyena_epilogue(x1_BCL: torch.Tensor, y_BCL: torch.Tensor) -> torch.Tensor:
