@@ -1,4 +1,5 @@
-"""megatron-core's optimizers on a bf16 Hyena model whose long/medium filters stay fp32 (compat.mixed_dtype_optimizer).
+"""megatron-core's optimizers on a bf16 Hyena model whose long/medium filters stay fp32 (compat.mixed_dtype_optimizer), and
+torch's fused Adam step where megatron falls back to torch's optimizer (compat.megatron_fixes, fix 5).
 
 Oracle: right after construction every optimizer parameter equals (fp32 main copy) or is (fp32 parameter) the model
 parameter the optimizer's own maps assign to it. Without the compat fix the distributed optimizer's map points at
@@ -11,10 +12,9 @@ import torch
 from evo2_recipe.utils.spawn import run_on_ranks
 
 
-def _optimizer_maps(rank, world):
+def _bf16_tiny_provider():
+    """The tiny model in bf16 with its fp32 filters (model parallel state initialised here, inside a rank)."""
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from evo2_recipe.models.providers import get_provider
 
@@ -23,6 +23,14 @@ def _optimizer_maps(rank, world):
     provider = get_provider("striped_hyena_tiny", vocab_size=256, seq_length=64, bf16=True,
                             params_dtype=torch.bfloat16, use_cpu_initialization=True)
     provider.finalize()
+    return provider
+
+
+def _optimizer_maps(rank, world):
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    provider = _bf16_tiny_provider()
     results = {}
     for distributed in (False, True):
         (model,) = provider.provide_distributed_model(
@@ -60,3 +68,43 @@ def test_both_optimizers_map_each_parameter_to_its_own_state_with_fp32_filters_i
         assert any(dtype == torch.bfloat16 for _, dtype, _ in pairs)
         wrong = [name for name, _, same in pairs if not same]
         assert not wrong, (f"distributed={distributed}", wrong)
+
+
+def _fused_adam_step(rank, world):
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    provider = _bf16_tiny_provider()
+    (model,) = provider.provide_distributed_model(ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                                  bf16=True, use_cpu_initialization=True)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, weight_decay=0.1), [model])
+    inners = [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
+    fused = [g["fused"] for inner in inners for g in inner.param_groups]
+    gen = torch.Generator().manual_seed(0)
+    diffs = []
+    for inner in inners:  # the same update as torch's multi-tensor step from the same state and gradients
+        ref_groups = []
+        for g in inner.param_groups:
+            for p in g["params"]:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            ref_groups.append({**{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
+                               "params": [p.detach().clone().requires_grad_() for p in g["params"]]})
+        for rg, g in zip(ref_groups, inner.param_groups):
+            for r, p in zip(rg["params"], g["params"]):
+                r.grad = p.grad.clone()
+        ref = type(inner)(ref_groups, foreach=True)
+        for _ in range(3):
+            inner.step()
+            ref.step()
+        diffs += [(p - r).abs().max().item() for g, rg in zip(inner.param_groups, ref_groups)
+                  for p, r in zip(g["params"], rg["params"])]
+    return fused, max(diffs), type(inners[0]).__name__
+
+
+def test_torch_adam_takes_the_fused_step_without_apex_or_te():
+    """Without Apex/TE megatron builds torch's AdamW; compat fix 5 switches it to the fused step: every param group
+    fused, and three steps equal torch's multi-tensor steps (fp32 main parameters, 1e-6)."""
+    (out,) = run_on_ranks(_fused_adam_step, 1)
+    fused, diff, cls = out
+    assert cls in ("Adam", "AdamW") and fused and all(fused), out
+    assert diff <= 1e-6, diff
