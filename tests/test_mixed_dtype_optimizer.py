@@ -1,5 +1,5 @@
-"""megatron-core's optimizers on a bf16 Hyena model whose long/medium filters stay fp32 (compat.mixed_dtype_optimizer), and
-torch's fused Adam step where megatron falls back to torch's optimizer (compat.megatron_fixes, fix 5).
+"""megatron-core's optimizers on a bf16 Hyena model whose long/medium filters stay fp32 (compat.mixed_dtype_optimizer),
+and torch's fused Adam step where megatron falls back to torch's optimizer (compat.megatron_fixes, fix 5).
 
 Oracle: right after construction every optimizer parameter equals (fp32 main copy) or is (fp32 parameter) the model
 parameter the optimizer's own maps assign to it. Without the compat fix the distributed optimizer's map points at

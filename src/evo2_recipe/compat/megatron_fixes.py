@@ -14,8 +14,8 @@
    still empty, so resuming crashes (``assert len(steps) == 1``). The fresh state is filled with zeros first (what
    TE/Apex's ``init_state_fn`` does). Even so, that code path does not restore the Adam moments exactly, which is
    why ``train_evo2`` defaults to the plain optimizer when neither TE nor Apex is installed.
-4. Neither the plain nor the distributed mixed-precision optimizer can checkpoint a bf16 model holding fp32 parameters (the Hyena filters):
-   see :mod:`evo2_recipe.compat.mixed_dtype_optimizer`.
+4. Neither the plain nor the distributed mixed-precision optimizer can checkpoint a bf16 model holding fp32
+   parameters (the Hyena filters): see :mod:`evo2_recipe.compat.mixed_dtype_optimizer`.
 5. Without Apex or Transformer Engine, megatron builds torch's Adam/AdamW with its default multi-tensor ("foreach")
    step: a dozen passes over the fp32 master state, ~24 ms of a 200 ms ``evo2_1b_base`` step on an H200 (profiler).
    Its param groups are switched to torch's fused step (one kernel per device and dtype; the same update).

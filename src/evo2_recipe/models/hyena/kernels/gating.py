@@ -1,12 +1,12 @@
 """Fused prologue/epilogue around the convolutions of hcs/hcm/hcl.
 
 Prologue: projection conv (3 taps) + de-interleave + ``u = x2 * v`` in one pass from the projection output to
-channel-first ``x1`` and ``u`` (what the FFT wants); the output is sequence-first (TE's projection, sequence or
-context parallelism) or channel-first (the local spec's projection writes ``W @ x^T``: no transpose either way). Epilogue: ``z = x1 * y`` written sequence-first (what
-the output projection wants); for hcs the 7-tap conv runs inside the epilogue (``short_conv_epilogue``, reading the
-prologue's ``u``). The plain path makes ~6 layout and elementwise passes for the same work. (An earlier single
-kernel for the whole hcs path recomputed the projection conv for each of the 7 taps: 5.2 ms per layer on an H200,
-removed.) Plain twins: ``operators.hyena_prologue`` / ``hyena_epilogue`` / ``short_conv_epilogue``.
+channel-first ``x1`` and ``u`` (what the FFT wants); that output is sequence-first (TE's projection, sequence or
+context parallelism) or channel-first (the local spec's projection writes ``W @ x^T``: no transpose either way).
+Epilogue: ``z = x1 * y`` written sequence-first (what the output projection wants); for hcs the 7-tap conv runs
+inside the epilogue (``short_conv_epilogue``, reading the prologue's ``u``). The plain path makes ~6 layout and
+elementwise passes for the same work. (An earlier single kernel for the whole hcs path recomputed the projection conv
+for each of the 7 taps: 5.2 ms per layer on an H200, removed.) Plain twins: ``operators.hyena_prologue`` / ``hyena_epilogue`` / ``short_conv_epilogue``.
 
 Backward: the prologue's is one kernel (it recomputes x2 and v at the three shifts and writes per-block parts of the
 weight gradient, summed after); the hcs epilogue's is two: the gate's gradients (the 7-tap conv recomputed), then the
