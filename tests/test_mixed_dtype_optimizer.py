@@ -108,3 +108,35 @@ def test_torch_adam_takes_the_fused_step_without_apex_or_te():
     fused, diff, cls = out
     assert cls in ("Adam", "AdamW") and fused and all(fused), out
     assert diff <= 1e-6, diff
+
+
+def test_multi_tensor_norm_and_scale_never_take_megatrons_per_tensor_fallbacks():
+    """Compat fix 6: without Apex/TE megatron's gradient norm, clipping and master -> model copies run torch's
+    multi-tensor ops (never its per-tensor stand-ins), with the values of a direct computation (fp32, 1e-6)."""
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mopt
+
+    from evo2_recipe.compat.megatron_fixes import foreach_l2_norm, foreach_scale
+
+    assert clip_grads.l2_norm_impl is not mutils.local_multi_tensor_l2_norm
+    for module in (clip_grads, mopt):
+        assert module.multi_tensor_scale_impl is not mutils.local_multi_tensor_scale
+    gen = torch.Generator().manual_seed(0)
+    shapes = [((7, 3), torch.float32), ((11,), torch.bfloat16), ((2, 2, 5), torch.float32)]
+    ts = [torch.randn(s, generator=gen).to(d) for s, d in shapes]
+    norm, _ = foreach_l2_norm(0, None, [ts], False)
+    ref = torch.linalg.vector_norm(torch.cat([t.float().flatten() for t in ts]))
+    assert norm.shape == (1,) and norm.dtype == torch.float32
+    torch.testing.assert_close(norm[0], ref, rtol=1e-6, atol=0)
+    for group in (ts, [t for t in ts if t.dtype == torch.float32]):  # clipping: in place (fp32 master gradients)
+        scaled = [t.clone() for t in group]
+        foreach_scale(0, None, [scaled, scaled], 0.37)
+        for a, t in zip(scaled, group):
+            torch.testing.assert_close(a, t * 0.37, rtol=0, atol=0)
+    src = [torch.randn(t.shape, generator=gen) for t in ts]  # fp32 masters -> model weights of any dtype
+    for scale in (1.0, 0.5):
+        dst = [torch.empty_like(t) for t in ts]
+        foreach_scale(0, None, [src, dst], scale)
+        for d, s in zip(dst, src):
+            torch.testing.assert_close(d, (s * scale).to(d.dtype), rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""Five fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
+"""Six fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
 
 1. ``megatron.bridge.peft.lora_layers`` runs ``import transformer_engine.pytorch as te`` unconditionally, so without
    Transformer Engine every ``megatron.bridge`` import fails. A ``sys.meta_path`` finder hands an inert stub to that
@@ -19,10 +19,14 @@
 5. Without Apex or Transformer Engine, megatron builds torch's Adam/AdamW with its default multi-tensor ("foreach")
    step: a dozen passes over the fp32 master state, ~24 ms of a 200 ms ``evo2_1b_base`` step on an H200 (profiler).
    Its param groups are switched to torch's fused step (one kernel per device and dtype; the same update).
+6. On the same path megatron's stand-ins for Apex's multi-tensor kernels take one ``.item()`` host sync per parameter
+   for the gradient norm (~250 per ``evo2_1b_base`` step; the GPU idled 8-11 ms per step) and two kernels per
+   parameter for each scale or copy (clipping, master -> model weights). They are replaced with torch's multi-tensor
+   ``_foreach_norm`` / ``_foreach_mul_`` / ``_foreach_copy_`` (same values, no host sync).
 
 :func:`install_import_guard` (fix 1 alone) is what importing :mod:`evo2_recipe.models.providers`,
 :mod:`evo2_recipe.training.recipe` or :mod:`evo2_recipe.models.lora` does: it changes no megatron code, it only lets
-Megatron-Bridge import without TE. :func:`apply` (all five, idempotent) is called at the entry points only: every
+Megatron-Bridge import without TE. :func:`apply` (all six, idempotent) is called at the entry points only: every
 CLI, :mod:`evo2_recipe.compat.cpu`, ``Evo2.from_checkpoint`` and the test conftest.
 """
 
@@ -184,6 +188,46 @@ def _patch_torch_adam_fused() -> None:
     mopt._get_megatron_optimizer_based_on_param_groups = build_fused
 
 
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for megatron's ``local_multi_tensor_l2_norm``: the l2 norm of all of ``tensor_lists[0]`` as a (1,)
+    fp32 tensor, from torch's multi-tensor norm - no host sync."""
+    import torch
+
+    tensors = tensor_lists[0]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32), None
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for megatron's ``local_multi_tensor_scale``: ``dst = src * scale`` (in place when they are the same
+    fp32 tensors - the clipped master gradients; a copy, with the dtype cast, when ``scale`` is 1) in multi-tensor
+    passes, each value rounded once as ``src * scale`` rounds it."""
+    import torch
+
+    src, dst = tensor_lists
+    # (torch's in-place foreach multiply of a 16-bit tensor by a Python scalar rounds differently on the CPU)
+    if all(a is b and a.dtype == torch.float32 for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    elif isinstance(scale, (int, float)) and scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def _patch_multi_tensor_fallbacks() -> None:
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mopt
+
+    if getattr(clip_grads, "l2_norm_impl", None) is mutils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = foreach_l2_norm
+    for module in (clip_grads, mopt):
+        if getattr(module, "multi_tensor_scale_impl", None) is mutils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = foreach_scale
+
+
 def install_import_guard() -> None:
     """Fix 1 only (idempotent): without TE, the guarded Bridge modules get the inert stub for their TE import."""
     global _GUARD_INSTALLED
@@ -193,7 +237,7 @@ def install_import_guard() -> None:
 
 
 def apply() -> None:
-    """Install all five fixes (idempotent)."""
+    """Install all six fixes (idempotent)."""
     global _APPLIED
     if _APPLIED:
         return
@@ -203,6 +247,7 @@ def apply() -> None:
     dataset_utils.compile_helpers = _compile_helpers_prebuilt
     _patch_distributed_optimizer_state()
     _patch_torch_adam_fused()
+    _patch_multi_tensor_fallbacks()
     from evo2_recipe.compat.mixed_dtype_optimizer import patch_optimizers
 
     patch_optimizers()
