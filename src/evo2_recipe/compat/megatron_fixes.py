@@ -160,7 +160,8 @@ def use_fused_torch_adam(optimizer) -> int:
         inner = getattr(opt, "optimizer", None)
         if inner is not None and not isinstance(opt, torch.optim.Optimizer):
             inners.append(inner)
-        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) or opt.state:  # not before its first step
+        # a fresh optimizer only: a fused step keeps its step counters on the device, a foreach one on the host
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) or opt.state:
             continue
         params = [p for g in opt.param_groups for p in g["params"]]
         if (not params or opt.defaults.get("differentiable")
