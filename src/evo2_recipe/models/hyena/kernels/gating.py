@@ -6,7 +6,8 @@ context parallelism) or channel-first (the local spec's projection writes ``W @ 
 Epilogue: ``z = x1 * y`` written sequence-first (what the output projection wants); for hcs the 7-tap conv runs
 inside the epilogue (``short_conv_epilogue``, reading the prologue's ``u``). The plain path makes ~6 layout and
 elementwise passes for the same work. (An earlier single kernel for the whole hcs path recomputed the projection conv
-for each of the 7 taps: 5.2 ms per layer on an H200, removed.) Plain twins: ``operators.hyena_prologue`` / ``hyena_epilogue`` / ``short_conv_epilogue``.
+for each of the 7 taps: 5.2 ms per layer on an H200, removed.) Plain twins: ``operators.hyena_prologue`` /
+``hyena_epilogue`` / ``short_conv_epilogue``.
 
 Backward: the prologue's is one kernel (it recomputes x2 and v at the three shifts and writes per-block parts of the
 weight gradient, summed after); the hcs epilogue's is two: the gate's gradients (the 7-tap conv recomputed), then the
