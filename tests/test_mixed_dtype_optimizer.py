@@ -1,5 +1,6 @@
 """megatron-core's optimizers on a bf16 Hyena model whose long/medium filters stay fp32 (compat.mixed_dtype_optimizer),
-and torch's fused Adam step where megatron falls back to torch's optimizer (compat.megatron_fixes, fix 5).
+and torch's fused Adam step and multi-tensor norm / scale where megatron falls back to torch's optimizer
+(compat.megatron_fixes, fixes 5 and 6).
 
 Oracle: right after construction every optimizer parameter equals (fp32 main copy) or is (fp32 parameter) the model
 parameter the optimizer's own maps assign to it. Without the compat fix the distributed optimizer's map points at
@@ -85,13 +86,13 @@ def _fused_adam_step(rank, world):
     for inner in inners:  # the same update as torch's multi-tensor step from the same state and gradients
         ref_groups = []
         for g in inner.param_groups:
+            copies = []
             for p in g["params"]:
                 p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+                copies.append(p.detach().clone().requires_grad_())
+                copies[-1].grad = p.grad.clone()
             ref_groups.append({**{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
-                               "params": [p.detach().clone().requires_grad_() for p in g["params"]]})
-        for rg, g in zip(ref_groups, inner.param_groups):
-            for r, p in zip(rg["params"], g["params"]):
-                r.grad = p.grad.clone()
+                               "params": copies})
         ref = type(inner)(ref_groups, foreach=True)
         for _ in range(3):
             inner.step()

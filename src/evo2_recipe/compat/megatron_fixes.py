@@ -147,13 +147,12 @@ def _patch_distributed_optimizer_state() -> None:
     dopt.DistributedOptimizer.state_dict = state_dict
 
 
-def use_fused_torch_adam(optimizer) -> int:
+def _use_fused_torch_adam(optimizer) -> None:
     """Switch every torch Adam/AdamW under a megatron optimizer (``.optimizer``, ``.chained_optimizers``) to torch's
-    fused step where its parameters allow it (floating point, on a device torch fuses for); the number switched."""
+    fused step where its parameters allow it (floating point, on a device torch fuses for)."""
     import torch
 
     inners = [optimizer]
-    switched = 0
     while inners:
         opt = inners.pop()
         inners += list(getattr(opt, "chained_optimizers", None) or [])
@@ -169,8 +168,6 @@ def use_fused_torch_adam(optimizer) -> int:
             continue
         for group in [opt.defaults, *opt.param_groups]:
             group["fused"], group["foreach"] = True, False
-        switched += 1
-    return switched
 
 
 def _patch_torch_adam_fused() -> None:
@@ -182,7 +179,7 @@ def _patch_torch_adam_fused() -> None:
 
     def build_fused(*args, **kwargs):
         optimizer = build(*args, **kwargs)
-        use_fused_torch_adam(optimizer)
+        _use_fused_torch_adam(optimizer)
         return optimizer
 
     build_fused._evo2 = True

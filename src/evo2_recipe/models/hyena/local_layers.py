@@ -86,8 +86,7 @@ class RMSNormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         the output; no bias, no gather, no sequence parallelism (the callers check). Under tensor parallelism the
         input's gradient is all-reduced over the TP group, as the column-parallel forward's is."""
         x = x_LBH if self.input_is_normed else rms_norm(self.config, x_LBH, self.layer_norm_weight, self.eps)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)  # identity forward
         return _ChannelFirstLinear.apply(x, self.weight)
 
 
