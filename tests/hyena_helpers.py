@@ -8,9 +8,9 @@ DNA = torch.tensor([ord(c) for c in "ACGTacgt"])
 def tiny_provider(name="striped_hyena_tiny", *, tp=1, cp=1, pp=1, sp=False, **overrides):
     from evo2_recipe.models.providers import get_provider
 
-    p = get_provider(name, vocab_size=512, params_dtype=torch.float32, bf16=False, use_cpu_initialization=True,
-                     tensor_model_parallel_size=tp, context_parallel_size=cp, pipeline_model_parallel_size=pp,
-                     sequence_parallel=sp, **overrides)
+    p = get_provider(name, **{**dict(vocab_size=512, params_dtype=torch.float32, bf16=False), **overrides},
+                     use_cpu_initialization=True, tensor_model_parallel_size=tp, context_parallel_size=cp,
+                     pipeline_model_parallel_size=pp, sequence_parallel=sp)
     p.finalize()
     return p
 
@@ -37,22 +37,31 @@ def randomise_weights_(model, seed=11):
     return model
 
 
-def loss_and_grads_per_option(name, option_sets, device="cpu", length=45):
+def loss_and_grads_per_option(name, option_sets, device="cpu", length=45, ddp_config=None):
     """``{key: (loss, {param: grad})}`` of the tiny model ``name`` built once per ``option_sets`` entry (``key ->
     provider overrides``), all with the same randomised weights and batch: how a kernel switch is compared with the
-    path it replaces. Runs inside a rank (model parallel state initialised here)."""
+    path it replaces. With ``ddp_config`` the model is wrapped in megatron's DDP (as training wraps it) and the
+    gradients are its fp32 ``main_grad`` buffers. Runs inside a rank (model parallel state initialised here)."""
     from megatron.core import parallel_state, tensor_parallel
 
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(5)
     out, weights = {}, None
     for key, overrides in option_sets.items():
-        model = tiny_provider(name, **overrides).provide().to(device)  # GPU: compiled kernels; CPU: interpreter
+        provider = tiny_provider(name, **overrides)
+        if ddp_config is None:
+            model = provider.provide().to(device)  # GPU: compiled kernels; CPU: interpreter
+        else:
+            (model,) = provider.provide_distributed_model(ddp_config=ddp_config, bf16=provider.bf16,
+                                                          use_cpu_initialization=True)
         if weights is None:
             weights = randomise_weights_(model).state_dict()
         model.load_state_dict(weights)
         tokens, labels = (t.to(device) for t in dna_batch(2, length))
-        loss = model(tokens, labels=labels).mean()  # O(1) gradients, so 1e-5 is a few fp32 ulps of them
+        loss = model(tokens, labels=labels).float().mean()  # O(1) gradients: 1e-5 is a few fp32 ulps of them
         loss.backward()
-        out[key] = (loss.detach().cpu(), {k: v.grad.cpu() for k, v in model.named_parameters()})
+        grads = {k: (v.grad if ddp_config is None else v.main_grad).cpu() for k, v in model.named_parameters()}
+        out[key] = (loss.detach().cpu(), grads)
+        if ddp_config is not None:  # which weights' GEMMs wrote their own gradient into main_grad
+            out[key] += ({k for k, v in model.named_parameters() if getattr(v, "grad_added_to_main_grad", False)},)
     return out

@@ -1,6 +1,6 @@
 """megatron-core's optimizers on a bf16 Hyena model whose long/medium filters stay fp32 (compat.mixed_dtype_optimizer),
 and torch's fused Adam step and multi-tensor norm / scale where megatron falls back to torch's optimizer
-(compat.megatron_fixes, fixes 5 and 6).
+(compat.megatron_fixes, fixes 5 and 6), and weight gradients accumulated by their GEMMs (fix 7).
 
 Oracle: right after construction every optimizer parameter equals (fp32 main copy) or is (fp32 parameter) the model
 parameter the optimizer's own maps assign to it. Without the compat fix the distributed optimizer's map points at
@@ -8,6 +8,7 @@ other parameters and its checkpoint state fails a shape assertion. (The plain op
 bit-for-bit by ``test_train.py::test_kill_and_resume_reproduces_the_loss_curve``.)
 """
 
+import pytest
 import torch
 
 from evo2_recipe.utils.spawn import run_on_ranks
@@ -141,3 +142,39 @@ def test_multi_tensor_norm_and_scale_never_take_megatrons_per_tensor_fallbacks()
         foreach_scale(0, None, [src, dst], scale)
         for d, s in zip(dst, src):
             torch.testing.assert_close(d, (s * scale).to(d.dtype), rtol=0, atol=0)
+
+
+def _main_grads_with_and_without_fusion(rank, world, dtype, kernels):
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from hyena_helpers import loss_and_grads_per_option, tiny_provider
+
+    bf16 = dtype == torch.bfloat16
+    options = {fusion: dict(gradient_accumulation_fusion=fusion, use_fused_hyena_kernels=kernels, bf16=bf16,
+                            params_dtype=dtype) for fusion in (False, True)}
+    out = loss_and_grads_per_option("striped_hyena_tiny", options, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True))
+    model = tiny_provider("striped_hyena_tiny").provide()
+    linears = {f"module.{'module.' if bf16 else ''}{n}.weight" for n, m in model.named_modules()
+               if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.weight is not None}
+    return out, linears
+
+
+@pytest.mark.parametrize("dtype,kernels", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_linear_weight_gradients_accumulate_into_main_grad(dtype, kernels):
+    """Compat fix 7 (``gradient_accumulation_fusion`` without Apex): under megatron's DDP every linear weight's
+    gradient GEMM writes into its fp32 ``main_grad`` (megatron's linears and, with the kernels, the Hyena projection's
+    channel-first GEMMs), and the main gradients equal the unfused path's, where DDP adds a gradient in the model's
+    dtype: fp32 to 1e-5; bf16 within that path's rounding of the gradients to bf16 (2^-7 of each tensor's largest)."""
+    (result,) = run_on_ranks(_main_grads_with_and_without_fusion, 1, dtype, kernels)
+    out, linears = result
+    (loss_u, grads_u, fused_u), (loss_f, grads_f, fused_f) = out[False], out[True]
+    assert not fused_u and linears and linears <= fused_f, (fused_u, linears - fused_f)
+    torch.testing.assert_close(loss_f, loss_u, rtol=0, atol=0)
+    for k, ref in grads_u.items():
+        assert grads_f[k].dtype == torch.float32
+        if dtype == torch.float32:
+            torch.testing.assert_close(grads_f[k], ref, rtol=1e-5, atol=1e-5, msg=k)
+        else:  # (the tied embedding's unfused gradient is a bf16 sum of two bf16-rounded parts)
+            assert (grads_f[k] - ref).abs().max() <= 2 ** -7 * ref.abs().max(), k

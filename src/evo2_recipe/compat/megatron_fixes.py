@@ -1,4 +1,4 @@
-"""Six fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
+"""Seven fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
 
 1. ``megatron.bridge.peft.lora_layers`` runs ``import transformer_engine.pytorch as te`` unconditionally, so without
    Transformer Engine every ``megatron.bridge`` import fails. A ``sys.meta_path`` finder hands an inert stub to that
@@ -23,10 +23,14 @@
    for the gradient norm (~250 per ``evo2_1b_base`` step; the GPU idled 8-11 ms per step) and two kernels per
    parameter for each scale or copy (clipping, master -> model weights). They are replaced with torch's multi-tensor
    ``_foreach_norm`` / ``_foreach_mul_`` / ``_foreach_copy_`` (same values, no host sync).
+7. ``gradient_accumulation_fusion`` (each linear's weight gradient accumulated by its GEMM straight into the fp32
+   ``main_grad``, instead of a 16-bit gradient that megatron's DDP hook then adds: one fp32 read-modify-write per
+   parameter per step) needs Apex's ``fused_weight_gradient_mlp_cuda`` in megatron's own linears. Without Apex that
+   extension is stood in for by :func:`accumulate_wgrad`: torch's ``addmm`` with an fp32 output on CUDA.
 
 :func:`install_import_guard` (fix 1 alone) is what importing :mod:`evo2_recipe.models.providers`,
 :mod:`evo2_recipe.training.recipe` or :mod:`evo2_recipe.models.lora` does: it changes no megatron code, it only lets
-Megatron-Bridge import without TE. :func:`apply` (all six, idempotent) is called at the entry points only: every
+Megatron-Bridge import without TE. :func:`apply` (all seven, idempotent) is called at the entry points only: every
 CLI, :mod:`evo2_recipe.compat.cpu`, ``Evo2.from_checkpoint`` and the test conftest.
 """
 
@@ -226,6 +230,45 @@ def _patch_multi_tensor_fallbacks() -> None:
             module.multi_tensor_scale_impl = foreach_scale
 
 
+def accumulate_wgrad(main_grad, a, b) -> None:
+    """``main_grad += a @ b`` accumulated in ``main_grad``'s dtype (fp32 for 16-bit ``a``, ``b``): the weight
+    gradient of a linear layer, ``grad_output^T @ input``, written by the GEMM itself (``a``, ``b`` may be
+    transposed views)."""
+    import torch
+
+    if main_grad.dtype == a.dtype == b.dtype:
+        main_grad.addmm_(a, b)
+    elif main_grad.is_cuda:  # cuBLAS: 16-bit operands, fp32 accumulator and output, in place
+        torch.addmm(main_grad, a, b, out_dtype=main_grad.dtype, out=main_grad)
+    else:  # (torch's CPU addmm has no mixed-dtype output): the same exact products, summed in main_grad's dtype
+        main_grad.addmm_(a.to(main_grad.dtype), b.to(main_grad.dtype))
+
+
+class _WgradAccumulation:
+    """Apex's ``fused_weight_gradient_mlp_cuda`` interface, as megatron's linears call it."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad) -> None:
+        accumulate_wgrad(main_grad, grad_output.t(), total_input)
+
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
+
+
+def _patch_wgrad_accumulation() -> None:
+    from megatron.core.tensor_parallel import layers
+
+    if not layers._grad_accum_fusion_available:
+        layers.fused_weight_gradient_mlp_cuda = _WgradAccumulation
+        layers._grad_accum_fusion_available = True
+
+
+def wgrad_accumulation_available() -> bool:
+    """Whether megatron's linears can take ``gradient_accumulation_fusion`` (Apex, or fix 7 applied)."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(layers._grad_accum_fusion_available)
+
+
 def install_import_guard() -> None:
     """Fix 1 only (idempotent): without TE, the guarded Bridge modules get the inert stub for their TE import."""
     global _GUARD_INSTALLED
@@ -235,7 +278,7 @@ def install_import_guard() -> None:
 
 
 def apply() -> None:
-    """Install all six fixes (idempotent)."""
+    """Install all seven fixes (idempotent)."""
     global _APPLIED
     if _APPLIED:
         return
@@ -246,6 +289,7 @@ def apply() -> None:
     _patch_distributed_optimizer_state()
     _patch_torch_adam_fused()
     _patch_multi_tensor_fallbacks()
+    _patch_wgrad_accumulation()
     from evo2_recipe.compat.mixed_dtype_optimizer import patch_optimizers
 
     patch_optimizers()

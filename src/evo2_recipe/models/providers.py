@@ -28,7 +28,7 @@ from megatron.bridge.models.transformer_config import TransformerConfig  # noqa:
 from megatron.bridge.utils.instantiate_utils import register_allowed_target_prefix  # noqa: E402
 from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size  # noqa: E402
 
-from evo2_recipe.compat.megatron_fixes import te_spec_by_default  # noqa: E402
+from evo2_recipe.compat.megatron_fixes import te_spec_by_default, wgrad_accumulation_available  # noqa: E402
 from evo2_recipe.models.hyena import quantization  # noqa: E402
 from evo2_recipe.models.hyena.config import ATTENTION, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT  # noqa: E402
 from evo2_recipe.models.hyena.model import HyenaModel  # noqa: E402
@@ -113,8 +113,9 @@ class HyenaModelProvider(TransformerConfig, ModelProviderMixin[HyenaModel]):
         if not self.use_te:  # these fusions need TE or Apex kernels
             self.apply_rope_fusion = False
             self.masked_softmax_fusion = False
-            self.gradient_accumulation_fusion = False
             self.persist_layer_norm = False
+            # megatron's own linears take it from Apex or compat fix 7 (torch's addmm into main_grad)
+            self.gradient_accumulation_fusion &= wgrad_accumulation_available()
         if self.remove_activation_post_first_layer:
             self.bias_activation_fusion = False  # ARC layer 0 uses the exact erf GELU
         quantization.require_transformer_engine(self)  # FP8/FP4 never silently run in bf16

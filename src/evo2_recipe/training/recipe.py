@@ -186,6 +186,8 @@ def evo2_pretrain_config(
         context_parallel_size=cp, sequence_parallel=tp > 1, hidden_dropout=0.0, attention_dropout=0.0,
         fp32_residual_connection=True, cross_entropy_loss_fusion=False, calculate_per_token_loss=True,
         vortex_style_fp8=False, to_upper="normalized_weighted", perform_initialization=True,
+        # weight gradients accumulated by their GEMMs into DDP's fp32 main_grad (no 16-bit gradient and no add)
+        gradient_accumulation_fusion=True,
     )
     if spike_no_more_embedding_init:
         model_fields.update(share_embeddings_and_output_weights=False, embedding_init_method_std=1.0)

@@ -21,6 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from evo2_recipe.compat.megatron_fixes import accumulate_wgrad
 from evo2_recipe.models.hyena import context_parallel as cp_comm
 from evo2_recipe.models.hyena.kernels import fused_kernels_enabled
 from evo2_recipe.models.hyena.mixer import _param_device
@@ -87,16 +88,19 @@ class RMSNormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         input's gradient is all-reduced over the TP group, as the column-parallel forward's is."""
         x = x_LBH if self.input_is_normed else rms_norm(self.config, x_LBH, self.layer_norm_weight, self.eps)
         x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)  # identity forward
-        return _ChannelFirstLinear.apply(x, self.weight)
+        return _ChannelFirstLinear.apply(x, self.weight, self.gradient_accumulation_fusion)
 
 
 class _ChannelFirstLinear(torch.autograd.Function):
     """``out[b] = W @ x[:, b]^T``: (L, B, in) x (out, in) -> (B, out, L), one GEMM per sequence. Backward:
-    ``g_x[:, b] = g[b]^T @ W`` and ``g_W = sum_b g[b] @ x[:, b]`` (the wgrad GEMM reads both operands along time)."""
+    ``g_x[:, b] = g[b]^T @ W`` and ``g_W = sum_b g[b] @ x[:, b]`` (the wgrad GEMM reads both operands along time);
+    with ``gradient_accumulation_fusion`` the wgrad GEMMs accumulate into the weight's fp32 ``main_grad`` as megatron's
+    linears do, and the returned gradient is megatron's placeholder."""
 
     @staticmethod
-    def forward(ctx, x_LBH, weight):
+    def forward(ctx, x_LBH, weight, gradient_accumulation_fusion):
         ctx.save_for_backward(x_LBH, weight)
+        ctx.main_grad = weight.main_grad if gradient_accumulation_fusion and hasattr(weight, "main_grad") else None
         L, B, _ = x_LBH.shape
         out = torch.empty((B, weight.shape[0], L), dtype=x_LBH.dtype, device=x_LBH.device)
         for b in range(B):
@@ -112,11 +116,26 @@ class _ChannelFirstLinear(torch.autograd.Function):
             g_x = torch.empty_like(x)
             for b in range(B):
                 torch.mm(g_BOL[b].t(), weight, out=g_x[:, b])
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.main_grad is not None:
+            for b in range(B):
+                accumulate_wgrad(ctx.main_grad, g_BOL[b], x[:, b])
+            g_w = _wgrad_placeholder(weight, x.dtype)
+        elif ctx.needs_input_grad[1]:
             g_w = g_BOL[0] @ x[:, 0]
             for b in range(1, B):
                 g_w.addmm_(g_BOL[b], x[:, b])
-        return g_x, g_w
+        return g_x, g_w, None
+
+
+def _wgrad_placeholder(weight: nn.Parameter, dtype: torch.dtype) -> torch.Tensor | None:
+    """What megatron's linears return as the weight's gradient once it is in ``main_grad``: a tensor, so that DDP's
+    hook on the parameter still fires (it skips the add: ``grad_added_to_main_grad``), zeros where the parameter has
+    another use whose gradient autograd sums into it (``zero_out_wgrad``: the tied embedding)."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return make(weight.shape, dtype=dtype, device=weight.device)
 
 
 class SDPAttention(MegatronModule):
