@@ -178,3 +178,26 @@ def test_linear_weight_gradients_accumulate_into_main_grad(dtype, kernels):
             torch.testing.assert_close(grads_f[k], ref, rtol=1e-5, atol=1e-5, msg=k)
         else:  # (the tied embedding's unfused gradient is a bf16 sum of two bf16-rounded parts)
             assert (grads_f[k] - ref).abs().max() <= 2 ** -7 * ref.abs().max(), k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(5760, 1920), (1920, 5120)])  # evo2_1b_base's input projection and fc2
+def test_weight_gradient_gemm_accumulates_bf16_into_fp32_on_gpu(shape):
+    """Fix 7's CUDA branch (cuBLAS, bf16 operands, fp32 accumulator in place), 8,192 tokens: twice into a non-zero
+    main gradient equals the products summed in fp64 to 5e-5 of the largest entry, ten times closer than a bf16
+    gradient (the unfused path) is to its exact value."""
+    from evo2_recipe.compat.megatron_fixes import accumulate_wgrad
+
+    O, I = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8192, I, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(8192, O, device="cuda", generator=g).bfloat16()
+    main = torch.randn(O, I, device="cuda", generator=g)
+    ref = main.double() + 2 * (dy.t().double() @ x.double())
+    for _ in range(2):
+        accumulate_wgrad(main, dy.t(), x)
+    assert main.dtype == torch.float32
+    scale = ref.abs().max()
+    assert (main.double() - ref).abs().max() <= 5e-5 * scale  # measured 1.0e-5 (fp32 sums of 8,192 products)
+    exact = dy.t().double() @ x.double()
+    assert ((dy.t() @ x).double() - exact).abs().max() > 10 * (main.double() - ref).abs().max()  # bf16 gradient
