@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance runs (issues 11, 15, 16) on a machine without our venv, e.g. the lent H200:
-#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [train16] [trainprof] [score16] [kernels16] [parallel16] [paralleltrain16] [subquadratic] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
+#   bash scripts/gpu_acceptance.sh [parity] [selftest] [profile] [tests] [fp8] [train16] [trainab] [trainprof] [score16] [kernels16] [parallel16] [paralleltrain16] [subquadratic] [resume] [lora] [decode] [prefill] [deepdecode] [longdecode] [bench]   (default: all; logs under ${OUT:-./gpu_out})
 # Expects the wheels of ../shared/tools/gpu_wheels.sh in ./.whl (and Transformer Engine from gpu_te.sh already in
 # /tmp/site for the TE/FP8 parts). Console scripts are written beside python3 from pyproject.toml.
 set -uo pipefail
@@ -73,6 +73,17 @@ if [[ " $what " == *" fp8 "* ]]; then
   done
 fi
 
+real_data_flags() {  # real_data_flags DATA STEPS SIZE: preprocess examples/configs/DATA_*.yaml; set $common to the
+  # real-data training runs' flags: 8,192 x 1 per step, no recompute, the full-iteration CUDA graph (TRAIN_GRAPH=""
+  # runs eagerly), evaluation at the end only, no checkpoint written
+  preprocess_evo2 --config "examples/configs/${1}_preprocess.yaml" --no-progress > "$OUT/preprocess.log" 2>&1
+  echo "preprocess $1 rc=$?"
+  common=(-d "examples/configs/${1}_dataset.yaml" --model-size "$3" --seq-length 8192 --micro-batch-size 1
+          --global-batch-size 1 --max-steps "$2" --warmup-steps 10 --constant-steps 0 --eval-interval "$2"
+          --eval-iters 2 --log-interval 20 --workers 2 --disable-tensorboard-logger --no-activation-checkpointing
+          ${TRAIN_GRAPH---cuda-graph} checkpoint.save=null)
+}
+
 if [[ " $what " == *" train16 "* ]]; then  # issue 16: train_evo2 rows - 1b bf16 vs FP8 on real data, 7b MFU
   # Each recipe runs TRAIN16_REPEATS times (default 2): at batch 1 two identical bf16 runs ended 200 steps at
   # validation loss 0.47 and 1.33 (twelfth session), so one run per recipe cannot compare loss curves. Data: the
@@ -80,14 +91,7 @@ if [[ " $what " == *" train16 "* ]]; then  # issue 16: train_evo2 rows - 1b bf16
   # is near-identical phiX174 isolates, memorised within 200 steps (seventeenth session). The 1b runs write no
   # checkpoint (checkpoint.save=null; one is ~13 GB), the 7b one is deleted (~100 GB: a full disk takes the machine
   # down).
-  data=${TRAIN16_DATA:-dimorphilus}
-  preprocess_evo2 --config "examples/configs/${data}_preprocess.yaml" --no-progress > "$OUT/preprocess.log" 2>&1
-  echo "preprocess $data rc=$?"
-  common=(-d "examples/configs/${data}_dataset.yaml" --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1
-          --global-batch-size 1 --max-steps "${TRAIN_STEPS:-200}" --warmup-steps 10 --constant-steps 0
-          --eval-interval "${TRAIN_STEPS:-200}" --eval-iters 2 --log-interval 20 --workers 2
-          --disable-tensorboard-logger --no-activation-checkpointing ${TRAIN_GRAPH---cuda-graph} checkpoint.save=null)
-  # TRAIN_GRAPH="" runs them without the full-iteration CUDA graph (--cuda-graph, the default here)
+  real_data_flags "${TRAIN16_DATA:-dimorphilus}" "${TRAIN_STEPS:-200}" evo2_1b_base
   # TRAIN16_RECIPES: the Megatron-Bridge mixed-precision recipes to compare, bf16 first (e.g. add
   # bf16_with_fp8_current_scaling_mixed, bf16_with_fp8_subchannel_scaling_mixed)
   for i in $(seq "${TRAIN16_REPEATS:-2}"); do
@@ -113,6 +117,22 @@ if [[ " $what " == *" train16 "* ]]; then  # issue 16: train_evo2 rows - 1b bf16
       --warmup-steps 2 --constant-steps 0 --eval-interval 100 --eval-iters 1 --log-interval 4 --workers 2 \
       --disable-tensorboard-logger "${pa[@]}" "$@" ${TRAIN_7B_FLAGS:-}
     rm -rf /tmp/t16_7b
+  done
+fi
+
+if [[ " $what " == *" trainab "* ]]; then  # train_evo2 speed of the working tree vs the trees of benchmarks/train_ab.sh
+  real_data_flags "${AB_DATA:-dimorphilus}" "${AB_STEPS:-100}" "${AB_SIZE:-evo2_1b_base}"
+  names=(work); for t in .ab_trees/*/; do [ -d "$t/src" ] && names+=("$(basename "$t")"); done
+  for i in $(seq "${AB_REPEATS:-2}"); do  # interleaved rounds: every tree sees the same machine state
+    for name in "${names[@]}"; do
+      src=$PWD/src; [ "$name" = work ] || src=$PWD/.ab_trees/$name/src
+      PYTHONPATH=/tmp/site:$src:$PWD/tests train_run "ab_${name}_$i" "/tmp/ab_$name" 1 "${common[@]}" \
+        --mixed-precision-recipe "${AB_RECIPE:-bf16_mixed}" ${AB_FLAGS:-}
+      rm -rf "/tmp/ab_$name"
+    done
+  done
+  for name in "${names[@]}"; do
+    python3 benchmarks/train_log_summary.py "$OUT"/ab_"$name"_[0-9]*.log --from-step 40 | grep -v "^{"
   done
 fi
 

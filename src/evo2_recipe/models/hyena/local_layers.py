@@ -116,14 +116,13 @@ class _ChannelFirstLinear(torch.autograd.Function):
             g_x = torch.empty_like(x)
             for b in range(B):
                 torch.mm(g_BOL[b].t(), weight, out=g_x[:, b])
-        if ctx.needs_input_grad[1] and ctx.main_grad is not None:
+        if ctx.needs_input_grad[1]:
+            fused = ctx.main_grad is not None
+            g_w = ctx.main_grad if fused else torch.zeros_like(weight)
             for b in range(B):
-                accumulate_wgrad(ctx.main_grad, g_BOL[b], x[:, b])
-            g_w = _wgrad_placeholder(weight, x.dtype)
-        elif ctx.needs_input_grad[1]:
-            g_w = g_BOL[0] @ x[:, 0]
-            for b in range(1, B):
-                g_w.addmm_(g_BOL[b], x[:, b])
+                accumulate_wgrad(g_w, g_BOL[b], x[:, b])
+            if fused:
+                g_w = _wgrad_placeholder(weight, x.dtype)
         return g_x, g_w, None
 
 
