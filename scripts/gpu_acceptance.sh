@@ -104,15 +104,18 @@ if [[ " $what " == *" train16 "* ]]; then  # issue 16: train_evo2 rows - 1b bf16
     python3 benchmarks/train_log_summary.py "$OUT"/train16_*_[0-9]*.log --from-step 40 | grep -v "^{"
   fi
   # 7b MFU on one GPU: the 6.5 B parameters only leave room for activations with TE's precision-aware Adam (bf16
-  # moments, 16-bit master remainders): bf16 without recompute needs bf16 gradients too; delayed FP8 needs fp32
-  # gradients (the recipe refuses the other way) and recomputes 4 of 32 layers. TRAIN_7B_FLAGS adds to both.
+  # moments, 16-bit master remainders, the fp32 gradients themselves): bf16 without recompute; delayed FP8
+  # recomputes 4 of 32 layers. TRAIN_7B_RUNS picks (default both), TRAIN_7B_FLAGS adds to each, TRAIN_7B_SRC trains
+  # another tree's src (an A/B against a `git archive`).
   pa=(--use-precision-aware-optimizer checkpoint.save=null optimizer.exp_avg_dtype=torch.bfloat16
       optimizer.exp_avg_sq_dtype=torch.bfloat16)
-  for run in "bf16 --mixed-precision-recipe bf16_mixed --no-grad-reduce-in-fp32 --no-activation-checkpointing" \
+  for run in "bf16 --mixed-precision-recipe bf16_mixed --no-activation-checkpointing" \
              "fp8 --mixed-precision-recipe bf16_with_fp8_delayed_scaling_mixed model.recompute_granularity=full
               model.recompute_method=block model.recompute_num_layers=4"; do
     set -- $run; tag=$1; shift
-    TRAIN_TIMEOUT=${TRAIN_7B_TIMEOUT:-200} train_run "train16_7b_$tag" /tmp/t16_7b 4 --mock-data \
+    [[ " ${TRAIN_7B_RUNS:-bf16 fp8} " == *" $tag "* ]] || continue
+    PYTHONPATH=/tmp/site:${TRAIN_7B_SRC:-$PWD/src}:$PWD/tests TRAIN_TIMEOUT=${TRAIN_7B_TIMEOUT:-200} \
+      train_run "train16_7b_$tag${TRAIN_7B_SRC:+_ab}" /tmp/t16_7b 4 --mock-data \
       --model-size evo2_7b_base --seq-length 8192 --micro-batch-size 1 --global-batch-size 1 --max-steps 16 \
       --warmup-steps 2 --constant-steps 0 --eval-interval 100 --eval-iters 1 --log-interval 4 --workers 2 \
       --disable-tensorboard-logger "${pa[@]}" "$@" ${TRAIN_7B_FLAGS:-}
@@ -137,9 +140,9 @@ if [[ " $what " == *" trainab "* ]]; then  # train_evo2 speed of the working tre
 fi
 
 # issue 16: where a 1b training step goes (TE spec, mock data; TRAINPROF_FLAGS="--mixed-precision-recipe ..." for FP8)
-if [[ " $what " == *" trainprof "* ]]; then
+if [[ " $what " == *" trainprof "* ]]; then  # where a train_evo2 step's time goes (TRAINPROF_SIZE, TRAINPROF_FLAGS)
   rm -rf /tmp/tprof
-  train_run train_profile /tmp/tprof 2 --mock-data --model-size evo2_1b_base --seq-length 8192 --micro-batch-size 1 \
+  train_run train_profile /tmp/tprof 2 --mock-data --model-size "${TRAINPROF_SIZE:-evo2_1b_base}" --seq-length 8192 --micro-batch-size 1 \
     --global-batch-size 1 --max-steps 44 --warmup-steps 2 --constant-steps 0 --eval-interval 1000 --eval-iters 1 \
     --log-interval 20 --workers 2 --no-activation-checkpointing ${TRAIN_GRAPH---cuda-graph} ${TRAINPROF_FLAGS:-} \
     profiling.use_pytorch_profiler=true \

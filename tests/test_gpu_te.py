@@ -128,3 +128,21 @@ def test_fp8_weight_cache_only_for_short_context_models(group, seq_length, cache
     kept = [m for m in model.modules() if getattr(m, "_fp8_workspaces", None)]
     assert bool(kept) is cached
     assert _rel(second, first) <= 1e-6
+
+
+@pytest.mark.parametrize("recipe,decoupled", [("bf16_mixed", True), ("bf16_with_fp8_delayed_scaling_mixed", True),
+                                              ("bf16_with_fp8_current_scaling_mixed", False)])
+def test_precision_aware_optimizer_path(recipe, decoupled):
+    """With ``--use-precision-aware-optimizer`` megatron's distributed optimizer hands TE's FusedAdam the gradients
+    themselves (no fp32 master copy, no per-step fp32 gradient copies) in bf16 and delayed FP8; only FP8 current
+    scaling keeps fp32 master copies. The flag megatron reads, computed by Bridge's finalize after it copies the
+    precision settings, as train_evo2 builds the config."""
+    from evo2_recipe.cli.train import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_intermixed_args(
+        ["--mock-data", "--model-size", "evo2_7b_base", "--use-precision-aware-optimizer",
+         "--mixed-precision-recipe", recipe]), cpu=False)
+    cfg.mixed_precision.finalize()
+    cfg.mixed_precision.setup(cfg.model, cfg.optimizer, cfg.ddp)
+    cfg.optimizer.finalize()
+    assert cfg.optimizer.use_precision_aware_optimizer_no_fp8_or_ds_fp8 is decoupled

@@ -202,3 +202,36 @@ def test_weight_gradient_gemm_accumulates_bf16_into_fp32_on_gpu(shape):
     assert (main.double() - ref).abs().max() <= 5e-5 * scale  # measured 1.0e-5 (fp32 sums of 8,192 products)
     exact = dy.t().double() @ x.double()
     assert ((dy.t() @ x).double() - exact).abs().max() > 10 * (main.double() - ref).abs().max()  # bf16 gradient
+
+
+def test_gradient_buffers_scale_by_the_token_count_through_fix_8():
+    """Compat fix 8: megatron's gradient buffers take ``scale_gradients`` from :func:`scale_in_place`, which on CPU
+    (the CI path) is ``*=`` itself: each gradient times 1 / tokens, for a 0-dim, a one-element and a float factor."""
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+
+    from evo2_recipe.compat.megatron_fixes import scale_in_place
+
+    assert getattr(_ParamAndGradBuffer.scale_gradients, "_evo2", False)
+    grad = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    tokens = torch.tensor(8191)
+    for factor in (1.0 / tokens, (1.0 / tokens).reshape(1), 1.0 / 8191):
+        out = grad.clone()
+        scale_in_place(out, factor)
+        torch.testing.assert_close(out, grad / 8191, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gradient_scaling_on_gpu_equals_megatrons_multiply(dtype):
+    """Fix 8's CUDA branch (torch's multi-tensor multiply) gives bitwise the values of megatron's ``grad *= factor``
+    for a device factor 1 / tokens (8,191: not a power of two), over 2^24 + 3 gradients (a ragged last chunk)."""
+    from evo2_recipe.compat.megatron_fixes import scale_in_place
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grad = (torch.randn(2 ** 24 + 3, device="cuda", generator=g) * 1e-3).to(dtype)
+    for tokens in (torch.tensor(8191, device="cuda"), torch.tensor([8191.0], device="cuda")):
+        factor = 1.0 / torch.clamp(tokens, min=1)
+        ref, out = grad.clone(), grad.clone()
+        ref *= factor
+        scale_in_place(out, factor)
+        assert torch.equal(out, ref)

@@ -54,8 +54,10 @@ def test_settings_validation():
 
 
 def test_precision_aware_optimizer_settings():
-    """The 7b-on-one-GPU setup (TE FusedAdam, bf16 moments, flags and overrides interleaved) builds; with delayed FP8
-    it needs fp32 gradients - bf16 ones crash TE's grad-norm kernel - and says so before anything runs."""
+    """The 7b-on-one-GPU setup (TE FusedAdam, bf16 moments, flags and overrides interleaved) builds. Without FP8 the
+    recipe drops Bridge's default FP8 recipe, so megatron's optimizer takes its decoupled-gradient path (no fp32
+    copies of gradients and weights each step); on that path, as with delayed FP8, bf16 gradients crash TE's
+    grad-norm kernel, and the recipe says so before anything runs."""
     from evo2_recipe.cli.train import build_parser, config_from_args
 
     def config(*argv):
@@ -63,16 +65,26 @@ def test_precision_aware_optimizer_settings():
             ["--mock-data", "--model-size", "evo2_7b_base", "optimizer.exp_avg_dtype=torch.bfloat16",
              "--use-precision-aware-optimizer", "optimizer.exp_avg_sq_dtype=torch.bfloat16", *argv]), cpu=False)
 
-    cfg = config("--no-grad-reduce-in-fp32", "--no-activation-checkpointing")  # bf16: measured 0.42 MFU on H200
-    assert cfg.optimizer.use_precision_aware_optimizer and not cfg.ddp.grad_reduce_in_fp32
+    def decoupled(cfg):
+        """The inputs of megatron's ``use_precision_aware_optimizer_no_fp8_or_ds_fp8`` (fp32 master weights, no
+        offload) once Bridge has copied the precision settings; Bridge's config computes it at finalize."""
+        cfg.mixed_precision.setup(cfg.model, cfg.optimizer, cfg.ddp)
+        o = cfg.optimizer
+        assert hasattr(o, "finalize") and o.main_params_dtype == torch.float32 and not o.optimizer_cpu_offload
+        return o.use_precision_aware_optimizer and o.fp8_recipe in (None, "delayed")
+
+    cfg = config("--no-activation-checkpointing")  # bf16
+    assert cfg.optimizer.use_precision_aware_optimizer and cfg.ddp.grad_reduce_in_fp32
     assert cfg.optimizer.exp_avg_dtype == cfg.optimizer.exp_avg_sq_dtype == torch.bfloat16
     assert cfg.model.recompute_granularity is None
+    assert cfg.mixed_precision.fp8_recipe is None and decoupled(cfg)
     fp8 = ("--mixed-precision-recipe", "bf16_with_fp8_delayed_scaling_mixed")
-    assert config(*fp8).ddp.grad_reduce_in_fp32  # the default: fp32 gradients
-    with pytest.raises(ValueError, match="drop --no-grad-reduce-in-fp32"):
-        config(*fp8, "--no-grad-reduce-in-fp32")
-    with pytest.raises(ValueError, match="drop --no-grad-reduce-in-fp32"):
-        config("--no-grad-reduce-in-fp32", "optimizer.main_params_dtype=torch.float16")
+    assert config(*fp8).ddp.grad_reduce_in_fp32 and decoupled(config(*fp8))  # the default: fp32 gradients
+    current = config("--mixed-precision-recipe", "bf16_with_fp8_current_scaling_mixed", "--no-grad-reduce-in-fp32")
+    assert current.mixed_precision.fp8_recipe == "tensorwise" and not decoupled(current)  # fp32 master copies
+    for argv in [(), fp8, ("optimizer.main_params_dtype=torch.float16",)]:
+        with pytest.raises(ValueError, match="drop --no-grad-reduce-in-fp32"):
+            config(*argv, "--no-grad-reduce-in-fp32")
 
 
 def test_weight_decay_groups():

@@ -1,4 +1,4 @@
-"""Seven fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
+"""Eight fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
 
 1. ``megatron.bridge.peft.lora_layers`` runs ``import transformer_engine.pytorch as te`` unconditionally, so without
    Transformer Engine every ``megatron.bridge`` import fails. A ``sys.meta_path`` finder hands an inert stub to that
@@ -27,10 +27,14 @@
    ``main_grad``, instead of a 16-bit gradient that megatron's DDP hook then adds: one fp32 read-modify-write per
    parameter per step) needs Apex's ``fused_weight_gradient_mlp_cuda`` in megatron's own linears. Without Apex that
    extension is stood in for by :func:`accumulate_wgrad`: torch's ``addmm`` with an fp32 output on CUDA.
+8. With the per-token loss megatron divides every gradient by the step's token count, a 0-dim device tensor (no
+   host sync): ``grad_data *= factor``. CUDA runs a tensor times a 0-dim tensor through its generic strided kernel,
+   ~1 TB/s on an H200 (27.5 ms of a 7b step with bf16 gradients). :func:`scale_in_place` multiplies by the same
+   factor in torch's multi-tensor kernel instead (2.6x faster on bf16, bitwise the same values).
 
 :func:`install_import_guard` (fix 1 alone) is what importing :mod:`evo2_recipe.models.providers`,
 :mod:`evo2_recipe.training.recipe` or :mod:`evo2_recipe.models.lora` does: it changes no megatron code, it only lets
-Megatron-Bridge import without TE. :func:`apply` (all seven, idempotent) is called at the entry points only: every
+Megatron-Bridge import without TE. :func:`apply` (all eight, idempotent) is called at the entry points only: every
 CLI, :mod:`evo2_recipe.compat.cpu`, ``Evo2.from_checkpoint`` and the test conftest.
 """
 
@@ -269,6 +273,30 @@ def wgrad_accumulation_available() -> bool:
     return bool(layers._grad_accum_fusion_available)
 
 
+def scale_in_place(tensor, factor) -> None:
+    """``tensor *= factor`` with the values megatron's gradient scaling gets; a one-element device ``factor`` on CUDA
+    goes through torch's multi-tensor multiply (CUDA's ``*=`` casts such a factor to ``tensor``'s dtype and
+    multiplies in fp32: so does this)."""
+    import torch
+
+    if isinstance(factor, torch.Tensor) and tensor.is_cuda and factor.numel() == 1:
+        torch._foreach_mul_([tensor], factor.reshape(()).to(tensor.dtype))
+    else:
+        tensor *= factor
+
+
+def _patch_gradient_scaling() -> None:
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+
+    def scale_gradients(self, scaling_factor) -> None:
+        for grad in (self.grad_data, *self.extra_main_grads):
+            scale_in_place(grad, scaling_factor)
+
+    if not getattr(_ParamAndGradBuffer.scale_gradients, "_evo2", False):
+        scale_gradients._evo2 = True
+        _ParamAndGradBuffer.scale_gradients = scale_gradients
+
+
 def install_import_guard() -> None:
     """Fix 1 only (idempotent): without TE, the guarded Bridge modules get the inert stub for their TE import."""
     global _GUARD_INSTALLED
@@ -278,7 +306,7 @@ def install_import_guard() -> None:
 
 
 def apply() -> None:
-    """Install all seven fixes (idempotent)."""
+    """Install all eight fixes (idempotent)."""
     global _APPLIED
     if _APPLIED:
         return
@@ -290,6 +318,7 @@ def apply() -> None:
     _patch_torch_adam_fused()
     _patch_multi_tensor_fallbacks()
     _patch_wgrad_accumulation()
+    _patch_gradient_scaling()
     from evo2_recipe.compat.mixed_dtype_optimizer import patch_optimizers
 
     patch_optimizers()

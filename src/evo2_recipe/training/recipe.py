@@ -23,6 +23,7 @@ from megatron.bridge.training.config import (  # noqa: E402
     DistributedDataParallelConfig,
     DistributedInitConfig,
     LoggerConfig,
+    OptimizerConfig,
     OptimizerConfigOverrideProvider,
     OptimizerConfigOverrideProviderContext,
     ProfilingConfig,
@@ -39,7 +40,6 @@ from megatron.bridge.training.comm_overlap import (  # noqa: E402
 )
 from megatron.bridge.training.mixed_precision import get_mixed_precision_config  # noqa: E402
 from megatron.bridge.training.tokenizers.config import TokenizerConfig  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 from megatron.core.optimizer import ParamGroupOverride, ParamKey  # noqa: E402
 from megatron.core.optimizer.optimizer_config import ParamPredicate  # noqa: E402
 
@@ -243,6 +243,9 @@ def evo2_pretrain_config(
         from megatron.core.optimizer import distrib_optimizer
 
         use_distributed_optimizer = bool(getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False))
+    # Bridge's OptimizerConfig derives its computed fields (which optimizer path megatron takes, e.g. the
+    # precision-aware one's decoupled gradients) at finalize, after the flags, overrides and precision settings;
+    # megatron-core's derives them here, before --use-precision-aware-optimizer is even set.
     optimizer = OptimizerConfig(
         optimizer="adam", lr=3e-4, min_lr=3e-5, weight_decay=wd, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
         clip_grad=1.0, use_distributed_optimizer=use_distributed_optimizer, use_precision_aware_optimizer=False,
@@ -382,19 +385,26 @@ def apply_overrides(cfg: ConfigContainer, overrides: list[str]) -> ConfigContain
 
 
 def _check_precision_aware_optimizer(cfg: ConfigContainer) -> None:
-    """Refuse the one precision-aware optimizer setup that crashes inside Transformer Engine.
+    """Give a recipe without FP8 no FP8 recipe, then refuse the precision-aware optimizer setup that crashes inside
+    Transformer Engine.
 
-    Megatron hands TE's FusedAdam ``decoupled_grad`` tensors when the FP8 recipe is delayed scaling or the master
-    weights are not fp32; with a bf16 gradient buffer (``--no-grad-reduce-in-fp32``) TE's grad-norm kernel then
-    fails with an illegal memory access on the first step (TE 2.20.2, megatron-core 0.19, H200, nineteenth session).
+    Bridge's mixed-precision config keeps its class default ``fp8_recipe="tensorwise"`` when FP8 is off and copies it
+    onto the optimizer's config, where megatron reads it as FP8 parameters: its precision-aware optimizer then keeps
+    an fp32 master copy, copies every gradient to fp32 and every parameter back each step (29 ms of a 7b bf16 step
+    on an H200, RESULTS.md). Without the recipe it takes its ``decoupled_grad`` path, as with FP8 delayed scaling
+    or non-fp32 master weights. On that path a bf16 gradient buffer (``--no-grad-reduce-in-fp32``) makes TE's
+    grad-norm kernel fail with an illegal memory access on the first step (TE 2.20.2, megatron-core 0.19, H200,
+    nineteenth session).
     """
     opt, mp = cfg.optimizer, cfg.mixed_precision
+    if mp is not None and not mp.fp8:
+        mp.fp8_recipe = None
     if not opt.use_precision_aware_optimizer or cfg.ddp.grad_reduce_in_fp32:
         return
-    delayed_fp8 = mp is not None and bool(mp.fp8) and mp.fp8_recipe == "delayed"
-    if delayed_fp8 or opt.main_params_dtype != torch.float32:
-        raise ValueError("--use-precision-aware-optimizer with FP8 delayed scaling (or non-fp32 "
-                         "optimizer.main_params_dtype) needs fp32 gradients: drop --no-grad-reduce-in-fp32 (TE's "
+    # megatron's OptimizerConfig.use_precision_aware_optimizer_no_fp8_or_ds_fp8, on the settings Bridge will copy
+    if mp is None or mp.fp8_recipe in (None, "delayed") or opt.main_params_dtype != torch.float32:
+        raise ValueError("--use-precision-aware-optimizer without FP8, with FP8 delayed scaling or with non-fp32 "
+                         "optimizer.main_params_dtype needs fp32 gradients: drop --no-grad-reduce-in-fp32 (TE's "
                          "fused grad-norm reads the bf16 decoupled gradients out of bounds)")
 
 
