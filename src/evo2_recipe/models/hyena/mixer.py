@@ -33,7 +33,7 @@ from evo2_recipe.models.hyena import context_parallel as cp_comm
 from evo2_recipe.models.hyena import operators as ops
 from evo2_recipe.models.hyena import quantization
 from evo2_recipe.models.hyena.config import HYENA, HYENA_LONG, HYENA_MEDIUM, HYENA_SHORT, HyenaConfig
-from evo2_recipe.models.hyena.kernels import fused_kernels_enabled, subquadratic
+from evo2_recipe.models.hyena.kernels import fft_conv, fused_kernels_enabled, subquadratic
 from evo2_recipe.models.hyena.inference_state import HyenaLayerState, modal_chunk_update, modal_step
 
 
@@ -352,7 +352,7 @@ class HyenaOperator(_ShardedDim0):
 
         def conv(a: int, b: int) -> torch.Tensor:  # channels [a, b) of u
             first, last = first_channel + a, first_channel + b
-            return ops.fft_causal_conv(u[:, a:b], self._conv_filter(L, first, last), D[first:last])
+            return self._fft(u[:, a:b], self._conv_filter(L, first, last), D[first:last])
 
         if torch.is_grad_enabled() or chunk >= c or first_channel % per_group:
             return conv(0, c)
@@ -373,7 +373,13 @@ class HyenaOperator(_ShardedDim0):
         if left is None:
             return self._fft_conv(u, 0)
         u_ext = torch.cat([left.to(u.dtype), u], dim=-1)
-        return ops.fft_causal_conv(u_ext, self.filter(u_ext.shape[-1]), self.conv_bias)[..., left.shape[-1]:]
+        return self._fft(u_ext, self.filter(u_ext.shape[-1]), self.conv_bias)[..., left.shape[-1]:]
+
+    def _fft(self, u, h, skip) -> torch.Tensor:
+        """:func:`operators.fft_causal_conv`; under autograd with the kernels on, its hand-derived backward."""
+        if torch.is_grad_enabled() and fused_kernels_enabled(self.config, u):
+            return fft_conv.fft_causal_conv(u, h, skip)
+        return ops.fft_causal_conv(u, h, skip)
 
     def _long_with_state(self, u, state: HyenaLayerState):
         """hcl: a chunk continuing a cached sequence (a fresh slot takes the scoring path, ``HyenaMixer.forward``)."""

@@ -56,15 +56,29 @@ def fft_causal_conv(u_BCL: torch.Tensor, h_GK: torch.Tensor, skip_C: torch.Tenso
     (non-contiguous along channels).
     """
     B, C, L = u_BCL.shape
+    spectrum, h_f = fft_conv_spectra(u_BCL, h_GK, skip_C)
+    return torch.fft.irfft((spectrum * h_f).view(B, C, L + 1), n=2 * L)[..., :L]
+
+
+def fft_conv_spectra(u_BCL: torch.Tensor, h_GK: torch.Tensor, skip_C: torch.Tensor | None = None):
+    """The two factors of :func:`fft_causal_conv`'s product: ``rfft`` of ``u`` zero-padded to 2L, (B, G, C/G, L+1),
+    and of the filter with the skip folded in, (G, C/G or 1, L+1)."""
+    B, C, L = u_BCL.shape
     G, n = h_GK.shape[0], 2 * L
-    u_pad = u_BCL.new_empty((B, C, n), dtype=torch.float32)  # cast and zero-pad in one write each
-    u_pad[..., :L] = u_BCL
-    u_pad[..., L:] = 0
-    spectrum = torch.fft.rfft(u_pad).view(B, G, C // G, L + 1)
+    spectrum = torch.fft.rfft(zero_pad_fp32(u_BCL, n)).view(B, G, C // G, L + 1)
     h_f = torch.fft.rfft(h_GK[..., :L].float(), n=n)[:, None]  # (G, 1, L+1)
     if skip_C is not None:
         h_f = h_f + skip_C.float().view(G, C // G, 1)
-    return torch.fft.irfft((spectrum * h_f).view(B, C, L + 1), n=n)[..., :L]
+    return spectrum, h_f
+
+
+def zero_pad_fp32(x_BCL: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` as fp32, zero-padded on the right to length ``n`` (the cast and the padding in one write each)."""
+    B, C, L = x_BCL.shape
+    out = x_BCL.new_empty((B, C, n), dtype=torch.float32)
+    out[..., :L] = x_BCL
+    out[..., L:] = 0
+    return out
 
 
 def direct_causal_conv(u_BCL: torch.Tensor, h_CK: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ On by default on CUDA (:func:`fused_kernels_enabled`), each measured faster than
 gates (``glu.py``), the local spec's RoPE (``rope.py``) and, for inference (no autograd), hcm as blocked Toeplitz
 GEMMs with the gate fused (``medium_conv.py``, 4.3x the FFT path at 8,192 tokens), hcl as a chunked scan over its 16
 modes instead of the FFT (``modal_conv.py``, 3.2-9.2x), the local spec's norms reading the fp32 stream directly
-(``rms_norm.py``) and the residual join with the MLP's norm (``residual.py``).
+(``rms_norm.py``) and the residual join with the MLP's norm (``residual.py``). Under autograd hcm/hcl's FFT
+convolution takes a hand-derived backward (``fft_conv.py``, torch's FFTs; the one member that is not Triton).
 Opt-in (:func:`opt_in_kernels_enabled`): the split-KV decode attention (``decode_attention.py``), slower than the
 masked SDPA at every cache depth measured. ``use_fused_hyena_kernels=False`` on the provider or
 ``EVO2_FUSED_KERNELS=0`` turns every kernel off (the plain operators); ``True`` / ``=1`` also turns on the opt-in one.
