@@ -220,6 +220,34 @@ def test_gradient_buffers_scale_by_the_token_count_through_fix_8():
         torch.testing.assert_close(out, grad / 8191, rtol=1e-6, atol=0)
 
 
+def _clip(rank, world):
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mopt
+
+    out = []
+    for norm in (0.5, 4.0):  # under and over max_norm = 1
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in ((3, 5), (7,))]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+        before = [p.grad.clone() for p in params]
+        mopt.clip_grad_by_total_norm_fp32(params, 1.0, torch.tensor(norm))  # a device norm, as with TE
+        out.append([(b, p.grad) for b, p in zip(before, params)])
+    return out, mopt.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
+
+
+def test_gradient_clipping_scales_only_over_the_threshold_through_fix_9():
+    """Compat fix 9: megatron's clipping, handed the norm as a tensor (Transformer Engine's path), leaves the gradients
+    untouched under ``max_norm`` and scales them by ``max_norm / (norm + 1e-6)`` over it; both of megatron's names
+    for it are the patched one."""
+    ((out, same),) = run_on_ranks(_clip, 1)
+    assert same
+    (under, over) = out
+    for before, after in under:
+        assert torch.equal(after, before)
+    for before, after in over:
+        torch.testing.assert_close(after, before * (1.0 / (4.0 + 1e-6)), rtol=1e-6, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gradient_scaling_on_gpu_equals_megatrons_multiply(dtype):

@@ -1,4 +1,4 @@
-"""Eight fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
+"""Nine fixes for pip-installed megatron-core 0.19 / Megatron-Bridge 0.6 that are needed on CPU *and* GPU.
 
 1. ``megatron.bridge.peft.lora_layers`` runs ``import transformer_engine.pytorch as te`` unconditionally, so without
    Transformer Engine every ``megatron.bridge`` import fails. A ``sys.meta_path`` finder hands an inert stub to that
@@ -31,10 +31,14 @@
    host sync): ``grad_data *= factor``. CUDA runs a tensor times a 0-dim tensor through its generic strided kernel,
    ~1 TB/s on an H200 (27.5 ms of a 7b step with bf16 gradients). :func:`scale_in_place` multiplies by the same
    factor in torch's multi-tensor kernel instead (2.6x faster on bf16, bitwise the same values).
+9. With Transformer Engine megatron keeps the gradient norm on the device and always multiplies every gradient by
+   ``min(1, max_norm / norm)``: a full read-modify-write of the fp32 gradients (14 ms of a 7b step on an H200) that
+   changes nothing whenever the norm is under the threshold. The norm is read on the host for the step's log
+   anyway; :func:`clip_by_total_norm` reads it first and scales only when clipping (megatron's Apex/local path).
 
 :func:`install_import_guard` (fix 1 alone) is what importing :mod:`evo2_recipe.models.providers`,
 :mod:`evo2_recipe.training.recipe` or :mod:`evo2_recipe.models.lora` does: it changes no megatron code, it only lets
-Megatron-Bridge import without TE. :func:`apply` (all eight, idempotent) is called at the entry points only: every
+Megatron-Bridge import without TE. :func:`apply` (all nine, idempotent) is called at the entry points only: every
 CLI, :mod:`evo2_recipe.compat.cpu`, ``Evo2.from_checkpoint`` and the test conftest.
 """
 
@@ -285,6 +289,28 @@ def scale_in_place(tensor, factor) -> None:
         tensor *= factor
 
 
+def clip_by_total_norm(original, parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's ``clip_grad_by_total_norm_fp32`` given the norm as a host float (outside CUDA-graph capture): no
+    pass over the gradients unless ``max_norm / norm < 1``."""
+    import torch
+
+    if isinstance(total_norm, torch.Tensor) and not (total_norm.is_cuda and torch.cuda.is_current_stream_capturing()):
+        total_norm = total_norm.item()
+    return original(parameters, max_norm, total_norm, use_decoupled_grad)
+
+
+def _patch_gradient_clipping() -> None:
+    import functools
+
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mopt
+
+    if not getattr(clip_grads.clip_grad_by_total_norm_fp32, "_evo2", False):
+        clip = functools.partial(clip_by_total_norm, clip_grads.clip_grad_by_total_norm_fp32)
+        clip._evo2 = True
+        clip_grads.clip_grad_by_total_norm_fp32 = mopt.clip_grad_by_total_norm_fp32 = clip
+
+
 def _patch_gradient_scaling() -> None:
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
 
@@ -306,7 +332,7 @@ def install_import_guard() -> None:
 
 
 def apply() -> None:
-    """Install all eight fixes (idempotent)."""
+    """Install all nine fixes (idempotent)."""
     global _APPLIED
     if _APPLIED:
         return
@@ -319,6 +345,7 @@ def apply() -> None:
     _patch_multi_tensor_fallbacks()
     _patch_wgrad_accumulation()
     _patch_gradient_scaling()
+    _patch_gradient_clipping()
     from evo2_recipe.compat.mixed_dtype_optimizer import patch_optimizers
 
     patch_optimizers()
