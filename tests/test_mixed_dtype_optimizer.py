@@ -220,26 +220,27 @@ def test_gradient_buffers_scale_by_the_token_count_through_fix_8():
         torch.testing.assert_close(out, grad / 8191, rtol=1e-6, atol=0)
 
 
-def _clip(rank, world):
+def _clip(rank, world, device):
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as mopt
 
     out = []
     for norm in (0.5, 4.0):  # under and over max_norm = 1
-        params = [torch.nn.Parameter(torch.zeros(s)) for s in ((3, 5), (7,))]
+        params = [torch.nn.Parameter(torch.zeros(s, device=device)) for s in ((3, 5), (7,))]
         for p in params:
-            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(device)
         before = [p.grad.clone() for p in params]
-        mopt.clip_grad_by_total_norm_fp32(params, 1.0, torch.tensor(norm))  # a device norm, as with TE
-        out.append([(b, p.grad) for b, p in zip(before, params)])
+        mopt.clip_grad_by_total_norm_fp32(params, 1.0, torch.tensor(norm, device=device))  # a device norm (TE's)
+        out.append([(b.cpu(), p.grad.cpu()) for b, p in zip(before, params)])
     return out, mopt.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
 
 
 def test_gradient_clipping_scales_only_over_the_threshold_through_fix_9():
     """Compat fix 9: megatron's clipping, handed the norm as a tensor (Transformer Engine's path), leaves the gradients
     untouched under ``max_norm`` and scales them by ``max_norm / (norm + 1e-6)`` over it; both of megatron's names
-    for it are the patched one."""
-    ((out, same),) = run_on_ranks(_clip, 1)
+    for it are the patched one. On the GPU (where TE's multi-tensor kernels take CUDA tensors only) on CUDA tensors."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ((out, same),) = run_on_ranks(_clip, 1, device, cpu=device == "cpu")
     assert same
     (under, over) = out
     for before, after in under:
