@@ -34,13 +34,14 @@ class _FFTCausalConv(torch.autograd.Function):
     def backward(ctx, dy_BCL):
         u, spectrum, h_f = ctx.saved_tensors
         B, C, L = u.shape
-        G, n = spectrum.shape[1], 2 * L
+        n = 2 * L
         dy_f = torch.fft.rfft(ops.zero_pad_fp32(dy_BCL, n)).view(spectrum.shape)  # (B, G, C/G, L+1)
         du = dh = dskip = None
         if ctx.needs_input_grad[0]:
             du = torch.fft.irfft((dy_f * h_f.conj()).view(B, C, L + 1), n=n)[..., :L].to(u.dtype)
         if ctx.needs_input_grad[1]:
-            (h_shape, h_dtype), K = ctx.h_meta, min(ctx.h_meta[0][-1], L)
+            h_shape, h_dtype = ctx.h_meta
+            K = min(h_shape[-1], L)
             lags = torch.fft.irfft((dy_f * spectrum.conj()).sum(dim=(0, 2)), n=n)  # (G, 2L): sum_t dy[t] u[t-j]
             dh = lags.new_zeros(h_shape, dtype=h_dtype)
             dh[..., :K] = lags[:, :K]  # taps past L never reach an output
