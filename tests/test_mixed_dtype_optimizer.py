@@ -8,13 +8,20 @@ other parameters and its checkpoint state fails a shape assertion. (The plain op
 bit-for-bit by ``test_train.py::test_kill_and_resume_reproduces_the_loss_curve``.)
 """
 
+import importlib.util
+
 import pytest
 import torch
 
 from evo2_recipe.utils.spawn import run_on_ranks
 
+# Fix 5 replaces megatron's fallback for a machine without Apex or TE; with TE importable (the GPU machine)
+# megatron builds TE's Adam instead, whose kernels take CUDA tensors only.
+without_te = pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
+                                reason="TE is importable: megatron takes TE's optimizer kernels, not the fallbacks")
 
-def _bf16_tiny_provider():
+
+def _bf16_tiny_provider(on_gpu=False):
     """The tiny model in bf16 with its fp32 filters (model parallel state initialised here, inside a rank)."""
     from megatron.core import parallel_state, tensor_parallel
 
@@ -23,21 +30,22 @@ def _bf16_tiny_provider():
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(3)
     provider = get_provider("striped_hyena_tiny", vocab_size=256, seq_length=64, bf16=True,
-                            params_dtype=torch.bfloat16, use_cpu_initialization=True)
+                            params_dtype=torch.bfloat16, use_cpu_initialization=not on_gpu)
     provider.finalize()
     return provider
 
 
-def _optimizer_maps(rank, world):
+def _optimizer_maps(rank, world, on_gpu):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import distrib_optimizer
 
-    provider = _bf16_tiny_provider()
+    provider = _bf16_tiny_provider(on_gpu)
     results = {}
     for distributed in (False, True):
         (model,) = provider.provide_distributed_model(
             ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed, grad_reduce_in_fp32=True),
-            bf16=True, use_cpu_initialization=True)
+            bf16=True, use_cpu_initialization=not on_gpu)
         names = {id(p): n for n, p in model.named_parameters()}
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True,
                                                      use_distributed_optimizer=distributed), [model])
@@ -48,6 +56,8 @@ def _optimizer_maps(rank, world):
                 main = opt.optimizer.param_groups[g]["params"][i]
                 same = main.numel() == p.numel() and torch.equal(main.detach().view(-1), p.detach().float().view(-1))
                 pairs.append((names[id(p)], p.dtype, same))
+            if distrib_optimizer.HAVE_APEX_OR_TE:  # TE's Adam makes its state at the first step; megatron fills it
+                opt.init_state_fn(opt.optimizer, opt.config)  # this way before a load, a save before a step needs it
             for layout in ("dp_reshardable", "fully_reshardable"):  # Bridge's two layouts (--optim-full-reshardable)
                 opt.sharded_state_dict(model.sharded_state_dict(), metadata={"distrib_optim_sharding_type": layout})
         else:
@@ -63,7 +73,9 @@ def _optimizer_maps(rank, world):
 
 
 def test_both_optimizers_map_each_parameter_to_its_own_state_with_fp32_filters_in_a_bf16_model():
-    (results,) = run_on_ranks(_optimizer_maps, 1)
+    # on a GPU machine the ranks run on CUDA: there megatron builds TE's Adam, whose kernels take CUDA tensors only
+    on_gpu = torch.cuda.is_available()
+    (results,) = run_on_ranks(_optimizer_maps, 1, on_gpu, cpu=not on_gpu)
     for distributed, pairs in results.items():
         dtypes = {name.rsplit(".", 1)[1]: dtype for name, dtype, _ in pairs if ".filter." in name}
         assert dtypes == {"h": torch.float32, "gamma": torch.float32, "R": torch.float32, "p": torch.float32}
@@ -103,6 +115,7 @@ def _fused_adam_step(rank, world):
     return fused, max(diffs), type(inners[0]).__name__
 
 
+@without_te
 def test_torch_adam_takes_the_fused_step_without_apex_or_te():
     """Without Apex/TE megatron builds torch's AdamW; compat fix 5 switches it to the fused step: every param group
     fused, and three steps equal torch's multi-tensor steps (fp32 main parameters, 1e-6)."""
@@ -209,8 +222,10 @@ def test_gradient_buffers_scale_by_the_token_count_through_fix_8():
     (the CI path) is ``*=`` itself: each gradient times 1 / tokens, for a 0-dim, a one-element and a float factor."""
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
 
+    from evo2_recipe.compat import megatron_fixes
     from evo2_recipe.compat.megatron_fixes import scale_in_place
 
+    megatron_fixes.apply()  # what every entry point does (CPU mode does it too; a GPU test process does not)
     assert getattr(_ParamAndGradBuffer.scale_gradients, "_evo2", False)
     grad = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     tokens = torch.tensor(8191)

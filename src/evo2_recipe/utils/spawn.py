@@ -88,7 +88,11 @@ def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: st
     if cpu:
         from evo2_recipe.compat import cpu as cpu_mode
 
-        cpu_mode.enable()
+        cpu_mode.enable()  # installs megatron_fixes too
+    else:  # a rank starts like the CLI's entry points do: with the compat fixes installed
+        from evo2_recipe.compat import megatron_fixes
+
+        megatron_fixes.apply()
     dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
