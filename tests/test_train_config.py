@@ -176,3 +176,20 @@ def test_cuda_graph_config():
     assert not cfg.rerun_state_machine.check_for_nan_in_loss and not cfg.ddp.check_for_nan_in_grad
     with pytest.raises(ValueError, match="needs a GPU"):
         evo2_pretrain_config(cuda_graph=True, cpu=True)
+
+
+def test_the_recipe_function_installs_the_megatron_fixes_for_a_scripts_own_pretrain():
+    """A script that builds its config with ``evo2_pretrain_config`` and calls Bridge's ``pretrain`` itself gets the
+    fixes train_evo2 gets. A fresh interpreter (this process's conftest installed them already): before the call
+    megatron's plain optimizer checkpoints with its own method, after it with the fp32-filter-aware one."""
+    import subprocess
+    import sys
+
+    code = ("from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params as F\n"
+            "from evo2_recipe.training.recipe import evo2_pretrain_config\n"
+            "mark = lambda: getattr(F.sharded_state_dict, '_evo2_mixed_dtype', False)\n"
+            "before = mark(); evo2_pretrain_config('striped_hyena_tiny', mixed_precision_recipe=None, cpu=True)\n"
+            "print(before, mark())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "True"], out.stdout

@@ -179,7 +179,12 @@ def evo2_pretrain_config(
     one key of the returned container with its reference default here (``train_evo2`` flags set those keys directly:
     ``evo2_recipe.cli.train_flags.TRAIN_FLAGS``). The data source (``dataset.mock``, ``dataset.dataset_config``,
     ``dataset.fasta_file`` or ``dataset.sequence_db_dir``) is left to the caller; :func:`apply_overrides` checks it.
+
+    Installs megatron_fixes (idempotent): this is where a training setup starts, ``train_evo2``'s or a script's own
+    ``pretrain(cfg, ...)``; without them a bf16 model's fp32 filters get other parameters' optimizer state in its
+    checkpoints, and the recipe's weight-gradient fusion has no kernel without Apex.
     """
+    megatron_fixes.apply()
     tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
     model_fields = dict(
         seq_length=seq_length, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
