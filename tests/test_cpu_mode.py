@@ -205,3 +205,37 @@ def test_te_spec_is_the_default_only_with_a_visible_gpu(monkeypatch):
     p = get_provider("striped_hyena_tiny", vocab_size=512)
     p.finalize()
     assert p.use_te is False
+
+
+def test_cpu_mode_hides_an_installed_transformer_engine_from_megatron(tmp_path):
+    """``--cpu`` on a host with Transformer Engine: megatron binds TE's Adam and multi-tensor kernels at import, and
+    those take CUDA tensors only. A stand-in TE package on the path records its import: without CPU mode megatron
+    imports it (the control); after train_evo2's runtime setup with ``--cpu`` it never runs, megatron takes torch's
+    optimizer and the models TE's absence; CPU mode chosen after the import says so."""
+    import subprocess
+    import sys
+
+    (tmp_path / "site" / "transformer_engine").mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (tmp_path / "site" / "transformer_engine" / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('x')\n")
+    env = {**os.environ, "EVO2_CPU": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path / "site"), os.environ.get("PYTHONPATH")) if p)}
+
+    def run(code, check=True):
+        marker.unlink(missing_ok=True)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0 or not check, out.stderr[-3000:]
+        ours = [w for line in out.stdout.splitlines() if line.startswith("R:") for w in line.split()[1:]]
+        return ours, marker.exists(), out.stderr
+
+    _, imported, _ = run("import megatron.core.optimizer", check=False)  # (megatron then fails on the stand-in)
+    assert imported  # the stand-in is found where a real TE would be
+    out, imported, _ = run(
+        "import argparse\nfrom evo2_recipe.cli.common import apply_runtime_mode\n"
+        "print('R:', apply_runtime_mode(argparse.Namespace(cpu=True)))\n"
+        "import megatron.core.optimizer as o\nfrom evo2_recipe.compat import megatron_fixes as f\n"
+        "print('R:', o.USING_PYTORCH_OPTIMIZER, f.transformer_engine_available(), f.te_spec_by_default())\n"
+        "try:\n    import transformer_engine\nexcept ImportError:\n    print('R: hidden')\n")
+    assert out == ["True", "True", "False", "False", "hidden"] and not imported, out
+    _, imported, err = run("import transformer_engine\nfrom evo2_recipe.compat import cpu\ncpu.enable()", check=False)
+    assert imported and "CPU mode chosen after Transformer Engine was imported" in err, err[-2000:]

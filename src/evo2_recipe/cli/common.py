@@ -40,7 +40,8 @@ def apply_runtime_mode(args: argparse.Namespace) -> bool:
     """Apply the megatron fixes, and CPU mode when asked for or when no GPU is present. Returns True for CPU."""
     from evo2_recipe.compat import cpu, megatron_fixes
 
-    megatron_fixes.apply()
     if getattr(args, "cpu", False):
         os.environ["EVO2_CPU"] = "1"
-    return cpu.maybe_enable(None)
+    on_cpu = cpu.maybe_enable(None)  # first: CPU mode hides Transformer Engine from megatron's imports
+    megatron_fixes.apply()
+    return on_cpu

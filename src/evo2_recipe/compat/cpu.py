@@ -15,6 +15,9 @@ What :func:`enable` does (each item is needed; see ``shared/spec/environment_fac
   ``pin_memory=True`` off, makes ``Tensor.cuda()``/``pin_memory()`` no-ops and makes ``Tensor.type()`` report
   ``torch.cuda.*`` (megatron's grad-clipping asserts that string).
 * ``memory``: ``torch.cuda`` memory statistics report 0 (used by the training logger).
+* ``te``: on a host with Transformer Engine, TE is hidden from every later import: megatron binds TE's Adam and
+  multi-tensor kernels at import, and they take CUDA tensors only. It has to come before megatron's import (the CLIs
+  choose CPU mode first); after it, :func:`enable` warns.
 * ``bridge``: Megatron-Bridge's ``initialize_megatron`` is called with ``allow_no_cuda=True``, its seed setup also
   seeds the (CPU-mapped) model-parallel RNG tracker, and ``megatron.bridge.peft.utils.HAVE_TE`` follows
   megatron-core's real TE probe.
@@ -203,6 +206,11 @@ def enable() -> None:
         return
     from evo2_recipe.compat import megatron_fixes
 
+    if not megatron_fixes.hide_transformer_engine():
+        logging.getLogger(__name__).warning(
+            "CPU mode chosen after Transformer Engine was imported: megatron keeps TE's CUDA-only kernels (its Adam, "
+            "TE layers), which fail on CPU tensors. Choose CPU mode first: --cpu or EVO2_CPU=1, before importing "
+            "evo2_recipe.inference or megatron")
     megatron_fixes.apply()
     _patch_torch_cuda()
     _patch_megatron_core()

@@ -39,7 +39,8 @@
 :func:`install_import_guard` (fix 1 alone) is what importing :mod:`evo2_recipe.models.providers`,
 :mod:`evo2_recipe.training.recipe` or :mod:`evo2_recipe.models.lora` does: it changes no megatron code, it only lets
 Megatron-Bridge import without TE. :func:`apply` (all nine, idempotent) is called at the entry points only: every
-CLI, :mod:`evo2_recipe.compat.cpu`, ``Evo2.from_checkpoint`` and the test conftest.
+CLI, :mod:`evo2_recipe.compat.cpu`, ``Evo2.from_checkpoint``, ``evo2_pretrain_config``, spawned ranks and the test
+conftest. :func:`hide_transformer_engine` (CPU mode on a host with TE) turns the same finder into a wall for TE.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ _TE_NAMES = ("transformer_engine", "transformer_engine.pytorch")
 _GUARDED_IMPORTERS = ("megatron.bridge.peft.lora_layers", "megatron.bridge.peft.lora")
 _APPLIED = False
 _GUARD_INSTALLED = False
+_TE_HIDDEN = False  # CPU mode on a host with TE: see hide_transformer_engine
 
 
 def _inert_attribute(owner, name: str, module_name: str):
@@ -90,18 +92,36 @@ class _StubLoader(importlib.abc.Loader):
         pass
 
 
+class _HiddenLoader(importlib.abc.Loader):
+    """Fails the import as a missing module would (``ImportError``, nothing left in ``sys.modules``)."""
+
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r} (Transformer Engine is hidden in CPU mode)",
+                                  name=spec.name)
+
+    def exec_module(self, module):
+        pass
+
+
 class _TEImportGuard(importlib.abc.MetaPathFinder):
-    """Gives the TE stub only to imports executed at module level of a guarded Megatron-Bridge module."""
+    """Gives the TE stub only to imports executed at module level of a guarded Megatron-Bridge module; once TE is
+    hidden, fails every other TE import."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in _TE_NAMES:
             _drop_te_stub()
-            return None
+            return self._hidden(fullname)
         frame = sys._getframe(1)
         while frame is not None:
             if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") in _GUARDED_IMPORTERS:
                 return importlib.machinery.ModuleSpec(fullname, _StubLoader(), is_package=True)
             frame = frame.f_back
+        return self._hidden(fullname)
+
+    @staticmethod
+    def _hidden(fullname):
+        if _TE_HIDDEN and fullname.partition(".")[0] == "transformer_engine":
+            return importlib.machinery.ModuleSpec(fullname, _HiddenLoader())
         return None
 
 
@@ -329,6 +349,21 @@ def install_import_guard() -> None:
     if not _GUARD_INSTALLED and importlib.util.find_spec("transformer_engine") is None:
         sys.meta_path.insert(0, _TEImportGuard())
     _GUARD_INSTALLED = True
+
+
+def hide_transformer_engine() -> bool:
+    """Make this process see no Transformer Engine, for CPU mode on a host that has it: megatron binds TE's Adam and
+    multi-tensor kernels at import, and those take CUDA tensors only. Too late (returns False) once TE is imported."""
+    global _TE_HIDDEN, _GUARD_INSTALLED
+    if not _TE_HIDDEN:
+        if any(name.partition(".")[0] == "transformer_engine" and not getattr(module, "_evo2_te_stub", False)
+               for name, module in list(sys.modules.items()) if module is not None):
+            return False
+        _TE_HIDDEN = True
+        if not any(isinstance(finder, _TEImportGuard) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _TEImportGuard())
+        _GUARD_INSTALLED = True
+    return True
 
 
 def apply() -> None:

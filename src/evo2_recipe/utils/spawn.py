@@ -10,6 +10,7 @@ children otherwise see the server's. CUDA ranks are spawned fresh: forking after
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import socket
@@ -39,7 +40,10 @@ def fork_server_context():
     """The multiprocessing context whose processes fork from a server that has imported :data:`_FORK_SERVER_PRELOAD`
     (started on first use, shared by every later process of this interpreter). Not for CUDA work."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_FORK_SERVER_PRELOAD)  # read when the server starts
+    # Where Transformer Engine is installed the server imports no megatron: its CPU-mode ranks hide TE from megatron,
+    # which they can only do before megatron is imported (compat.megatron_fixes.hide_transformer_engine).
+    te_installed = importlib.util.find_spec("transformer_engine") is not None
+    ctx.set_forkserver_preload(_FORK_SERVER_PRELOAD[:1] if te_installed else _FORK_SERVER_PRELOAD)
     _start_fork_server_without_gpus()
     return ctx
 
