@@ -87,17 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-rc", action="store_true", help="do not average with the reverse complement")
     p.add_argument("--max-variants", type=int, help="only the first N variants of the table")
     args = p.parse_args(argv)
-    from evo2_recipe.cli.common import setup_logging
+    from evo2_recipe.cli.common import apply_runtime_mode, setup_logging
 
     setup_logging()  # our log lines and real warnings, no dependency chatter
+    apply_runtime_mode()  # first, before megatron's import: the fixes, and CPU mode (hiding TE) without a GPU
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from evo2_recipe.compat import cpu, megatron_fixes
     from evo2_recipe.data.fasta import iter_fasta
     from evo2_recipe.inference.api import Evo2
 
-    megatron_fixes.apply()
-    cpu.maybe_enable(None)
     variants = read_variants(args.variants, args.max_variants)
     records = list(iter_fasta(args.reference))
     if len(records) != 1:

@@ -131,14 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=Path("outputs/embeddings_head"))
     args = p.parse_args(argv)
-    from evo2_recipe.cli.common import setup_logging
-    from evo2_recipe.compat import cpu, megatron_fixes
+    from evo2_recipe.cli.common import apply_runtime_mode, setup_logging
+
+    setup_logging()
+    apply_runtime_mode()  # first, before megatron's import: the fixes, and CPU mode (hiding TE) without a GPU
     from evo2_recipe.inference import selftest
     from evo2_recipe.inference.api import Evo2
 
-    setup_logging()
-    megatron_fixes.apply()
-    cpu.maybe_enable(None)
     pairs = labelled_windows(args.fasta, args.annotation, args.window, args.per_class, args.seed)
     seqs, y = [s for s, _ in pairs], torch.tensor([label for _, label in pairs])
     evo = Evo2.from_checkpoint(args.ckpt_dir or str(selftest.CHECKPOINT))

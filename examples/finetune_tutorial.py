@@ -45,13 +45,14 @@ def random_savanna(path: Path, model_size: str) -> None:
     """A randomly initialised Savanna checkpoint of ``model_size`` (stand-in for public weights)."""
     import torch
 
+    from evo2_recipe.cli.common import apply_runtime_mode
+
+    on_cpu = apply_runtime_mode()  # before megatron's import: the fixes, and CPU mode (hiding TE) without a GPU
     from evo2_recipe.checkpoint.savanna import mbridge_to_savanna
-    from evo2_recipe.compat import cpu, megatron_fixes
     from evo2_recipe.models.providers import get_provider
     from evo2_recipe.utils.distributed import init_distributed, teardown
 
-    megatron_fixes.apply()
-    init_distributed(seed=0, cpu=cpu.maybe_enable(None))  # CPU mode (gloo) when no GPU is present
+    init_distributed(seed=0, cpu=on_cpu)  # gloo in CPU mode
     p = get_provider(model_size, vocab_size=512, params_dtype=torch.float32, bf16=False)
     p.finalize()
     state = {k: v.detach().to(torch.bfloat16) for k, v in p.provide().state_dict().items()

@@ -96,14 +96,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=Path("outputs/lora_classifier"))
     args = p.parse_args(argv)
-    from evo2_recipe.cli.common import setup_logging
-    from evo2_recipe.compat import cpu, megatron_fixes
+    from evo2_recipe.cli.common import apply_runtime_mode, setup_logging
+
+    setup_logging()
+    apply_runtime_mode()  # first, before megatron's import: the fixes, and CPU mode (hiding TE) without a GPU
     from evo2_recipe.data.tokenizer import NucleotideTokenizer
     from evo2_recipe.inference import selftest
 
-    setup_logging()
-    megatron_fixes.apply()
-    cpu.maybe_enable(None)
     pairs = labelled_windows(args.fasta, args.annotation, args.window, args.per_class, args.seed)
     tok = NucleotideTokenizer()
     tokens = torch.stack([torch.from_numpy(tok.tokenize_checked(s.upper())) for s, _ in pairs])  # equal lengths

@@ -64,17 +64,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-rc", action="store_true", help="do not average with the reverse complement")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from evo2_recipe.cli.common import setup_logging
+    from evo2_recipe.cli.common import apply_runtime_mode, setup_logging
 
     setup_logging()  # our log lines and real warnings, no dependency chatter
+    apply_runtime_mode()  # first, before megatron's import: the fixes, and CPU mode (hiding TE) without a GPU
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from evo2_recipe.compat import cpu, megatron_fixes
     from evo2_recipe.inference import selftest
     from evo2_recipe.inference.api import Evo2
 
-    megatron_fixes.apply()
-    cpu.maybe_enable(None)
     rows = read_labelled(args.viable, args.nonviable, args.max_per_class, args.seed)
     evo = Evo2.from_checkpoint(args.ckpt_dir or str(selftest.CHECKPOINT))
     logger.info("scoring %d genomes (%d viable)%s", len(rows), sum(r[2] for r in rows),

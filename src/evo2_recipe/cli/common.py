@@ -36,8 +36,9 @@ def add_cpu_flag(parser: argparse.ArgumentParser) -> None:
                         help="run on CPU with the gloo backend (also: EVO2_CPU=1; automatic when no GPU is present)")
 
 
-def apply_runtime_mode(args: argparse.Namespace) -> bool:
-    """Apply the megatron fixes, and CPU mode when asked for or when no GPU is present. Returns True for CPU."""
+def apply_runtime_mode(args: argparse.Namespace | None = None) -> bool:
+    """CPU mode when asked for (``args.cpu``, ``EVO2_CPU=1``) or when no GPU is present, then the megatron fixes; for
+    scripts too, before they import megatron (CPU mode hides Transformer Engine from it). Returns True for CPU."""
     from evo2_recipe.compat import cpu, megatron_fixes
 
     if getattr(args, "cpu", False):
