@@ -8,17 +8,10 @@ other parameters and its checkpoint state fails a shape assertion. (The plain op
 bit-for-bit by ``test_train.py::test_kill_and_resume_reproduces_the_loss_curve``.)
 """
 
-import importlib.util
-
 import pytest
 import torch
 
 from evo2_recipe.utils.spawn import run_on_ranks
-
-# Fix 5 replaces megatron's fallback for a machine without Apex or TE; with TE importable (the GPU machine)
-# megatron builds TE's Adam instead, whose kernels take CUDA tensors only.
-without_te = pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
-                                reason="TE is importable: megatron takes TE's optimizer kernels, not the fallbacks")
 
 
 def _bf16_tiny_provider(on_gpu=False):
@@ -115,7 +108,6 @@ def _fused_adam_step(rank, world):
     return fused, max(diffs), type(inners[0]).__name__
 
 
-@without_te
 def test_torch_adam_takes_the_fused_step_without_apex_or_te():
     """Without Apex/TE megatron builds torch's AdamW; compat fix 5 switches it to the fused step: every param group
     fused, and three steps equal torch's multi-tensor steps (fp32 main parameters, 1e-6)."""
