@@ -143,6 +143,11 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def transformer_engine_installed() -> bool:
+    """Whether a Transformer Engine package is on the path, hidden from imports (CPU mode) or not; imports nothing."""
+    return importlib.machinery.PathFinder.find_spec("transformer_engine") is not None
+
+
 def te_spec_by_default() -> bool:
     """Whether models default to the Transformer Engine layer spec: TE imports *and* a GPU is visible (TE's layers
     refuse to build without CUDA, e.g. under ``CUDA_VISIBLE_DEVICES=""`` on a GPU host with TE installed)."""

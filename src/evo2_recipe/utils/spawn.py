@@ -10,7 +10,6 @@ children otherwise see the server's. CUDA ranks are spawned fresh: forking after
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import socket
@@ -42,8 +41,9 @@ def fork_server_context():
     ctx = mp.get_context("forkserver")
     # Where Transformer Engine is installed the server imports no megatron: its CPU-mode ranks hide TE from megatron,
     # which they can only do before megatron is imported (compat.megatron_fixes.hide_transformer_engine).
-    te_installed = importlib.util.find_spec("transformer_engine") is not None
-    ctx.set_forkserver_preload(_FORK_SERVER_PRELOAD[:1] if te_installed else _FORK_SERVER_PRELOAD)
+    from evo2_recipe.compat.megatron_fixes import transformer_engine_installed
+
+    ctx.set_forkserver_preload(_FORK_SERVER_PRELOAD[:1] if transformer_engine_installed() else _FORK_SERVER_PRELOAD)
     _start_fork_server_without_gpus()
     return ctx
 
