@@ -66,7 +66,7 @@ def _optimizer_maps(rank, world, on_gpu):
 
 
 def test_both_optimizers_map_each_parameter_to_its_own_state_with_fp32_filters_in_a_bf16_model():
-    # on a GPU machine the ranks run on CUDA: there megatron builds TE's Adam, whose kernels take CUDA tensors only
+    # on a GPU machine the ranks run on CUDA, with TE's Adam where TE is installed: the path GPU training takes
     on_gpu = torch.cuda.is_available()
     (results,) = run_on_ranks(_optimizer_maps, 1, on_gpu, cpu=not on_gpu)
     for distributed, pairs in results.items():

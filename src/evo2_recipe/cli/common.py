@@ -39,10 +39,8 @@ def add_cpu_flag(parser: argparse.ArgumentParser) -> None:
 def apply_runtime_mode(args: argparse.Namespace | None = None) -> bool:
     """CPU mode when asked for (``args.cpu``, ``EVO2_CPU=1``) or when no GPU is present, then the megatron fixes; for
     scripts too, before they import megatron (CPU mode hides Transformer Engine from it). Returns True for CPU."""
-    from evo2_recipe.compat import cpu, megatron_fixes
+    from evo2_recipe.compat import cpu
 
     if getattr(args, "cpu", False):
         os.environ["EVO2_CPU"] = "1"
-    on_cpu = cpu.maybe_enable(None)  # first: CPU mode hides Transformer Engine from megatron's imports
-    megatron_fixes.apply()
-    return on_cpu
+    return cpu.enter_runtime(None)

@@ -15,14 +15,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
-    import torch
-
-    from evo2_recipe.checkpoint.lora_merge import merge_lora_checkpoint
     from evo2_recipe.compat import cpu as cpu_mode
+
+    cpu = cpu_mode.enter_runtime(None)  # before megatron's import (CPU mode without a GPU or with EVO2_CPU=1)
+    from evo2_recipe.checkpoint.lora_merge import merge_lora_checkpoint
     from evo2_recipe.inference.loading import CheckpointError
     from evo2_recipe.utils.distributed import init_distributed, teardown
 
-    cpu = cpu_mode.maybe_enable(None if torch.cuda.is_available() else True)
     init_distributed(cpu=cpu, seed=0)
     try:
         merge_lora_checkpoint(args.lora_ckpt_dir, args.dst_ckpt_dir)

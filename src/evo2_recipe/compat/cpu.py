@@ -16,8 +16,8 @@ What :func:`enable` does (each item is needed; see ``shared/spec/environment_fac
   ``torch.cuda.*`` (megatron's grad-clipping asserts that string).
 * ``memory``: ``torch.cuda`` memory statistics report 0 (used by the training logger).
 * ``te``: on a host with Transformer Engine, TE is hidden from every later import: megatron binds TE's Adam and
-  multi-tensor kernels at import, and they take CUDA tensors only. It has to come before megatron's import (the CLIs
-  choose CPU mode first); after it, :func:`enable` warns.
+  multi-tensor kernels at import, and they take CUDA tensors only. It has to come before megatron's import (entry points
+  start with :func:`enter_runtime`); after it, :func:`enable` warns.
 * ``bridge``: Megatron-Bridge's ``initialize_megatron`` is called with ``allow_no_cuda=True``, its seed setup also
   seeds the (CPU-mapped) model-parallel RNG tracker, and ``megatron.bridge.peft.utils.HAVE_TE`` follows
   megatron-core's real TE probe.
@@ -219,6 +219,17 @@ def enable() -> None:
     _MODE.__enter__()  # process-wide for the main thread; spawned ranks call enable() themselves
     os.environ["EVO2_CPU"] = "1"
     _ENABLED = True
+
+
+def enter_runtime(cpu: bool | None = None) -> bool:
+    """An entry point's setup (CLIs, ``Evo2.from_checkpoint``, spawned ranks, scripts): CPU mode as
+    :func:`maybe_enable` decides - first, so that it can hide Transformer Engine from megatron's import - then the
+    megatron fixes. Returns True for CPU."""
+    from evo2_recipe.compat import megatron_fixes
+
+    on_cpu = maybe_enable(cpu)
+    megatron_fixes.apply()
+    return on_cpu
 
 
 def maybe_enable(cpu: bool | None = None) -> bool:

@@ -352,22 +352,25 @@ def install_import_guard() -> None:
     """Fix 1 only (idempotent): without TE, the guarded Bridge modules get the inert stub for their TE import."""
     global _GUARD_INSTALLED
     if not _GUARD_INSTALLED and importlib.util.find_spec("transformer_engine") is None:
-        sys.meta_path.insert(0, _TEImportGuard())
+        _insert_guard()
     _GUARD_INSTALLED = True
+
+
+def _insert_guard() -> None:
+    if not any(isinstance(finder, _TEImportGuard) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _TEImportGuard())
 
 
 def hide_transformer_engine() -> bool:
     """Make this process see no Transformer Engine, for CPU mode on a host that has it: megatron binds TE's Adam and
     multi-tensor kernels at import, and those take CUDA tensors only. Too late (returns False) once TE is imported."""
-    global _TE_HIDDEN, _GUARD_INSTALLED
+    global _TE_HIDDEN
     if not _TE_HIDDEN:
         if any(name.partition(".")[0] == "transformer_engine" and not getattr(module, "_evo2_te_stub", False)
                for name, module in list(sys.modules.items()) if module is not None):
             return False
         _TE_HIDDEN = True
-        if not any(isinstance(finder, _TEImportGuard) for finder in sys.meta_path):
-            sys.meta_path.insert(0, _TEImportGuard())
-        _GUARD_INSTALLED = True
+        _insert_guard()
     return True
 
 

@@ -54,11 +54,9 @@ class Evo2:
         and from then on replayed as a CUDA graph (``graphed.GraphedForward``); False runs every forward eagerly.
         """
         from evo2_recipe.compat import cpu as cpu_mode
-        from evo2_recipe.compat import megatron_fixes
         from evo2_recipe.utils.distributed import init_distributed
 
-        cpu = cpu_mode.maybe_enable(None)  # before the fixes: CPU mode hides Transformer Engine where it can
-        megatron_fixes.apply()  # an entry point: library imports patch nothing
+        cpu = cpu_mode.enter_runtime(None)  # an entry point: library imports patch nothing
         init_distributed(tp=tp, cp=cp, seed=seed, cpu=cpu)
         parallel = dict(tp=tp, cp=cp, sequence_parallel=sequence_parallel,
                         mixed_precision_recipe=mixed_precision_recipe, vortex_style_fp8=vortex_style_fp8, use_fused_kernels=use_fused_kernels,

@@ -89,14 +89,9 @@ def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: st
         WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    if cpu:
-        from evo2_recipe.compat import cpu as cpu_mode
+    from evo2_recipe.compat import cpu as cpu_mode
 
-        cpu_mode.enable()  # installs megatron_fixes too
-    else:  # a rank starts like the CLI's entry points do: with the compat fixes installed
-        from evo2_recipe.compat import megatron_fixes
-
-        megatron_fixes.apply()
+    cpu_mode.enter_runtime(cpu)  # as the CLIs start: CPU mode or not, with the compat fixes
     dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
