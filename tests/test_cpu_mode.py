@@ -5,9 +5,15 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
 
-from evo2_recipe.utils.spawn import run_on_ranks
+from evo2_recipe.compat import cpu as cpu_mode
+
+# Read before this module imports megatron: a CPU rank running one of its functions has to be in CPU mode by then.
+_CPU_MODE_BEFORE_MEGATRON = cpu_mode.is_enabled()
+
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+
+from evo2_recipe.utils.spawn import run_on_ranks  # noqa: E402
 
 IN, HID = 16, 32
 SEQ, BATCH = 6, 2
@@ -211,7 +217,9 @@ def test_cpu_mode_hides_an_installed_transformer_engine_from_megatron(tmp_path):
     """``--cpu`` on a host with Transformer Engine: megatron binds TE's Adam and multi-tensor kernels at import, and
     those take CUDA tensors only. A stand-in TE package on the path records its import: without CPU mode megatron
     imports it (the control); after train_evo2's runtime setup with ``--cpu`` it never runs, megatron takes torch's
-    optimizer and the models TE's absence; CPU mode chosen after the import says so."""
+    optimizer and the models TE's absence; CPU mode chosen after the import says so. With torch.cuda standing in for
+    a GPU host, CPU mode says no GPU is there, as on CI (H200: TorchDynamo's Triton probe and TorchInductor's cache
+    key behind megatron's fused bias-dropout looked up the properties of CUDA device "cpu")."""
     import subprocess
     import sys
 
@@ -231,15 +239,31 @@ def test_cpu_mode_hides_an_installed_transformer_engine_from_megatron(tmp_path):
     _, imported, _ = run("import megatron.core.optimizer", check=False)  # (megatron then fails on the stand-in)
     assert imported  # the stand-in is found where a real TE would be
     out, imported, _ = run(
-        "import argparse\nfrom evo2_recipe.cli.common import apply_runtime_mode\n"
-        "print('R:', apply_runtime_mode(argparse.Namespace(cpu=True)))\n"
+        "import argparse, torch\nfrom evo2_recipe.cli.common import apply_runtime_mode\n"
+        "torch.cuda.is_available, torch.cuda.device_count = lambda: True, lambda: 1\n"  # a GPU host
+        "torch.cuda._lazy_init = lambda: None\n"
+        "print('R:', apply_runtime_mode(argparse.Namespace(cpu=True)), torch.cuda.is_available(),\n"
+        "      torch.cuda.device_count())\n"
+        "try:\n    torch.cuda.get_device_properties(torch.cuda.current_device())\n"
+        "except RuntimeError:\n    print('R: no-device')\n"
         "import megatron.core.optimizer as o\nfrom evo2_recipe.compat import megatron_fixes as f\n"
         "print('R:', o.USING_PYTORCH_OPTIMIZER, f.transformer_engine_available(), f.te_spec_by_default(),\n"
         "      f.transformer_engine_installed())\n"
         "try:\n    import transformer_engine\nexcept ImportError:\n    print('R: hidden')\n")
-    assert out == ["True", "True", "False", "False", "True", "hidden"] and not imported, out
+    assert out == ["True", "False", "0", "no-device", "True", "False", "False", "True", "hidden"] and not imported, out
     _, imported, err = run("import transformer_engine\nfrom evo2_recipe.compat import cpu\ncpu.enable()", check=False)
     assert imported and "CPU mode chosen after Transformer Engine was imported" in err, err[-2000:]
+
+
+def _cpu_mode_when_this_module_imported_megatron(rank, world):
+    return _CPU_MODE_BEFORE_MEGATRON
+
+
+def test_a_cpu_rank_enters_cpu_mode_before_importing_the_module_of_its_function():
+    """A rank imports its function's module - here one that imports megatron at the top, as tests and scripts do -
+    only after entering CPU mode, which hides Transformer Engine: before, megatron bound TE in such ranks on the H200
+    and a local-spec GPT ran TE's CUDA-only RMSNorm on CPU tensors (test_dist_checkpointing_round_trip_across_tp)."""
+    assert run_on_ranks(_cpu_mode_when_this_module_imported_megatron, 1) == [True]
 
 
 def test_the_fork_server_preloads_megatron_unless_te_is_installed():

@@ -57,7 +57,7 @@ def test_fused_modal_prompt_state_equals_plain(B, C, G, O, T):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def _model_fused_vs_plain(rank, world, name):
+def _model_fused_vs_plain(rank, world, name, use_te):
     from hyena_helpers import loss_and_grads_per_option
 
     from evo2_recipe.models.hyena.kernels import gating
@@ -66,19 +66,29 @@ def _model_fused_vs_plain(rank, world, name):
     for fn in ("hyena_prologue_channel_first", "hyena_prologue"):  # this process only
         real = getattr(gating, fn)
         setattr(gating, fn, lambda *a, real=real, fn=fn: calls.append(fn) or real(*a))
-    out = loss_and_grads_per_option(name, {f: {"use_fused_hyena_kernels": f} for f in (False, True)}, DEVICE)
-    return out, calls
+    options = {f: {"use_fused_hyena_kernels": f, "use_te": use_te} for f in (False, True)}
+    return loss_and_grads_per_option(name, options, DEVICE), calls
 
 
+def _te_spec_here():
+    from evo2_recipe.compat.megatron_fixes import te_spec_by_default
+
+    return DEVICE == "cuda" and te_spec_by_default()
+
+
+@pytest.mark.parametrize("use_te", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not _te_spec_here(), reason="TE spec: GPU with Transformer Engine"))])
 @pytest.mark.parametrize("name", ["striped_hyena_tiny", "striped_hyena_tiny_nv"])
-def test_model_with_fused_kernels_equals_plain(name):
-    """A training step with the kernels: loss and every gradient == the plain operators' (fp32, 1e-5); the Hyena
-    layers' projection writes channel-first features (``W @ x^T``, its own backward) for the prologue, never the
-    sequence-first ones."""
+def test_model_with_fused_kernels_equals_plain(name, use_te):
+    """A training step with the kernels: loss and every gradient == the plain operators' (fp32, 1e-5), in the local
+    spec and (GPU with TE) the TE spec, each pinned: a GPU host with TE defaults to TE's. The local spec's Hyena
+    projection writes channel-first features (``W @ x^T``, its own backward) for the prologue, never the
+    sequence-first ones; TE's projection writes sequence-first ones."""
     from evo2_recipe.utils.spawn import run_on_ranks
 
-    ((out, calls),) = run_on_ranks(_model_fused_vs_plain, 1, name, cpu=DEVICE == "cpu")
-    assert calls and set(calls) == {"hyena_prologue_channel_first"}, calls
+    ((out, calls),) = run_on_ranks(_model_fused_vs_plain, 1, name, use_te, cpu=DEVICE == "cpu")
+    expected = "hyena_prologue" if use_te else "hyena_prologue_channel_first"
+    assert calls and set(calls) == {expected}, calls
     (loss_p, grads_p), (loss_f, grads_f) = out[False], out[True]
     torch.testing.assert_close(loss_f, loss_p, rtol=1e-6, atol=1e-5)
     for k in grads_p:

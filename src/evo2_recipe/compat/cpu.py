@@ -7,7 +7,10 @@ training loop) run unchanged in tests and in the ``--cpu`` mode of every CLI. No
 
 What :func:`enable` does (each item is needed; see ``shared/spec/environment_facts.md`` sections 2-6):
 
-* ``device``: ``torch.cuda.current_device()`` returns ``"cpu"`` (megatron only passes it on as ``device=``).
+* ``device``: ``torch.cuda.current_device()`` returns ``"cpu"`` (megatron only passes it on as ``device=``), and
+  ``torch.cuda.is_available()`` / ``device_count()`` say False / 0 and device queries raise ``RuntimeError`` on a GPU
+  host too, as on the CPU machines CI runs on: what asks them (TorchDynamo and TorchInductor behind megatron's fused
+  bias-dropout, our spec, precision and initialisation choices) then takes the CPU path.
 * ``rng``: ``torch.cuda`` get/set/manual-seed RNG calls and megatron's ``_get/_set_cuda_rng_state`` use the CPU
   generator, so ``get_cuda_rng_tracker().fork()`` works; its "CPU RNG state changed" warning is expected and muted.
 * ``streams``/``sync``: ``torch.cuda.Stream/Event/current_stream/stream/synchronize`` become no-op stand-ins.
@@ -122,8 +125,17 @@ class _MuteCpuRngWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+def _no_cuda_device(*args, **kwargs):
+    # What torch raises on a machine without a GPU; callers such as TorchInductor's cache key catch RuntimeError.
+    raise RuntimeError("CPU mode (evo2_recipe.compat.cpu): no CUDA device")
+
+
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
+    cuda.is_available = lambda: False
+    cuda.device_count = lambda: 0
+    for query in ("get_device_properties", "get_device_capability", "get_device_name"):
+        setattr(cuda, query, _no_cuda_device)
     cuda.current_device = lambda: "cpu"
     cuda.set_device = lambda *a, **k: None
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import tempfile
 from collections.abc import Callable
@@ -78,8 +79,8 @@ def start_like_a_fresh_process(environ: dict[str, str]) -> None:
     root.setLevel(logging.WARNING)
 
 
-def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, cpu: bool, quiet: bool,
-                args: tuple, environ: dict[str, str]) -> None:
+def _rank_entry(rank: int, world_size: int, port: int, out_dir: str, cpu: bool, quiet: bool, call: bytes,
+                environ: dict[str, str]) -> None:
     start_like_a_fresh_process(environ)
     if quiet:  # spawned processes start with fresh logging: keep the parent's default-verbosity filter
         logging.basicConfig(level=logging.INFO)
@@ -92,6 +93,8 @@ def _rank_entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: st
     from evo2_recipe.compat import cpu as cpu_mode
 
     cpu_mode.enter_runtime(cpu)  # as the CLIs start: CPU mode or not, with the compat fixes
+    # Only now import fn's module (unpickling it does): CPU mode must come before megatron's import to hide TE.
+    fn, args = pickle.loads(call)
     dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
@@ -112,8 +115,8 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, cpu: bool 
         fork_server_context()  # sets what the server imports before it starts
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
-            _rank_entry, args=(fn, world_size, free_port(), out_dir, cpu, dependency_logs_quiet(), args,
-                               dict(os.environ)),
+            _rank_entry, args=(world_size, free_port(), out_dir, cpu, dependency_logs_quiet(),
+                               pickle.dumps((fn, args)), dict(os.environ)),
             nprocs=world_size, start_method="forkserver" if cpu else "spawn", join=True,
         )
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
