@@ -47,7 +47,7 @@ fi
 if [[ " $what " == *" tests "* ]]; then  # fp32 TE-vs-local parity needs TF32 off (TE runs fp32 GEMMs in TF32)
   # (with the optimizer and CPU-mode tests: on a GPU host with TE they take paths CI never does)
   NVIDIA_TF32_OVERRIDE=0 python3 -m pytest -q -s tests/test_gpu.py tests/test_gpu_te.py tests/test_kernels.py \
-    tests/test_fft_conv.py tests/test_mixed_dtype_optimizer.py tests/test_cpu_mode.py \
+    tests/test_kernels_in_model.py tests/test_fft_conv.py tests/test_mixed_dtype_optimizer.py tests/test_cpu_mode.py \
     2>&1 | tee "$OUT/pytest_gpu.log" | grep -E "TE vs|bf16:|passed|failed|Error"
 fi
 

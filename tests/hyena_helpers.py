@@ -3,6 +3,7 @@
 import torch
 
 DNA = torch.tensor([ord(c) for c in "ACGTacgt"])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where kernel tests run: GPU compiled, CPU interpreted
 
 
 def tiny_provider(name="striped_hyena_tiny", *, tp=1, cp=1, pp=1, sp=False, **overrides):

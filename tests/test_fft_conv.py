@@ -5,10 +5,10 @@ tensor's largest entry at the 1b width on the GPU.
 
 import pytest
 import torch
+from hyena_helpers import DEVICE
 
 from evo2_recipe.models.hyena import operators as ops
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REAL = pytest.mark.skipif(DEVICE != "cuda", reason="real widths: GPU only")
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hyena_helpers import DEVICE
 
 from evo2_recipe.utils.spawn import run_on_ranks
 
 pytest.importorskip("triton")
 CONTRACT = Path(__file__).parent / "data" / "subquadratic_contract"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _with_and_without_package(rank, world, name, contract_dir):
