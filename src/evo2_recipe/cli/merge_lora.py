@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evo2_recipe.cli.common import setup_logging
+from evo2_recipe.cli.common import apply_runtime_mode, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,9 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging and dependency notices")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
-    from evo2_recipe.compat import cpu as cpu_mode
-
-    cpu = cpu_mode.enter_runtime(None)  # before megatron's import (CPU mode without a GPU or with EVO2_CPU=1)
+    cpu = apply_runtime_mode(args)  # before megatron's import (CPU mode without a GPU or with EVO2_CPU=1)
     from evo2_recipe.checkpoint.lora_merge import merge_lora_checkpoint
     from evo2_recipe.inference.loading import CheckpointError
     from evo2_recipe.utils.distributed import init_distributed, teardown
