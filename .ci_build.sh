@@ -69,8 +69,8 @@ if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.versio
 fi
 
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
-# The check imports as our CLIs do (dependency chatter filtered first), so a real failure is the only traceback shown.
-.venv/bin/python -c 'from evo2_recipe.cli.common import setup_logging; setup_logging(); import megatron.core; from evo2_recipe.compat import megatron_fixes; megatron_fixes.apply(); import megatron.bridge' \
+# The check imports as our CLIs do (their log setup and runtime mode), so a real failure is the only traceback shown.
+.venv/bin/python -c 'from evo2_recipe.cli.common import apply_runtime_mode, setup_logging; setup_logging(); apply_runtime_mode(); import megatron.core, megatron.bridge' \
   || { echo "[.ci_build.sh] import check failed" >&2; exit 1; }
 stamp_inputs > "$STAMP"
 echo "[.ci_build.sh] done: source .ci_test_env.sh to activate"
